@@ -1,0 +1,1 @@
+"""Where the work runs: a local Ray for the demo and tests, or an existing cluster."""

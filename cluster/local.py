@@ -1,0 +1,48 @@
+"""Connecting to Ray: start a local cluster for a run, or join the one at ``ray.address``."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from fiqa.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(cfg: RayConfig) -> None:
+    """Initialise Ray once per process according to ``cfg``.
+
+    With no address a local Ray is started, sized to this machine (or to
+    ``ray.num_cpus``). Inside a Ray job (``RAY_ADDRESS`` set by the Jobs API)
+    the job's cluster is joined.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # The driver's working directory is the project checkout: keep Ray from
+    # shipping it to workers, which already import the installed package.
+    kwargs: dict = {"log_to_driver": True, "configure_logging": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(
+            num_cpus=cfg.num_cpus or os.cpu_count(),
+            object_store_memory=cfg.object_store_memory,
+            include_dashboard=False,
+            **kwargs,
+        )
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = False
+    res = ray.cluster_resources()
+    log.info("Ray: %g CPU, %g GPU", res.get("CPU", 0), res.get("GPU", 0))
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

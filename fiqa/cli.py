@@ -1,0 +1,154 @@
+"""The `fiqa` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from fiqa.config import ConfigError, load_config
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def cmd_make_demo_data(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from fiqa.data.synthetic import DEFAULT_SIZES, make_demo_data
+
+    sizes = dict(DEFAULT_SIZES)
+    for item in args.size or []:
+        split, _, n = item.partition("=")
+        if split not in sizes or not n.isdigit():
+            raise ConfigError(f"--size {item!r}: expected SPLIT=N with SPLIT one of {list(sizes)}")
+        sizes[split] = int(n)
+    if args.scale != 1.0:
+        sizes = {k: max(1, int(v * args.scale)) for k, v in sizes.items()}
+    with tqdm(total=sum(sizes.values()), unit="img", desc="generating") as bar:
+        summary = make_demo_data(args.out, seed=args.seed, sizes=sizes, shard_size=args.shard_size,
+                                 image_size=args.image_size, workers=args.workers, progress=bar.update)
+    print(f"wrote {sum(summary['sizes'].values())} samples to {args.out}: "
+          + ", ".join(f"{k}={v}" for k, v in summary["sizes"].items()))
+    return 0
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from fiqa.data.from_folder import shard_folder
+
+    res = shard_folder(args.images, args.labels, args.out, shard_size=args.shard_size,
+                       label_field=args.label_field, prefix=args.prefix)
+    print(f"wrote {res['written']} samples in {len(res['shards'])} shard(s) to {args.out}")
+    if res["missing"]:
+        print(f"warning: {len(res['missing'])} CSV row(s) name no image, e.g. {res['missing'][:3]}",
+              file=sys.stderr)
+    return 0
+
+
+def _run(args: argparse.Namespace, only: str | None) -> int:
+    from fiqa.cluster.local import ensure_ray
+    from fiqa.pipelines import STAGES
+    from fiqa.runner import run_stages
+
+    cfg = load_config(args.config, args.set)
+    outcome = run_stages(cfg, STAGES, only=only, force=getattr(args, "force", False),
+                         on_start=lambda: ensure_ray(cfg.ray))
+    ran = [k for k, v in outcome.items() if v == "ran"]
+    print(f"run {cfg.run_dir}: ran {len(ran)} stage(s)" + (f" ({', '.join(ran)})" if ran else "")
+          + f", {len(outcome) - len(ran)} up to date")
+    report = f"{cfg.run_dir}/evaluate/report.md"
+    import os
+
+    if os.path.exists(report):
+        print(f"report: {report}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _run(args, None)
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    return _run(args, args.name)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from fiqa.pipelines import STAGES
+    from fiqa.runner import load_run_config, stage_states
+
+    cfg = load_run_config(args.run_dir)
+    rows = stage_states(cfg, STAGES)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    print(f"{'stage':<22} {'state':<8} {'seconds':>8}")
+    for r in rows:
+        secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"
+        print(f"{r['stage']:<22} {r['state']:<8} {secs:>8}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fiqa.pipelines import STAGE_NAMES
+
+    p = argparse.ArgumentParser(prog="fiqa", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("make-demo-data", help="generate the synthetic FIQA dataset")
+    s.add_argument("out")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", action="append", metavar="SPLIT=N", help="samples in a split (repeatable)")
+    s.add_argument("--scale", type=float, default=1.0, help="multiply every split's size")
+    s.add_argument("--shard-size", type=int, default=500)
+    s.add_argument("--image-size", type=int, default=112)
+    s.add_argument("--workers", type=int, default=None)
+    s.set_defaults(func=cmd_make_demo_data)
+
+    s = sub.add_parser("shard", help="turn a folder of images + name,score CSV into labeled shards")
+    s.add_argument("--images", required=True)
+    s.add_argument("--labels", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--shard-size", type=int, default=1000)
+    s.add_argument("--label-field", default="mos")
+    s.add_argument("--prefix", default="labeled")
+    s.set_defaults(func=cmd_shard)
+
+    for name, func, helptext in (("run", cmd_run, "run all stages (skipping finished ones)"),):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("config")
+        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        s.set_defaults(func=func)
+
+    s = sub.add_parser("stage", help="run one stage (its upstream stages must be done)")
+    s.add_argument("name", choices=STAGE_NAMES)
+    s.add_argument("config")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--force", action="store_true", help="run even if it is up to date")
+    s.set_defaults(func=cmd_stage)
+
+    s = sub.add_parser("status", help="print the stages of a run and their state")
+    s.add_argument("run_dir")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"fiqa: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Image decoding with an explicit reason for every image that cannot be used.
+
+`decode_image` turns encoded bytes into an upright RGB uint8 array resized to
+``resize`` x ``resize`` (faces are aligned crops, so a plain resize keeps the
+geometry the models were trained on). Anything that cannot be decoded raises
+`RejectedSample` with a short machine-readable reason that ends up in the
+rejects table.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+# Decompression bombs are bounded by our own pixel limit (checked before any
+# pixel is decoded), so PIL's global guard is turned into our check.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class RejectedSample(Exception):
+    """A sample that cannot be used; ``reason`` is what the rejects table records."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def pick_image(sample: dict[str, bytes]) -> bytes:
+    """The encoded image of a WebDataset sample (first of jpg, jpeg, png, webp)."""
+    for k in IMAGE_KEYS:
+        if k in sample:
+            return sample[k]
+    raise RejectedSample("no_image", f"sample has keys {sorted(sample)}")
+
+
+def decode_image(
+    data: bytes,
+    resize: int,
+    max_pixels: int = 40_000_000,
+    min_side: int = 16,
+) -> np.ndarray:
+    """Decode ``data`` to an upright RGB array of shape (resize, resize, 3), dtype uint8."""
+    if not data:
+        raise RejectedSample("empty_image")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Exception as e:  # PIL raises a variety of errors on garbage
+        raise RejectedSample("not_an_image", type(e).__name__) from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise RejectedSample("too_many_pixels", f"{w}x{h} > {max_pixels}")
+    if min(w, h) < min_side:
+        raise RejectedSample("too_small", f"{w}x{h} < {min_side}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if img.format == "JPEG":
+                # DCT-domain downscale: decoding a large JPEG costs what its target size does.
+                img.draft("RGB", (resize, resize))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = _to_rgb(img)
+            img = img.resize((resize, resize), Image.BILINEAR, reducing_gap=2.0)
+    except RejectedSample:
+        raise
+    except Exception as e:
+        raise RejectedSample("corrupt_image", f"{type(e).__name__}: {e}"[:200]) from None
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits by the image's own range.
+        arr = np.asarray(img, dtype=np.float32)
+        hi = float(arr.max()) or 1.0
+        arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (0, 0, 0))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    return img.convert("RGB")

@@ -1,0 +1,286 @@
+"""Streaming scoring of WebDataset shards into Parquet tables, on Ray Data.
+
+One engine serves pseudo-labeling, evaluation and the conversion of labeled
+shards into tables::
+
+    shard URLs --(CPU tasks: read tar, decode, resize, crop)--> pixel batches
+               --(actor pool: the model, on GPU when there is one)--> scores
+               --(driver: group rows by shard)--> one Parquet part per shard
+
+Every sample of every shard comes out either in the scored table or in the
+rejects table, with a reason. A shard is committed when its part files are
+written; a rerun skips committed shards, so an interrupted job resumes at
+shard granularity.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from fiqa.config import ConfigError, LabelConfig
+from fiqa.data.decode import RejectedSample, decode_image
+from fiqa.data.reader import read_shard
+from fiqa.data.tables import REJECTS_SCHEMA, SCORED_SCHEMA, list_parts, part_name, write_part
+from fiqa.data.transforms import center_crop
+from fiqa.metrics import Logistic4
+
+log = logging.getLogger(__name__)
+
+ROWS_PER_BATCH = 256
+
+
+@dataclass
+class ScoreJob:
+    """What to score and where to write it."""
+
+    shards: list[str]
+    out_dir: str  # writes out_dir/labels/ and out_dir/rejects/
+    source: str  # value of the `source` column (e.g. "pseudo_u1", "labeled")
+    label_field: str = "mos"
+    require_label: bool = False
+    model_path: str | None = None  # None: no model, only read + validate (ingest)
+    calibration: Logistic4 | None = None
+    model_id: str = ""
+    resize: int = 128
+    crop: int = 112
+    max_pixels: int = 40_000_000
+    min_side: int = 16
+    label: LabelConfig = field(default_factory=LabelConfig)
+    storage_options: dict | None = None
+
+
+def read_and_decode(batch: dict, job: ScoreJob) -> Iterator[dict]:
+    """Ray Data UDF: one shard URL in, record batches out (with pixels when a model will run).
+
+    Every batch carries ``shard_total``: -1, except the shard's last batch
+    where it is the number of records the shard produced; the driver uses it
+    to know when a shard is complete. The last batch is held back so that it
+    is never empty.
+    """
+    want_pixels = job.model_path is not None
+    for url in batch["shard"]:
+        rows: list[dict] = []
+        pending: list[dict] | None = None
+        total = 0
+        for rec in read_shard(url, job.label_field, job.require_label, job.storage_options):
+            pix = None
+            if rec["reason"] is None:
+                try:
+                    arr = decode_image(rec["image"], job.resize, job.max_pixels, job.min_side)
+                    pix = center_crop(arr, job.crop) if want_pixels else None
+                except RejectedSample as e:
+                    rec["reason"] = e.reason
+            rec["pixels"] = pix
+            rows.append(rec)
+            total += 1
+            if len(rows) == ROWS_PER_BATCH:
+                if pending is not None:
+                    yield _to_batch(pending, -1, job.crop, want_pixels)
+                pending = rows
+                rows = []
+        if rows:
+            if pending is not None:
+                yield _to_batch(pending, -1, job.crop, want_pixels)
+            yield _to_batch(rows, total, job.crop, want_pixels)
+        elif pending is not None:
+            yield _to_batch(pending, total, job.crop, want_pixels)
+        else:  # a tar with no members at all
+            yield _to_batch([{"key": "", "shard": url, "image": b"", "label": None,
+                              "reason": "empty_shard", "pixels": None}], 1, job.crop, want_pixels)
+
+
+def _to_batch(rows: list[dict], total: int, crop: int, want_pixels: bool) -> dict:
+    n = len(rows)
+    out = {
+        "key": np.array([r["key"] for r in rows], dtype=object),
+        "shard": np.array([r["shard"] for r in rows], dtype=object),
+        "image": np.array([r["image"] for r in rows], dtype=object),
+        "label": np.array([np.nan if r["label"] is None else r["label"] for r in rows], dtype=np.float64),
+        "reason": np.array([r["reason"] or "" for r in rows], dtype=object),
+        "shard_total": np.full(n, total, dtype=np.int64),
+    }
+    if want_pixels:
+        pix = np.zeros((n, crop, crop, 3), dtype=np.uint8)
+        for i, r in enumerate(rows):
+            if r["pixels"] is not None:
+                pix[i] = r["pixels"]
+        out["pixels"] = pix
+    return out
+
+
+class Scorer:
+    """Ray Data actor: holds the model and scores pixel batches (rows with a reason are skipped)."""
+
+    def __init__(self, model_path: str, threads: int | None = None):
+        import torch
+
+        from fiqa.models import load_checkpoint
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.loaded = load_checkpoint(model_path, map_location=self.device)
+        self.model = self.loaded.model
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from fiqa.data.transforms import to_model_input
+
+        pixels = batch.pop("pixels")
+        ok = batch["reason"] == ""
+        raw = np.full(len(ok), np.nan, dtype=np.float64)
+        if ok.any():
+            x = torch.from_numpy(np.ascontiguousarray(pixels[ok])).to(self.device, non_blocking=True)
+            cuda = self.device.type == "cuda"
+            with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=cuda):
+                raw[ok] = self.model(to_model_input(x, channels_last=cuda)).float().cpu().numpy()
+        batch["raw_score"] = raw
+        return batch
+
+
+class ShardCollector:
+    """Driver side: gathers rows by shard and commits each shard once all its rows arrived."""
+
+    def __init__(self, job: ScoreJob):
+        self.job = job
+        self.parts: dict[str, list[dict]] = defaultdict(list)
+        self.seen: dict[str, int] = defaultdict(int)
+        self.totals: dict[str, int] = {}
+        self.stats = {"shards": 0, "scored": 0, "rejected": 0, "reasons": defaultdict(int)}
+
+    def add(self, batch: dict) -> list[str]:
+        """Add a batch; returns the shards it completed (and committed)."""
+        if "raw_score" not in batch:  # no model ran (ingest of labeled shards)
+            batch["raw_score"] = np.full(len(batch["key"]), np.nan)
+        done = []
+        shards = batch["shard"]
+        for url in np.unique(shards):
+            m = shards == url
+            sub = {k: v[m] for k, v in batch.items() if k != "pixels"}
+            self.parts[url].append(sub)
+            self.seen[url] += int(m.sum())
+            t = sub["shard_total"].max()
+            if t >= 0:
+                self.totals[url] = int(t)
+            if url in self.totals and self.seen[url] == self.totals[url]:
+                self._commit(url)
+                done.append(url)
+        return done
+
+    def _commit(self, url: str) -> None:
+        parts = self.parts.pop(url)
+        cols = {k: np.concatenate([p[k] for p in parts]) for k in
+                ("key", "shard", "image", "label", "reason", "raw_score")}
+        ok = cols["reason"] == ""
+        n_ok = int(ok.sum())
+        rejects = pa.table({"key": cols["key"][~ok].tolist(), "shard": cols["shard"][~ok].tolist(),
+                            "reason": cols["reason"][~ok].tolist()}, schema=REJECTS_SCHEMA)
+        name = part_name(url)
+        # Rejects first, then the scored part: the scored part's existence commits the shard.
+        write_part(rejects, f"{self.job.out_dir}/rejects", name)
+        write_part(self._scored_table(cols, ok), f"{self.job.out_dir}/labels", name)
+        self.stats["shards"] += 1
+        self.stats["scored"] += n_ok
+        self.stats["rejected"] += len(ok) - n_ok
+        for r in cols["reason"][~ok]:
+            self.stats["reasons"][str(r).split(":")[0]] += 1
+        self.seen.pop(url)
+        self.totals.pop(url)
+
+    def _scored_table(self, cols: dict, ok: np.ndarray) -> pa.Table:
+        label = cols["label"][ok].astype(np.float64)
+        raw = cols["raw_score"][ok].astype(np.float64)
+        score = label.copy()
+        missing = np.isnan(score)
+        calib = self.job.calibration
+        score[missing] = calib(raw[missing]) if calib is not None else raw[missing]
+        n = int(ok.sum())
+        return pa.table({
+            "key": cols["key"][ok].tolist(),
+            "shard": cols["shard"][ok].tolist(),
+            "image": cols["image"][ok].tolist(),
+            "label": _nullable(label),
+            "raw_score": _nullable(raw),
+            "score": _nullable(score),
+            "model_id": [self.job.model_id] * n,
+            "source": [self.job.source] * n,
+        }, schema=SCORED_SCHEMA)
+
+
+def _nullable(a: np.ndarray) -> pa.Array:
+    return pa.array(a, type=pa.float32(), mask=np.isnan(a))
+
+
+def committed_shards(out_dir: str) -> set[str]:
+    return {p.rsplit("/", 1)[-1] for p in list_parts(f"{out_dir}/labels")}
+
+
+def check_resources(cfg: LabelConfig, with_model: bool) -> None:
+    """Refuse plans in which the actor pool leaves no CPU for decoding (a guaranteed hang)."""
+    import ray
+
+    total_cpu = ray.cluster_resources().get("CPU", 0.0)
+    total_gpu = ray.cluster_resources().get("GPU", 0.0)
+    actors_cpu = cfg.concurrency * cfg.num_cpus if with_model else 0.0
+    if actors_cpu + cfg.decode_cpus > total_cpu + 1e-9:
+        raise ConfigError(
+            f"pseudo_label: {cfg.concurrency} actor(s) x {cfg.num_cpus} CPU + {cfg.decode_cpus} CPU "
+            f"for decoding exceeds the cluster's {total_cpu:g} CPUs; the actors would starve the "
+            f"decode tasks. Lower pseudo_label.concurrency or pseudo_label.num_cpus."
+        )
+    if with_model and cfg.num_gpus > 0 and cfg.concurrency * cfg.num_gpus > total_gpu + 1e-9:
+        raise ConfigError(
+            f"pseudo_label: {cfg.concurrency} actor(s) x {cfg.num_gpus} GPU exceeds the cluster's "
+            f"{total_gpu:g} GPUs"
+        )
+
+
+def run_score_job(job: ScoreJob, progress: bool = True) -> dict:
+    """Score every not-yet-committed shard of ``job``; returns counts for this call."""
+    import ray
+    from tqdm.auto import tqdm
+
+    done = committed_shards(job.out_dir)
+    todo = [u for u in job.shards if part_name(u) not in done]
+    stats = {"shards_total": len(job.shards), "shards_skipped": len(job.shards) - len(todo)}
+    if not todo:
+        return {**stats, "shards": 0, "scored": 0, "rejected": 0, "reasons": {}}
+    with_model = job.model_path is not None
+    check_resources(job.label, with_model)
+
+    ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(read_and_decode, batch_size=1, fn_kwargs={"job": job},
+                        num_cpus=job.label.decode_cpus)
+    if with_model:
+        ds = ds.map_batches(
+            Scorer,
+            fn_constructor_kwargs={"model_path": job.model_path,
+                                   "threads": job.label.torch_threads or max(1, int(job.label.num_cpus))},
+            batch_size=job.label.batch_size,
+            concurrency=job.label.concurrency,
+            num_cpus=job.label.num_cpus,
+            num_gpus=job.label.num_gpus or None,
+        )
+    collector = ShardCollector(job)
+    bar = tqdm(total=len(todo), unit="shard", desc=f"score {job.source}", disable=not progress)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        finished = collector.add(batch)
+        for url in finished:
+            log.info("committed %s", url)
+        bar.update(len(finished))
+    bar.close()
+    if collector.parts:
+        missing = sorted(collector.parts)
+        raise RuntimeError(f"stream ended with incomplete shards: {missing[:3]}")
+    s = collector.stats
+    return {**stats, "shards": s["shards"], "scored": s["scored"], "rejected": s["rejected"],
+            "reasons": dict(s["reasons"])}

@@ -1,0 +1,118 @@
+"""One checkpoint format: ``model.safetensors`` + ``model.json``, local or s3://.
+
+``model.json`` says what built the weights (architecture, input size,
+normalisation), how to read its output (calibration to the MOS scale) and
+where it came from (training config fingerprint). Loading never unpickles:
+weights are safetensors, metadata is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from fiqa.metrics import Logistic4
+from fiqa.models.registry import IMAGENET_MEAN, IMAGENET_STD
+from fiqa.models.regressor import QualityRegressor
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_size"])
+
+    @property
+    def resize(self) -> int:
+        return int(self.meta.get("resize", self.meta["image_size"]))
+
+    @property
+    def calibration(self) -> Logistic4 | None:
+        c = self.meta.get("calibration")
+        return Logistic4.from_dict(c) if c else None
+
+
+def _join(path: str, name: str) -> str:
+    return path.rstrip("/") + "/" + name
+
+
+def save_checkpoint(path: str, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Write ``path/model.safetensors`` and then ``path/model.json`` (the JSON marks it complete)."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    for k in ("arch", "image_size"):
+        if k not in meta:
+            raise ValueError(f"checkpoint metadata needs {k!r}")
+    meta = {"format_version": FORMAT_VERSION, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, **meta}
+    fs, root = fsspec.core.url_to_fs(path)
+    fs.makedirs(root, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with fs.open(_join(root, "model.safetensors"), "wb") as f:
+        f.write(save_safetensors(state))
+    with fs.open(_join(root, "model.json"), "w") as f:
+        f.write(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    fs, root = fsspec.core.url_to_fs(path)
+    try:
+        with fs.open(_join(root, "model.json")) as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path!r} (model.json missing)") from None
+
+
+def write_meta(path: str, meta: dict[str, Any]) -> None:
+    fs, root = fsspec.core.url_to_fs(path)
+    with fs.open(_join(root, "model.json"), "w") as f:
+        f.write(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the model a checkpoint describes and load its weights."""
+    meta = read_meta(path)
+    model = QualityRegressor(meta["arch"], image_size=int(meta["image_size"]))
+    fs, root = fsspec.core.url_to_fs(path)
+    with fs.open(_join(root, "model.safetensors"), "rb") as f:
+        state = load_safetensors(f.read())
+    model.load_state_dict(state)
+    model.to(map_location).eval()
+    return LoadedModel(model, meta)
+
+
+def load_pretrained_backbone(model: QualityRegressor, path: str) -> None:
+    """Initialise the backbone from a local or s3:// safetensors or timm checkpoint.
+
+    Head and classifier weights in the file are ignored; a file that matches
+    none of the backbone's parameters is an error rather than a silent no-op.
+    """
+    fs, root = fsspec.core.url_to_fs(path)
+    with fs.open(root, "rb") as f:
+        blob = f.read()
+    if path.endswith(".safetensors"):
+        state = load_safetensors(blob)
+    else:
+        import io
+
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        for k in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(state, dict) and k in state and isinstance(state[k], dict):
+                state = state[k]
+                break
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.backbone.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ValueError(f"{path}: none of its tensors match backbone {type(model.backbone).__name__}")
+    model.backbone.load_state_dict(usable, strict=False)

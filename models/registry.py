@@ -1,0 +1,59 @@
+"""The model registry: the paper's teacher and student, the demo's CPU models, any timm name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import timm
+from torch import nn
+
+from fiqa.models.regressor import QualityRegressor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # registry name
+    arch: str  # timm architecture
+    image_size: int  # input crop
+    resize: int  # resize before the crop
+    role: str
+    note: str = ""
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    s.name: s
+    for s in (
+        ModelSpec("swin_base", "swin_base_patch4_window7_224", 448, 512, "teacher",
+                  "the paper's teacher (Swin-B at 448 px); needs pretrained weights"),
+        ModelSpec("edgenext_xx_small", "edgenext_xx_small", 352, 384, "student",
+                  "the paper's student (EdgeNeXt-XXS at 352 px); needs pretrained weights"),
+        ModelSpec("resnet18", "resnet18", 112, 128, "teacher",
+                  "the demo teacher: learns from scratch on CPU"),
+        ModelSpec("mobilenetv3_small_100", "mobilenetv3_small_100", 96, 110, "student",
+                  "the demo student: a fraction of the demo teacher's cost"),
+    )
+}
+
+
+def resolve_spec(name: str, image_size: int | None = None, resize: int | None = None) -> ModelSpec:
+    """A registry entry, or an entry for any timm architecture name."""
+    if name in REGISTRY:
+        spec = REGISTRY[name]
+    elif timm.is_model(name):
+        spec = ModelSpec(name, name, 224, 256, "any", "timm backbone")
+    else:
+        known = ", ".join(sorted(REGISTRY))
+        raise ValueError(f"unknown model {name!r}: not in the registry ({known}) nor a timm model name")
+    if image_size is not None or resize is not None:
+        size = image_size or spec.image_size
+        spec = ModelSpec(spec.name, spec.arch, size, resize or max(size, spec.resize), spec.role, spec.note)
+    return spec
+
+
+def create_model(name: str, image_size: int | None = None) -> nn.Module:
+    """Build an untrained regressor by registry or timm name (never downloads weights)."""
+    spec = resolve_spec(name, image_size)
+    return QualityRegressor(spec.arch, image_size=spec.image_size)

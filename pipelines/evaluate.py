@@ -1,0 +1,115 @@
+"""Stage 6: evaluate every model on the held-out test set and write the report.
+
+Recipe:
+1. score ``data.test`` with the teacher, teacher-plus, student and labeled-only
+   student through the same streaming engine as pseudo-labeling;
+2. SRCC, KRCC, and PLCC / RMSE after the 4-parameter logistic fit, per model;
+   GFLOPs per image and parameters;
+3. pseudo-label counts per pool, and their agreement with the pools' ground
+   truth when ``data.unlabeled_*_truth`` exists;
+4. ``report.json``, ``report.md`` and plots in ``evaluate/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from fiqa.data.tables import read_table
+from fiqa.labeling import ScoreJob, run_score_job
+from fiqa.metrics import quality_metrics
+from fiqa.models import load_checkpoint, model_cost
+from fiqa.report import write_report
+from fiqa.runner import Stage, StageContext
+
+MODELS = {
+    "teacher": "train_teacher",
+    "teacher_plus": "train_teacher_plus",
+    "student": "distill_student/student",
+    "student_labeled_only": "distill_student/student_labeled_only",
+}
+POOLS = {"unlabeled_1": "pseudo_label_1", "unlabeled_2": "pseudo_label_2"}
+
+
+def _read_truth(path: str | None) -> dict[str, float] | None:
+    if not path or not os.path.exists(path):
+        return None
+    import csv
+
+    with open(path, newline="") as f:
+        return {row["key"]: float(row["mos"]) for row in csv.DictReader(f)}
+
+
+def run(ctx: StageContext) -> dict:
+    cfg = ctx.cfg
+    test_shards = ctx.shards("test")
+    report: dict = {}
+    predictions: dict[str, dict] = {}
+    histories: dict[str, list] = {}
+    for name, sub in MODELS.items():
+        model_dir = os.path.join(ctx.run_dir, sub, "model")
+        loaded = load_checkpoint(model_dir)
+        out = ctx.dir() + f"/predictions/{name}"
+        counts = run_score_job(ScoreJob(
+            shards=test_shards, out_dir=out, source="test", label_field=cfg.data.label_field,
+            require_label=True, model_path=model_dir, model_id=name,
+            resize=loaded.resize, crop=loaded.image_size,
+            max_pixels=cfg.data.max_image_pixels, min_side=cfg.data.min_image_side,
+            label=cfg.pseudo_label,
+        ))
+        table = read_table(out + "/labels", columns=["raw_score", "label"])
+        pred = table.column("raw_score").to_numpy(zero_copy_only=False).astype(np.float64)
+        mos = table.column("label").to_numpy(zero_copy_only=False).astype(np.float64)
+        metrics = quality_metrics(pred, mos)
+        cost = model_cost(loaded.model, loaded.image_size)
+        report[name] = {**metrics, **{k: round(v, 4) for k, v in cost.items()},
+                        "arch": loaded.meta["arch"], "image_size": loaded.image_size,
+                        "best_epoch": loaded.meta.get("epoch"), "rejected": counts["rejected"]}
+        predictions[name] = {"pred": pred, "mos": mos}
+        hist_path = os.path.join(ctx.run_dir, sub, "history.json")
+        if os.path.exists(hist_path):
+            with open(hist_path) as f:
+                histories[name] = json.load(f)
+
+    pools: dict = {}
+    pool_scores: dict[str, dict] = {}
+    for pool, stage in POOLS.items():
+        # Count from the tables, not the manifest: a resumed stage's manifest
+        # counts only the shards of its last attempt.
+        table = read_table(f"{ctx.dir(stage)}/labels", columns=["key", "score"])
+        rejects = read_table(f"{ctx.dir(stage)}/rejects", columns=["key", "reason"])
+        entry = {"labeled": table.num_rows, "rejected": rejects.num_rows,
+                 "shards": ctx.manifests[stage]["counts"].get("shards_total")}
+        scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+        truth = _read_truth(getattr(cfg.data, f"{pool}_truth"))
+        pool_scores[pool] = {"score": scores, "truth": None}
+        if truth:
+            keys = table.column("key").to_pylist()
+            mask = np.array([k in truth for k in keys])
+            t = np.array([truth.get(k, np.nan) for k in keys])
+            if mask.sum() >= 4:
+                agree = quality_metrics(scores[mask], t[mask])
+                agree["rmse_calibrated"] = float(np.sqrt(np.mean((scores[mask] - t[mask]) ** 2)))
+                entry["agreement"] = agree
+                pool_scores[pool]["truth"] = t[mask]
+        pools[pool] = entry
+    report["pseudo_label"] = pools
+    if "teacher" in report and "student" in report and report["teacher"]["gflops"]:
+        report["student_teacher_gflops_ratio"] = report["student"]["gflops"] / report["teacher"]["gflops"]
+    paths = write_report(ctx.dir(), report, predictions, pool_scores, histories)
+    print(f"\nReport: {paths['md']}\n")
+    return {"report": paths["json"], **{k: round(v["srcc"], 4) for k, v in report.items()
+                                        if isinstance(v, dict) and "srcc" in v}}
+
+
+STAGE = Stage(
+    name="evaluate",
+    run=run,
+    sections=("data", "pseudo_label"),
+    data=("test",),
+    files=("unlabeled_1_truth", "unlabeled_2_truth"),
+    after=("train_teacher", "pseudo_label_1", "train_teacher_plus", "pseudo_label_2", "distill_student"),
+    description="evaluate all models on the test set and write the report",
+)

@@ -1,0 +1,20 @@
+"""Stage 4: the teacher-plus pseudo-labels unlabeled pool U2 (see `pseudo_label`)."""
+
+from __future__ import annotations
+
+from fiqa.pipelines.pseudo_label import pseudo_label
+from fiqa.runner import Stage, StageContext
+
+
+def run(ctx: StageContext) -> dict:
+    return pseudo_label(ctx, pool="unlabeled_2", model_stage="train_teacher_plus", source="pseudo_u2")
+
+
+STAGE = Stage(
+    name="pseudo_label_2",
+    run=run,
+    sections=("data", "pseudo_label"),
+    data=("unlabeled_2",),
+    after=("train_teacher_plus",),
+    description="the teacher-plus pseudo-labels pool U2",
+)

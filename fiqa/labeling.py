@@ -133,7 +133,7 @@ class Scorer:
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from fiqa.data.transforms import to_model_input
+        from fiqa.models.inputs import to_model_input
 
         pixels = batch.pop("pixels")
         ok = batch["reason"] == ""

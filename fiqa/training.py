@@ -85,7 +85,7 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
     from ray.train.torch import get_device, prepare_model
 
-    from fiqa.data.transforms import to_model_input
+    from fiqa.models.inputs import to_model_input
     from fiqa.losses import fiqa_loss
     from fiqa.metrics import fit_logistic, quality_metrics
     from fiqa.models import load_checkpoint, save_checkpoint
@@ -248,7 +248,9 @@ def fit(job: TrainJob) -> dict:
             failure_config=FailureConfig(max_failures=2),
         ),
         datasets={"train": train_ds, "val": val_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"]),
+        # One worker reads the whole dataset: no split coordinator between it and the data.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train", "val"] if t.num_workers > 1 else []),
     )
     result = trainer.fit()
     if result.error:

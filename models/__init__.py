@@ -2,22 +2,24 @@
 
 Nothing outside this package needs to know which backbone is inside a model:
 build with `create_model`, save and load with `save_checkpoint` /
-`load_checkpoint`, measure with `model_cost`.
+`load_checkpoint`, measure with `model_cost`. Attributes are imported lazily,
+so that importing a light submodule (``fiqa.models.inputs``) does not pull in
+timm.
 """
 
-from fiqa.models.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
-from fiqa.models.cost import model_cost
-from fiqa.models.registry import REGISTRY, ModelSpec, create_model, resolve_spec
-from fiqa.models.regressor import QualityRegressor
+from __future__ import annotations
 
-__all__ = [
-    "REGISTRY",
-    "LoadedModel",
-    "ModelSpec",
-    "QualityRegressor",
-    "create_model",
-    "load_checkpoint",
-    "model_cost",
-    "resolve_spec",
-    "save_checkpoint",
-]
+import importlib
+
+_EXPORTS = {
+    "REGISTRY": "registry", "ModelSpec": "registry", "create_model": "registry",
+    "resolve_spec": "registry", "QualityRegressor": "regressor", "LoadedModel": "checkpoint",
+    "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint", "model_cost": "cost",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"fiqa.models.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'fiqa.models' has no attribute {name!r}")

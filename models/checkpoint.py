@@ -19,7 +19,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from fiqa.metrics import Logistic4
-from fiqa.models.registry import IMAGENET_MEAN, IMAGENET_STD
+from fiqa.models.inputs import IMAGENET_MEAN, IMAGENET_STD
 from fiqa.models.regressor import QualityRegressor
 
 FORMAT_VERSION = 1

@@ -9,8 +9,7 @@ from torch import nn
 
 from fiqa.models.regressor import QualityRegressor
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from fiqa.models.inputs import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -30,10 +29,12 @@ REGISTRY: dict[str, ModelSpec] = {
                   "the paper's teacher (Swin-B at 448 px); needs pretrained weights"),
         ModelSpec("edgenext_xx_small", "edgenext_xx_small", 352, 384, "student",
                   "the paper's student (EdgeNeXt-XXS at 352 px); needs pretrained weights"),
+        ModelSpec("resnet10t", "resnet10t", 64, 72, "teacher",
+                  "the demo teacher: a batch-norm CNN that learns from scratch on CPU"),
         ModelSpec("resnet18", "resnet18", 112, 128, "teacher",
-                  "the demo teacher: learns from scratch on CPU"),
-        ModelSpec("mobilenetv3_small_100", "mobilenetv3_small_100", 96, 110, "student",
-                  "the demo student: a fraction of the demo teacher's cost"),
+                  "a bigger CPU teacher"),
+        ModelSpec("mobilenetv3_small_100", "mobilenetv3_small_100", 64, 72, "student",
+                  "the demo student: a small fraction of the demo teacher's cost"),
     )
 }
 

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import tarfile
 from collections.abc import Iterator
-
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from fiqa.data.decode import IMAGE_KEYS
 from fiqa.data.shards import filesystem_for
 
 
 def _parse_label(meta: bytes | None, label_field: str) -> tuple[float | None, str | None]:
-    if meta is None:
-        return None, "no_json"
+    if meta is None:  # metadata is optional; a label requirement is checked by the caller
+        return None, None
     try:
         obj = json.loads(meta)
     except (ValueError, UnicodeDecodeError):
@@ -39,14 +39,41 @@ def _parse_label(meta: bytes | None, label_field: str) -> tuple[float | None, st
     return value, None
 
 
+# WebDataset's naming convention: a sample's files share the path up to the
+# first dot of the file name; the rest is the extension. (Importing webdataset
+# itself would import torch into every data worker, for one regular expression.)
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def split_key(name: str) -> tuple[str | None, str | None]:
+    m = _KEY_EXT.match(name)
+    return (m.group(1), m.group(2)) if m else (None, None)
+
+
+class TruncatedShard(Exception):
+    pass
+
+
 def _samples(url: str, storage_options: dict | None) -> Iterator[dict]:
-    """Group the tar's files into samples by key, as WebDataset does."""
+    """Group the tar's files into samples by key, the WebDataset way.
+
+    Python's tarfile treats a tar cut short at a header as a clean end, so
+    two checks make truncation visible: every member's data has its declared
+    size, and the archive ends with its end-of-archive blocks.
+    """
     fs = filesystem_for(url, storage_options)
+    size = fs.size(url)
     with fs.open(url, "rb") as stream:
+        tar = tarfile.open(fileobj=stream, mode="r|")
         current: dict | None = None
-        for entry in tar_file_iterator(stream):
-            key, ext = base_plus_ext(entry["fname"])
-            if key is None:
+        for info in tar:
+            if not info.isreg():
+                continue
+            key, ext = split_key(info.name)
+            data = tar.extractfile(info).read()
+            if len(data) != info.size:
+                raise TruncatedShard(f"{info.name}: {len(data)} of {info.size} bytes")
+            if key is None or key.startswith("__"):
                 continue
             ext = ext.lower()
             if current is None or key != current["__key__"]:
@@ -55,9 +82,11 @@ def _samples(url: str, storage_options: dict | None) -> Iterator[dict]:
                 current = {"__key__": key}
             if ext in current:
                 current.setdefault("__dup__", []).append(ext)
-            current[ext] = entry["data"]
+            current[ext] = data
         if current is not None:
             yield current
+        if size < tar.offset + 2 * tarfile.BLOCKSIZE:
+            raise TruncatedShard(f"no end-of-archive marker after byte {tar.offset} of {size}")
 
 
 def read_shard(

@@ -55,8 +55,8 @@ DEFAULT_SIZES = {
     "labeled_train": 1200,
     "labeled_val": 300,
     "test": 600,
-    "unlabeled_1": 3000,
-    "unlabeled_2": 3000,
+    "unlabeled_1": 2000,
+    "unlabeled_2": 2000,
 }
 
 DISTORTION_WEIGHTS = {

@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fiqa.config import ConfigError, from_dict, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def minimal(**over):
+    raw = {"run_dir": "runs/x", "data": {k: f"d/{k}" for k in
+                                         ("labeled_train", "labeled_val", "test", "unlabeled_1", "unlabeled_2")}}
+    raw.update(over)
+    return raw
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml"])
+def test_shipped_configs_are_valid(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.data.label_field == "mos"
+
+
+def test_paper_config_keeps_the_papers_models():
+    cfg = load_config(REPO / "configs" / "paper.yaml")
+    assert (cfg.teacher.arch, cfg.teacher.image_size) == ("swin_base_patch4_window7_224", 448)
+    assert (cfg.student.arch, cfg.student.image_size) == ("edgenext_xx_small", 352)
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"train_teacher\.lrr"):
+        from_dict(minimal(train_teacher={"lrr": 0.1}))
+    with pytest.raises(ConfigError, match="unknown key datta"):
+        from_dict(minimal(datta={}))
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"train_teacher\.epochs"):
+        from_dict(minimal(train_teacher={"epochs": "many"}))
+    with pytest.raises(ConfigError, match=r"train_teacher\.use_gpu"):
+        from_dict(minimal(train_teacher={"use_gpu": "yes"}))
+
+
+def test_required_keys():
+    raw = minimal()
+    del raw["data"]["unlabeled_2"]
+    with pytest.raises(ConfigError, match=r"data\.unlabeled_2: required"):
+        from_dict(raw)
+
+
+def test_semantic_checks():
+    with pytest.raises(ConfigError, match="divide"):
+        from_dict(minimal(train_teacher={"batch_size": 10, "num_workers": 3}))
+    with pytest.raises(ConfigError, match="init_from"):
+        from_dict(minimal(train_teacher_plus={"init_from": "nowhere"}))
+
+
+def test_overrides_parse_yaml_values():
+    cfg = from_dict(minimal(), ["train_teacher.epochs=3", "train_teacher.lr=1e-4",
+                                "data.labeled_train=[a.tar, b.tar]", "distill_student.source_weights={pseudo_u1: 0.5}"])
+    assert cfg.train_teacher.epochs == 3
+    assert cfg.train_teacher.lr == pytest.approx(1e-4)
+    assert cfg.data.labeled_train == ["a.tar", "b.tar"]
+    assert cfg.distill_student.source_weights == {"pseudo_u1": 0.5}
+
+
+def test_bad_override():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        from_dict(minimal(), ["train_teacher.epochs"])
+    with pytest.raises(ConfigError, match=r"train_teacher\.nope"):
+        from_dict(minimal(), ["train_teacher.nope=1"])
+
+
+def test_fingerprint_tracks_sections():
+    a, b = from_dict(minimal()), from_dict(minimal(), ["distill_student.epochs=99"])
+    assert a.fingerprint("train_teacher") == b.fingerprint("train_teacher")
+    assert a.fingerprint("distill_student") != b.fingerprint("distill_student")
+
+
+def test_load_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_dir: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)

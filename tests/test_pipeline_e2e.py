@@ -1,0 +1,126 @@
+"""The whole recipe through a real local Ray, on tiny data: every stage, reruns, and a single stage."""
+
+import json
+import subprocess
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import fiqa_cmd, subprocess_env, tiny_config
+from fiqa.data.tables import list_parts
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["train_teacher", "pseudo_label_1", "train_teacher_plus", "pseudo_label_2",
+          "distill_student", "evaluate"]
+
+
+def fiqa(*args, timeout=900):
+    proc = subprocess.run([*fiqa_cmd(), *args], capture_output=True, text=True, timeout=timeout,
+                          env=subprocess_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("e2e") / "run"
+    cfg_path = run_dir.parent / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config(tiny_data, run_dir)))
+    proc = fiqa("run", str(cfg_path))
+    return {"cfg": cfg_path, "run_dir": run_dir, "data": tiny_data, "out": proc.stdout}
+
+
+def manifest(run_dir, stage):
+    return json.loads((run_dir / stage / "manifest.json").read_text())
+
+
+def test_every_stage_ran_and_wrote_its_manifest(finished_run):
+    for stage in STAGES:
+        m = manifest(finished_run["run_dir"], stage)
+        assert m["stage"] == stage and m["fingerprint"] and m["seconds"] > 0
+    assert "report: " in finished_run["out"]
+
+
+def test_labeled_tables_account_for_every_sample(finished_run):
+    m = manifest(finished_run["run_dir"], "train_teacher")["counts"]
+    assert m["labeled_train"]["scored"] + m["labeled_train"]["rejected"] == 256
+    assert m["labeled_val"]["scored"] == 64
+    assert m["training"]["epochs"] == 2
+
+
+def test_pseudo_label_tables(finished_run):
+    run_dir = finished_run["run_dir"]
+    for stage, source in (("pseudo_label_1", "pseudo_u1"), ("pseudo_label_2", "pseudo_u2")):
+        parts = list_parts(str(run_dir / stage / "labels"))
+        assert len(parts) == 3  # one part per input shard
+        table = pq.read_table(parts)
+        assert table.num_rows == 192
+        assert set(table.column_names) >= {"key", "shard", "image", "raw_score", "score", "model_id"}
+        assert set(table.column("source").to_pylist()) == {source}
+        assert table.column("key").null_count == 0 and table.column("score").null_count == 0
+        assert len(set(table.column("key").to_pylist())) == 192
+        assert pq.read_table(list_parts(str(run_dir / stage / "rejects"))).num_rows == 0
+
+
+def test_models_and_histories(finished_run):
+    run_dir = finished_run["run_dir"]
+    for sub in ("train_teacher", "train_teacher_plus", "distill_student/student",
+                "distill_student/student_labeled_only"):
+        meta = json.loads((run_dir / sub / "model" / "model.json").read_text())
+        assert meta["calibration"] and set(meta["calibration"]) == {"b1", "b2", "b3", "b4"}
+        assert json.loads((run_dir / sub / "history.json").read_text())
+
+
+def test_report(finished_run):
+    ev = finished_run["run_dir"] / "evaluate"
+    report = json.loads((ev / "report.json").read_text())
+    for model in ("teacher", "teacher_plus", "student", "student_labeled_only"):
+        r = report[model]
+        for k in ("srcc", "plcc", "krcc", "rmse", "gflops", "params_m"):
+            assert isinstance(r[k], float), (model, k)
+        assert -1 <= r["srcc"] <= 1 and r["n"] == 64
+    assert report["student"]["gflops"] < report["teacher"]["gflops"]
+    for pool in ("unlabeled_1", "unlabeled_2"):
+        p = report["pseudo_label"][pool]
+        assert p["labeled"] == 192 and p["rejected"] == 0
+        assert "srcc" in p["agreement"]
+    for png in ("pred_vs_mos.png", "pseudo_label_hist.png", "training_curves.png"):
+        assert (ev / "plots" / png).stat().st_size > 5000
+    assert "| teacher |" in (ev / "report.md").read_text()
+
+
+def test_rerun_of_a_finished_run_does_no_work(finished_run):
+    before = {s: manifest(finished_run["run_dir"], s)["output_id"] for s in STAGES}
+    t0 = time.time()
+    proc = fiqa("run", str(finished_run["cfg"]))
+    assert time.time() - t0 < 60
+    assert "ran 0 stage(s)" in proc.stdout
+    assert {s: manifest(finished_run["run_dir"], s)["output_id"] for s in STAGES} == before
+
+
+def test_status(finished_run):
+    proc = fiqa("status", str(finished_run["run_dir"]), "--json")
+    assert [r["state"] for r in json.loads(proc.stdout)] == ["done"] * 6
+
+
+def test_changed_config_reruns_that_stage_and_those_after_it(finished_run):
+    run_dir = finished_run["run_dir"]
+    before = {s: manifest(run_dir, s)["output_id"] for s in STAGES}
+    proc = fiqa("run", str(finished_run["cfg"]), "--set", "distill_student.lr=0.002")
+    assert "ran 2 stage(s) (distill_student, evaluate)" in proc.stdout
+    after = {s: manifest(run_dir, s)["output_id"] for s in STAGES}
+    assert [s for s in STAGES if after[s] != before[s]] == ["distill_student", "evaluate"]
+    # the override is now the run's config; status sees the original config file as stale
+    status = json.loads(fiqa("status", str(run_dir), "--json").stdout)
+    assert [r["state"] for r in status] == ["done"] * 6
+
+
+def test_single_stage_alone(finished_run):
+    before = manifest(finished_run["run_dir"], "pseudo_label_2")["output_id"]
+    proc = fiqa("stage", "pseudo_label_2", str(finished_run["cfg"]), "--force",
+                "--set", "distill_student.lr=0.002")
+    assert "ran 1 stage(s) (pseudo_label_2)" in proc.stdout
+    assert manifest(finished_run["run_dir"], "pseudo_label_2")["output_id"] != before

@@ -1,0 +1,37 @@
+import pytest
+
+from conftest import labeled_members, write_tar
+from fiqa.data.shards import ShardSpecError, expand_shard_spec
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    for i in range(3):
+        write_tar(d / f"faces-{i:06d}.tar", labeled_members(2))
+    (d / "notes.txt").write_text("not a shard")
+    return d
+
+
+def test_single_path_dir_glob_brace_and_list(shard_dir):
+    all3 = sorted(str(p) for p in shard_dir.glob("*.tar"))
+    assert expand_shard_spec(str(shard_dir / "faces-000001.tar")) == [all3[1]]
+    assert expand_shard_spec(str(shard_dir)) == all3
+    assert expand_shard_spec(str(shard_dir / "*.tar")) == all3
+    assert expand_shard_spec(str(shard_dir / "faces-{000000..000002}.tar")) == all3
+    assert expand_shard_spec([all3[2], all3[0], all3[0]]) == [all3[0], all3[2]]
+
+
+def test_missing_and_empty_specs_fail_loudly(shard_dir, tmp_path):
+    with pytest.raises(ShardSpecError, match="does not exist"):
+        expand_shard_spec(str(shard_dir / "faces-{000000..000005}.tar"))
+    with pytest.raises(ShardSpecError, match="matches no"):
+        expand_shard_spec(str(shard_dir / "*.zip"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardSpecError, match="matches no"):
+        expand_shard_spec(str(tmp_path / "empty"))
+    with pytest.raises(ShardSpecError, match="empty"):
+        expand_shard_spec("")
+    with pytest.raises(ShardSpecError):
+        expand_shard_spec([])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from fiqa.config import RayConfig
 
@@ -32,11 +33,14 @@ def ensure_ray(cfg: RayConfig) -> None:
         ray.init(
             num_cpus=cfg.num_cpus or os.cpu_count(),
             object_store_memory=cfg.object_store_memory,
-            include_dashboard=False,
+            include_dashboard=True,  # the State API, which Ray Train uses to watch its actors
+            dashboard_host="127.0.0.1",
             **kwargs,
         )
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = False
+    # Ray Data's per-operator bars help at a terminal and flood logs elsewhere.
+    ctx.enable_progress_bars = sys.stderr.isatty()
     res = ray.cluster_resources()
     log.info("Ray: %g CPU, %g GPU", res.get("CPU", 0), res.get("GPU", 0))
 

@@ -16,6 +16,7 @@ it reads, the shards it reads (path, size, mtime or ETag) and the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -144,6 +145,8 @@ def run_stages(
     on_start: Callable[[], None] | None = None,
 ) -> dict[str, str]:
     """Run ``stages`` in order (or just ``only``); returns each stage's outcome."""
+    if "://" not in cfg.run_dir:  # Ray workers run elsewhere than the driver's working directory
+        cfg = dataclasses.replace(cfg, run_dir=os.path.abspath(cfg.run_dir))
     save_run_config(cfg)
     names = [s.name for s in stages]
     if only is not None and only not in names:

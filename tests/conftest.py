@@ -59,7 +59,7 @@ def tiny_config(data, run_dir, **extra):
         "run_dir": str(run_dir),
         "data": {s: str(Path(data) / s) for s in
                  ("labeled_train", "labeled_val", "test", "unlabeled_1", "unlabeled_2")},
-        "teacher": {"arch": "resnet18", "image_size": 48, "resize": 56},
+        "teacher": {"arch": "resnet10t", "image_size": 48, "resize": 56},
         "student": {"arch": "mobilenetv3_small_100", "image_size": 48, "resize": 56},
         "train_teacher": {"epochs": 2, "batch_size": 32},
         "train_teacher_plus": {"epochs": 1, "batch_size": 32, "init_from": "teacher"},

@@ -32,22 +32,39 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
     if args.scale != 1.0:
         sizes = {k: max(1, int(v * args.scale)) for k, v in sizes.items()}
     with tqdm(total=sum(sizes.values()), unit="img", desc="generating") as bar:
-        summary = make_demo_data(args.out, seed=args.seed, sizes=sizes, shard_size=args.shard_size,
-                                 image_size=args.image_size, workers=args.workers, progress=bar.update)
-    print(f"wrote {sum(summary['sizes'].values())} samples to {args.out}: "
-          + ", ".join(f"{k}={v}" for k, v in summary["sizes"].items()))
+        summary = make_demo_data(
+            args.out,
+            seed=args.seed,
+            sizes=sizes,
+            shard_size=args.shard_size,
+            image_size=args.image_size,
+            workers=args.workers,
+            progress=bar.update,
+        )
+    print(
+        f"wrote {sum(summary['sizes'].values())} samples to {args.out}: "
+        + ", ".join(f"{k}={v}" for k, v in summary["sizes"].items())
+    )
     return 0
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
     from fiqa.data.from_folder import shard_folder
 
-    res = shard_folder(args.images, args.labels, args.out, shard_size=args.shard_size,
-                       label_field=args.label_field, prefix=args.prefix)
+    res = shard_folder(
+        args.images,
+        args.labels,
+        args.out,
+        shard_size=args.shard_size,
+        label_field=args.label_field,
+        prefix=args.prefix,
+    )
     print(f"wrote {res['written']} samples in {len(res['shards'])} shard(s) to {args.out}")
     if res["missing"]:
-        print(f"warning: {len(res['missing'])} CSV row(s) name no image, e.g. {res['missing'][:3]}",
-              file=sys.stderr)
+        print(
+            f"warning: {len(res['missing'])} CSV row(s) name no image, e.g. {res['missing'][:3]}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -57,11 +74,19 @@ def _run(args: argparse.Namespace, only: str | None) -> int:
     from fiqa.runner import run_stages
 
     cfg = load_config(args.config, args.set)
-    outcome = run_stages(cfg, STAGES, only=only, force=getattr(args, "force", False),
-                         on_start=lambda: ensure_ray(cfg.ray))
+    outcome = run_stages(
+        cfg,
+        STAGES,
+        only=only,
+        force=getattr(args, "force", False),
+        on_start=lambda: ensure_ray(cfg.ray),
+    )
     ran = [k for k, v in outcome.items() if v == "ran"]
-    print(f"run {cfg.run_dir}: ran {len(ran)} stage(s)" + (f" ({', '.join(ran)})" if ran else "")
-          + f", {len(outcome) - len(ran)} up to date")
+    print(
+        f"run {cfg.run_dir}: ran {len(ran)} stage(s)"
+        + (f" ({', '.join(ran)})" if ran else "")
+        + f", {len(outcome) - len(ran)} up to date"
+    )
     report = f"{cfg.run_dir}/evaluate/report.md"
     import os
 
@@ -104,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("make-demo-data", help="generate the synthetic FIQA dataset")
     s.add_argument("out")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", action="append", metavar="SPLIT=N", help="samples in a split (repeatable)")
+    s.add_argument(
+        "--size", action="append", metavar="SPLIT=N", help="samples in a split (repeatable)"
+    )
     s.add_argument("--scale", type=float, default=1.0, help="multiply every split's size")
     s.add_argument("--shard-size", type=int, default=500)
     s.add_argument("--image-size", type=int, default=112)

@@ -105,8 +105,14 @@ class RunConfig:
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 
-REQUIRED = ("run_dir", "data.labeled_train", "data.labeled_val", "data.test",
-            "data.unlabeled_1", "data.unlabeled_2")
+REQUIRED = (
+    "run_dir",
+    "data.labeled_train",
+    "data.labeled_val",
+    "data.test",
+    "data.unlabeled_1",
+    "data.unlabeled_2",
+)
 
 
 def _check(value: Any, tp: Any, key: str) -> Any:
@@ -182,17 +188,23 @@ def _validate(cfg: RunConfig) -> None:
     for name in ("teacher", "student"):
         m: ModelConfig = getattr(cfg, name)
         if m.image_size < 32 or m.resize < m.image_size:
-            raise ConfigError(f"{name}: need 32 <= image_size <= resize, got {m.image_size}, {m.resize}")
+            raise ConfigError(
+                f"{name}: need 32 <= image_size <= resize, got {m.image_size}, {m.resize}"
+            )
     for name in ("train_teacher", "train_teacher_plus", "distill_student"):
         t: TrainConfig = getattr(cfg, name)
         for k in ("epochs", "batch_size", "num_workers"):
             if getattr(t, k) < 1:
                 raise ConfigError(f"{name}.{k}: must be >= 1, got {getattr(t, k)}")
         if t.batch_size % t.num_workers:
-            raise ConfigError(f"{name}.batch_size: the global batch {t.batch_size} must divide "
-                              f"evenly over num_workers={t.num_workers}")
+            raise ConfigError(
+                f"{name}.batch_size: the global batch {t.batch_size} must divide "
+                f"evenly over num_workers={t.num_workers}"
+            )
         if t.init_from not in ("scratch", "teacher"):
-            raise ConfigError(f"{name}.init_from: expected 'scratch' or 'teacher', got {t.init_from!r}")
+            raise ConfigError(
+                f"{name}.init_from: expected 'scratch' or 'teacher', got {t.init_from!r}"
+            )
         if t.lr <= 0:
             raise ConfigError(f"{name}.lr: must be > 0")
     if cfg.pseudo_label.concurrency < 1 or cfg.pseudo_label.batch_size < 1:

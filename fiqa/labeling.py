@@ -91,8 +91,21 @@ def read_and_decode(batch: dict, job: ScoreJob) -> Iterator[dict]:
         elif pending is not None:
             yield _to_batch(pending, total, job.crop, want_pixels)
         else:  # a tar with no members at all
-            yield _to_batch([{"key": "", "shard": url, "image": b"", "label": None,
-                              "reason": "empty_shard", "pixels": None}], 1, job.crop, want_pixels)
+            yield _to_batch(
+                [
+                    {
+                        "key": "",
+                        "shard": url,
+                        "image": b"",
+                        "label": None,
+                        "reason": "empty_shard",
+                        "pixels": None,
+                    }
+                ],
+                1,
+                job.crop,
+                want_pixels,
+            )
 
 
 def _to_batch(rows: list[dict], total: int, crop: int, want_pixels: bool) -> dict:
@@ -101,7 +114,9 @@ def _to_batch(rows: list[dict], total: int, crop: int, want_pixels: bool) -> dic
         "key": np.array([r["key"] for r in rows], dtype=object),
         "shard": np.array([r["shard"] for r in rows], dtype=object),
         "image": np.array([r["image"] for r in rows], dtype=object),
-        "label": np.array([np.nan if r["label"] is None else r["label"] for r in rows], dtype=np.float64),
+        "label": np.array(
+            [np.nan if r["label"] is None else r["label"] for r in rows], dtype=np.float64
+        ),
         "reason": np.array([r["reason"] or "" for r in rows], dtype=object),
         "shard_total": np.full(n, total, dtype=np.int64),
     }
@@ -139,9 +154,14 @@ class Scorer:
         ok = batch["reason"] == ""
         raw = np.full(len(ok), np.nan, dtype=np.float64)
         if ok.any():
-            x = torch.from_numpy(np.ascontiguousarray(pixels[ok])).to(self.device, non_blocking=True)
+            x = torch.from_numpy(np.ascontiguousarray(pixels[ok])).to(
+                self.device, non_blocking=True
+            )
             cuda = self.device.type == "cuda"
-            with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=cuda):
+            with (
+                torch.inference_mode(),
+                torch.autocast(self.device.type, torch.bfloat16, enabled=cuda),
+            ):
                 raw[ok] = self.model(to_model_input(x, channels_last=cuda)).float().cpu().numpy()
         batch["raw_score"] = raw
         return batch
@@ -178,12 +198,20 @@ class ShardCollector:
 
     def _commit(self, url: str) -> None:
         parts = self.parts.pop(url)
-        cols = {k: np.concatenate([p[k] for p in parts]) for k in
-                ("key", "shard", "image", "label", "reason", "raw_score")}
+        cols = {
+            k: np.concatenate([p[k] for p in parts])
+            for k in ("key", "shard", "image", "label", "reason", "raw_score")
+        }
         ok = cols["reason"] == ""
         n_ok = int(ok.sum())
-        rejects = pa.table({"key": cols["key"][~ok].tolist(), "shard": cols["shard"][~ok].tolist(),
-                            "reason": cols["reason"][~ok].tolist()}, schema=REJECTS_SCHEMA)
+        rejects = pa.table(
+            {
+                "key": cols["key"][~ok].tolist(),
+                "shard": cols["shard"][~ok].tolist(),
+                "reason": cols["reason"][~ok].tolist(),
+            },
+            schema=REJECTS_SCHEMA,
+        )
         name = part_name(url)
         # Rejects first, then the scored part: the scored part's existence commits the shard.
         write_part(rejects, f"{self.job.out_dir}/rejects", name)
@@ -204,16 +232,19 @@ class ShardCollector:
         calib = self.job.calibration
         score[missing] = calib(raw[missing]) if calib is not None else raw[missing]
         n = int(ok.sum())
-        return pa.table({
-            "key": cols["key"][ok].tolist(),
-            "shard": cols["shard"][ok].tolist(),
-            "image": cols["image"][ok].tolist(),
-            "label": _nullable(label),
-            "raw_score": _nullable(raw),
-            "score": _nullable(score),
-            "model_id": [self.job.model_id] * n,
-            "source": [self.job.source] * n,
-        }, schema=SCORED_SCHEMA)
+        return pa.table(
+            {
+                "key": cols["key"][ok].tolist(),
+                "shard": cols["shard"][ok].tolist(),
+                "image": cols["image"][ok].tolist(),
+                "label": _nullable(label),
+                "raw_score": _nullable(raw),
+                "score": _nullable(score),
+                "model_id": [self.job.model_id] * n,
+                "source": [self.job.source] * n,
+            },
+            schema=SCORED_SCHEMA,
+        )
 
 
 def _nullable(a: np.ndarray) -> pa.Array:
@@ -258,13 +289,16 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> dict:
     check_resources(job.label, with_model)
 
     ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(read_and_decode, batch_size=1, fn_kwargs={"job": job},
-                        num_cpus=job.label.decode_cpus)
+    ds = ds.map_batches(
+        read_and_decode, batch_size=1, fn_kwargs={"job": job}, num_cpus=job.label.decode_cpus
+    )
     if with_model:
         ds = ds.map_batches(
             Scorer,
-            fn_constructor_kwargs={"model_path": job.model_path,
-                                   "threads": job.label.torch_threads or max(1, int(job.label.num_cpus))},
+            fn_constructor_kwargs={
+                "model_path": job.model_path,
+                "threads": job.label.torch_threads or max(1, int(job.label.num_cpus)),
+            },
             batch_size=job.label.batch_size,
             concurrency=job.label.concurrency,
             num_cpus=job.label.num_cpus,
@@ -282,5 +316,10 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> dict:
         missing = sorted(collector.parts)
         raise RuntimeError(f"stream ended with incomplete shards: {missing[:3]}")
     s = collector.stats
-    return {**stats, "shards": s["shards"], "scored": s["scored"], "rejected": s["rejected"],
-            "reasons": dict(s["reasons"])}
+    return {
+        **stats,
+        "shards": s["shards"],
+        "scored": s["scored"],
+        "rejected": s["rejected"],
+        "reasons": dict(s["reasons"]),
+    }

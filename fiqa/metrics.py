@@ -93,8 +93,13 @@ def quality_metrics(pred: np.ndarray, mos: np.ndarray) -> dict[str, float]:
     pred = np.asarray(pred, dtype=np.float64)
     mos = np.asarray(mos, dtype=np.float64)
     if pred.size < 4 or np.std(pred) == 0 or np.std(mos) == 0:
-        return {"srcc": 0.0, "plcc": 0.0, "krcc": 0.0,
-                "rmse": float(np.std(mos)) if mos.size else 0.0, "n": int(pred.size)}
+        return {
+            "srcc": 0.0,
+            "plcc": 0.0,
+            "krcc": 0.0,
+            "rmse": float(np.std(mos)) if mos.size else 0.0,
+            "n": int(pred.size),
+        }
     mapped = fit_logistic(pred, mos)(pred)
     return {
         "srcc": srcc(pred, mos),

@@ -23,7 +23,7 @@ def _plots(out: str, predictions: dict, pools: dict, histories: dict) -> list[st
 
     names = [n for n in MODEL_ORDER if n in predictions]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    for ax, name in zip(axes[0], names, strict=True):
         p, m = predictions[name]["pred"], predictions[name]["mos"]
         mapped = fit_logistic(p, m)(p) if len(p) >= 4 else p
         ax.scatter(m, mapped, s=6, alpha=0.5)
@@ -36,7 +36,7 @@ def _plots(out: str, predictions: dict, pools: dict, histories: dict) -> list[st
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(pools), figsize=(5 * len(pools), 3.6), squeeze=False)
-    for ax, (pool, d) in zip(axes[0], pools.items()):
+    for ax, (pool, d) in zip(axes[0], pools.items(), strict=True):
         bins = np.linspace(1, 5, 41) if len(d["score"]) else 10
         ax.hist(d["score"], bins=bins, alpha=0.6, label="pseudo-label")
         if d.get("truth") is not None:
@@ -65,40 +65,65 @@ def _plots(out: str, predictions: dict, pools: dict, histories: dict) -> list[st
 
 
 def _markdown(report: dict, plots: list[str]) -> str:
-    lines = ["# FIQA self-training and distillation: report", "",
-             "Test set metrics (PLCC and RMSE after a 4-parameter logistic fit).", "",
-             "| model | arch | px | SRCC | PLCC | KRCC | RMSE | GFLOPs | params (M) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# FIQA self-training and distillation: report",
+        "",
+        "Test set metrics (PLCC and RMSE after a 4-parameter logistic fit).",
+        "",
+        "| model | arch | px | SRCC | PLCC | KRCC | RMSE | GFLOPs | params (M) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name in MODEL_ORDER:
         if name in report:
             r = report[name]
-            lines.append(f"| {name} | {r['arch']} | {r['image_size']} | {r['srcc']:.4f} | {r['plcc']:.4f} | "
-                         f"{r['krcc']:.4f} | {r['rmse']:.4f} | {r['gflops']:.3f} | {r['params_m']:.2f} |")
+            lines.append(
+                f"| {name} | {r['arch']} | {r['image_size']} | {r['srcc']:.4f} | {r['plcc']:.4f} | "
+                f"{r['krcc']:.4f} | {r['rmse']:.4f} | {r['gflops']:.3f} | {r['params_m']:.2f} |"
+            )
     lines += ["", "## Findings", ""]
     t, tp = report.get("teacher"), report.get("teacher_plus")
     s, sl = report.get("student"), report.get("student_labeled_only")
     if t and tp:
         verdict = "does not trail" if tp["srcc"] >= t["srcc"] else "TRAILS"
-        lines.append(f"- Self-training: teacher-plus {verdict} the teacher "
-                     f"(SRCC {tp['srcc']:.4f} vs {t['srcc']:.4f}).")
+        lines.append(
+            f"- Self-training: teacher-plus {verdict} the teacher "
+            f"(SRCC {tp['srcc']:.4f} vs {t['srcc']:.4f})."
+        )
     if s and sl:
         verdict = "beats" if s["srcc"] > sl["srcc"] else "does NOT beat"
-        lines.append(f"- Distillation: the distilled student {verdict} the labeled-only student "
-                     f"(SRCC {s['srcc']:.4f} vs {sl['srcc']:.4f}).")
+        lines.append(
+            f"- Distillation: the distilled student {verdict} the labeled-only student "
+            f"(SRCC {s['srcc']:.4f} vs {sl['srcc']:.4f})."
+        )
     if "student_teacher_gflops_ratio" in report:
-        lines.append(f"- Cost: the student needs {100 * report['student_teacher_gflops_ratio']:.1f}% "
-                     f"of the teacher's GFLOPs.")
-    lines += ["", "## Pseudo-labels", "", "| pool | labeled | rejected | SRCC vs truth | PLCC vs truth | RMSE vs truth |",
-              "|---|---|---|---|---|---|"]
+        lines.append(
+            f"- Cost: the student needs {100 * report['student_teacher_gflops_ratio']:.1f}% "
+            f"of the teacher's GFLOPs."
+        )
+    lines += [
+        "",
+        "## Pseudo-labels",
+        "",
+        "| pool | labeled | rejected | SRCC vs truth | PLCC vs truth | RMSE vs truth |",
+        "|---|---|---|---|---|---|",
+    ]
     for pool, p in report.get("pseudo_label", {}).items():
         a = p.get("agreement")
-        cells = (f"{a['srcc']:.4f} | {a['plcc']:.4f} | {a['rmse_calibrated']:.4f}" if a else "n/a | n/a | n/a")
+        cells = (
+            f"{a['srcc']:.4f} | {a['plcc']:.4f} | {a['rmse_calibrated']:.4f}"
+            if a
+            else "n/a | n/a | n/a"
+        )
         lines.append(f"| {pool} | {p['labeled']} | {p['rejected']} | {cells} |")
-    lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots]
+    lines += ["", "## Plots", ""] + [
+        f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots
+    ]
     return "\n".join(lines) + "\n"
 
 
-def write_report(out_dir: str, report: dict, predictions: dict, pools: dict, histories: dict) -> dict:
+def write_report(
+    out_dir: str, report: dict, predictions: dict, pools: dict, histories: dict
+) -> dict:
     plots = _plots(os.path.join(out_dir, "plots"), predictions, pools, histories)
     json_path = os.path.join(out_dir, "report.json")
     with open(json_path, "w") as f:

@@ -82,8 +82,9 @@ def _file_fingerprint(path: str | None) -> str:
 
 def stage_fingerprint(cfg: RunConfig, stage: Stage, manifests: dict[str, dict]) -> tuple[str, dict]:
     """The stage's fingerprint and the input fingerprints it was made from."""
-    inputs = {f"data.{k}": _shard_fingerprint(expand_shard_spec(getattr(cfg.data, k)))
-              for k in stage.data}
+    inputs = {
+        f"data.{k}": _shard_fingerprint(expand_shard_spec(getattr(cfg.data, k))) for k in stage.data
+    }
     inputs.update({f"data.{k}": _file_fingerprint(getattr(cfg.data, k)) for k in stage.files})
     for up in stage.after:
         if up not in manifests:
@@ -208,9 +209,14 @@ def stage_states(cfg: RunConfig, stages: list[Stage]) -> list[dict]:
             state = "partial"
         else:
             state = "pending"
-        rows.append({"stage": stage.name, "state": state,
-                     "seconds": m.get("seconds") if m else None,
-                     "counts": m.get("counts") if m else None})
+        rows.append(
+            {
+                "stage": stage.name,
+                "state": state,
+                "seconds": m.get("seconds") if m else None,
+                "counts": m.get("counts") if m else None,
+            }
+        )
     return rows
 
 

@@ -85,11 +85,11 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
     from ray.train.torch import get_device, prepare_model
 
-    from fiqa.models.inputs import to_model_input
     from fiqa.losses import fiqa_loss
     from fiqa.metrics import fit_logistic, quality_metrics
     from fiqa.models import load_checkpoint, save_checkpoint
     from fiqa.models.checkpoint import load_pretrained_backbone
+    from fiqa.models.inputs import to_model_input
     from fiqa.models.regressor import QualityRegressor
 
     job = TrainJob(**{**config["job"], "train": TrainConfig(**config["job"]["train"])})
@@ -137,8 +137,10 @@ def train_loop_per_worker(config: dict) -> None:
         model.train()
         losses, seen = [], 0
         for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=per_worker, local_shuffle_buffer_size=t.shuffle_buffer or None,
-            drop_last=True, device=device,
+            batch_size=per_worker,
+            local_shuffle_buffer_size=t.shuffle_buffer or None,
+            drop_last=True,
+            device=device,
         ):
             x = to_model_input(batch["pixels"], channels_last=cuda)
             with torch.autocast(device.type, torch.bfloat16, enabled=cuda):
@@ -162,8 +164,10 @@ def train_loop_per_worker(config: dict) -> None:
                     out = model(to_model_input(batch["pixels"], channels_last=cuda))
                 preds.append(out.float().cpu().numpy())
                 targets.append(batch["target"].cpu().numpy())
-        local = (np.concatenate(preds) if preds else np.zeros(0),
-                 np.concatenate(targets) if targets else np.zeros(0))
+        local = (
+            np.concatenate(preds) if preds else np.zeros(0),
+            np.concatenate(targets) if targets else np.zeros(0),
+        )
         if world > 1:
             gathered = [None] * world
             dist.all_gather_object(gathered, local)
@@ -174,26 +178,56 @@ def train_loop_per_worker(config: dict) -> None:
         m = quality_metrics(pred_all, target_all)
         score = (m["srcc"] + m["plcc"]) / 2
         best = max(best, score)
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-               "val_srcc": m["srcc"], "val_plcc": m["plcc"], "val_krcc": m["krcc"],
-               "val_rmse": m["rmse"], "score": score, "best_score": best,
-               "lr": opt.param_groups[0]["lr"], "images_per_s": seen * world / max(train_time, 1e-9)}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "val_srcc": m["srcc"],
+            "val_plcc": m["plcc"],
+            "val_krcc": m["krcc"],
+            "val_rmse": m["rmse"],
+            "score": score,
+            "best_score": best,
+            "lr": opt.param_groups[0]["lr"],
+            "images_per_s": seen * world / max(train_time, 1e-9),
+        }
         history.append(row)
         if rank == 0:
-            log.info("%s epoch %d/%d: loss %.4f val SRCC %.4f PLCC %.4f (%.0f img/s)", job.name,
-                     epoch + 1, t.epochs, row["train_loss"], m["srcc"], m["plcc"], row["images_per_s"])
+            log.info(
+                "%s epoch %d/%d: loss %.4f val SRCC %.4f PLCC %.4f (%.0f img/s)",
+                job.name,
+                epoch + 1,
+                t.epochs,
+                row["train_loss"],
+                m["srcc"],
+                m["plcc"],
+                row["images_per_s"],
+            )
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
                 calib = fit_logistic(pred_all, target_all) if len(pred_all) >= 4 else None
-                meta = {"arch": job.arch, "image_size": job.image_size, "resize": job.resize,
-                        "name": job.name, "epoch": epoch + 1, "val": m,
-                        "calibration": calib.to_dict() if calib else None,
-                        "config_fingerprint": job.config_fingerprint, **job.extra_meta}
+                meta = {
+                    "arch": job.arch,
+                    "image_size": job.image_size,
+                    "resize": job.resize,
+                    "name": job.name,
+                    "epoch": epoch + 1,
+                    "val": m,
+                    "calibration": calib.to_dict() if calib else None,
+                    "config_fingerprint": job.config_fingerprint,
+                    **job.extra_meta,
+                }
                 save_checkpoint(d, model, meta)
-                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "epoch": epoch, "best": best, "history": json.dumps(history)},
-                           _state_path(d))
+                torch.save(
+                    {
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "epoch": epoch,
+                        "best": best,
+                        "history": json.dumps(history),
+                    },
+                    _state_path(d),
+                )
                 checkpoint = Checkpoint.from_directory(d)
             ray.train.report(row, checkpoint=checkpoint)
 
@@ -222,14 +256,19 @@ def fit(job: TrainJob) -> dict:
     parts = [p for d in job.train_tables for p in list_parts(d)]
     val_parts = list_parts(job.val_table)
     if not parts or not val_parts:
-        raise RuntimeError(f"{job.name}: no training or validation data ({job.train_tables}, {job.val_table})")
+        raise RuntimeError(
+            f"{job.name}: no training or validation data ({job.train_tables}, {job.val_table})"
+        )
     columns = ["image", "score", "source"]
     train_ds = ray.data.read_parquet(parts, columns=columns, shuffle="files").map_batches(
-        decode_train_batch, batch_size=128,
+        decode_train_batch,
+        batch_size=128,
         fn_kwargs={"resize": job.resize, "crop": job.image_size, "weights": t.source_weights},
     )
     val_ds = ray.data.read_parquet(val_parts, columns=["image", "score"]).map_batches(
-        decode_eval_batch, batch_size=128, fn_kwargs={"resize": job.resize, "crop": job.image_size},
+        decode_eval_batch,
+        batch_size=128,
+        fn_kwargs={"resize": job.resize, "crop": job.image_size},
     )
     storage = os.path.abspath(os.path.join(job.out_dir, "ray_train"))
     job_dict = asdict(job)
@@ -237,20 +276,23 @@ def fit(job: TrainJob) -> dict:
         train_loop_per_worker,
         train_loop_config={"job": job_dict, "label_mean": _label_mean(job.train_tables)},
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu,
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
         ),
         run_config=RunConfig(
             name=job.name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="score", checkpoint_score_order="max"),
+                num_to_keep=2, checkpoint_score_attribute="score", checkpoint_score_order="max"
+            ),
             failure_config=FailureConfig(max_failures=2),
         ),
         datasets={"train": train_ds, "val": val_ds},
         # One worker reads the whole dataset: no split coordinator between it and the data.
         dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train", "val"] if t.num_workers > 1 else []),
+            datasets_to_split=["train", "val"] if t.num_workers > 1 else []
+        ),
     )
     result = trainer.fit()
     if result.error:
@@ -270,5 +312,10 @@ def fit(job: TrainJob) -> dict:
         json.dump(history, f, indent=2)
     with open(os.path.join(model_dir, "model.json")) as f:
         meta = json.load(f)
-    return {"model": model_dir, "best_epoch": meta["epoch"], "val": meta["val"],
-            "epochs": len(history), "train_parts": len(parts)}
+    return {
+        "model": model_dir,
+        "best_epoch": meta["epoch"],
+        "val": meta["val"],
+        "epochs": len(history),
+        "train_parts": len(parts),
+    }

@@ -12,9 +12,15 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "REGISTRY": "registry", "ModelSpec": "registry", "create_model": "registry",
-    "resolve_spec": "registry", "QualityRegressor": "regressor", "LoadedModel": "checkpoint",
-    "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint", "model_cost": "cost",
+    "REGISTRY": "registry",
+    "ModelSpec": "registry",
+    "create_model": "registry",
+    "resolve_spec": "registry",
+    "QualityRegressor": "regressor",
+    "LoadedModel": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "model_cost": "cost",
 }
 __all__ = sorted(_EXPORTS)
 

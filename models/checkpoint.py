@@ -114,5 +114,7 @@ def load_pretrained_backbone(model: QualityRegressor, path: str) -> None:
     own = model.backbone.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:
-        raise ValueError(f"{path}: none of its tensors match backbone {type(model.backbone).__name__}")
+        raise ValueError(
+            f"{path}: none of its tensors match backbone {type(model.backbone).__name__}"
+        )
     model.backbone.load_state_dict(usable, strict=False)

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import timm
 from torch import nn
 
-from fiqa.models.regressor import QualityRegressor
-
 from fiqa.models.inputs import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
+from fiqa.models.regressor import QualityRegressor
 
 
 @dataclass(frozen=True)
@@ -25,16 +24,39 @@ class ModelSpec:
 REGISTRY: dict[str, ModelSpec] = {
     s.name: s
     for s in (
-        ModelSpec("swin_base", "swin_base_patch4_window7_224", 448, 512, "teacher",
-                  "the paper's teacher (Swin-B at 448 px); needs pretrained weights"),
-        ModelSpec("edgenext_xx_small", "edgenext_xx_small", 352, 384, "student",
-                  "the paper's student (EdgeNeXt-XXS at 352 px); needs pretrained weights"),
-        ModelSpec("resnet10t", "resnet10t", 64, 72, "teacher",
-                  "the demo teacher: a batch-norm CNN that learns from scratch on CPU"),
-        ModelSpec("resnet18", "resnet18", 112, 128, "teacher",
-                  "a bigger CPU teacher"),
-        ModelSpec("mobilenetv3_small_100", "mobilenetv3_small_100", 64, 72, "student",
-                  "the demo student: a small fraction of the demo teacher's cost"),
+        ModelSpec(
+            "swin_base",
+            "swin_base_patch4_window7_224",
+            448,
+            512,
+            "teacher",
+            "the paper's teacher (Swin-B at 448 px); needs pretrained weights",
+        ),
+        ModelSpec(
+            "edgenext_xx_small",
+            "edgenext_xx_small",
+            352,
+            384,
+            "student",
+            "the paper's student (EdgeNeXt-XXS at 352 px); needs pretrained weights",
+        ),
+        ModelSpec(
+            "resnet10t",
+            "resnet10t",
+            64,
+            72,
+            "teacher",
+            "the demo teacher: a batch-norm CNN that learns from scratch on CPU",
+        ),
+        ModelSpec("resnet18", "resnet18", 112, 128, "teacher", "a bigger CPU teacher"),
+        ModelSpec(
+            "mobilenetv3_small_100",
+            "mobilenetv3_small_100",
+            64,
+            72,
+            "student",
+            "the demo student: a small fraction of the demo teacher's cost",
+        ),
     )
 }
 
@@ -47,10 +69,14 @@ def resolve_spec(name: str, image_size: int | None = None, resize: int | None = 
         spec = ModelSpec(name, name, 224, 256, "any", "timm backbone")
     else:
         known = ", ".join(sorted(REGISTRY))
-        raise ValueError(f"unknown model {name!r}: not in the registry ({known}) nor a timm model name")
+        raise ValueError(
+            f"unknown model {name!r}: not in the registry ({known}) nor a timm model name"
+        )
     if image_size is not None or resize is not None:
         size = image_size or spec.image_size
-        spec = ModelSpec(spec.name, spec.arch, size, resize or max(size, spec.resize), spec.role, spec.note)
+        spec = ModelSpec(
+            spec.name, spec.arch, size, resize or max(size, spec.resize), spec.role, spec.note
+        )
     return spec
 
 

@@ -21,11 +21,20 @@ def run(ctx: StageContext) -> dict:
     labeled = f"{tables}/labeled_train/labels"
     pseudo = [f"{ctx.dir('pseudo_label_1')}/labels", f"{ctx.dir('pseudo_label_2')}/labels"]
     out = {}
-    for name, train_tables in (("student", [labeled, *pseudo]), ("student_labeled_only", [labeled])):
+    for name, train_tables in (
+        ("student", [labeled, *pseudo]),
+        ("student_labeled_only", [labeled]),
+    ):
         job = TrainJob(
-            name=name, arch=m.arch, image_size=m.image_size, resize=m.resize,
-            train_tables=train_tables, val_table=f"{tables}/labeled_val/labels",
-            out_dir=f"{ctx.dir()}/{name}", train=t, seed=cfg.seed + 2,
+            name=name,
+            arch=m.arch,
+            image_size=m.image_size,
+            resize=m.resize,
+            train_tables=train_tables,
+            val_table=f"{tables}/labeled_val/labels",
+            out_dir=f"{ctx.dir()}/{name}",
+            train=t,
+            seed=cfg.seed + 2,
             pretrained_weights=m.pretrained_weights,
             config_fingerprint=cfg.fingerprint("student", "distill_student"),
         )

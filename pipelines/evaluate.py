@@ -52,21 +52,35 @@ def run(ctx: StageContext) -> dict:
         model_dir = os.path.join(ctx.run_dir, sub, "model")
         loaded = load_checkpoint(model_dir)
         out = ctx.dir() + f"/predictions/{name}"
-        counts = run_score_job(ScoreJob(
-            shards=test_shards, out_dir=out, source="test", label_field=cfg.data.label_field,
-            require_label=True, model_path=model_dir, model_id=name,
-            resize=loaded.resize, crop=loaded.image_size,
-            max_pixels=cfg.data.max_image_pixels, min_side=cfg.data.min_image_side,
-            label=cfg.pseudo_label,
-        ))
+        counts = run_score_job(
+            ScoreJob(
+                shards=test_shards,
+                out_dir=out,
+                source="test",
+                label_field=cfg.data.label_field,
+                require_label=True,
+                model_path=model_dir,
+                model_id=name,
+                resize=loaded.resize,
+                crop=loaded.image_size,
+                max_pixels=cfg.data.max_image_pixels,
+                min_side=cfg.data.min_image_side,
+                label=cfg.pseudo_label,
+            )
+        )
         table = read_table(out + "/labels", columns=["raw_score", "label"])
         pred = table.column("raw_score").to_numpy(zero_copy_only=False).astype(np.float64)
         mos = table.column("label").to_numpy(zero_copy_only=False).astype(np.float64)
         metrics = quality_metrics(pred, mos)
         cost = model_cost(loaded.model, loaded.image_size)
-        report[name] = {**metrics, **{k: round(v, 4) for k, v in cost.items()},
-                        "arch": loaded.meta["arch"], "image_size": loaded.image_size,
-                        "best_epoch": loaded.meta.get("epoch"), "rejected": counts["rejected"]}
+        report[name] = {
+            **metrics,
+            **{k: round(v, 4) for k, v in cost.items()},
+            "arch": loaded.meta["arch"],
+            "image_size": loaded.image_size,
+            "best_epoch": loaded.meta.get("epoch"),
+            "rejected": counts["rejected"],
+        }
         predictions[name] = {"pred": pred, "mos": mos}
         hist_path = os.path.join(ctx.run_dir, sub, "history.json")
         if os.path.exists(hist_path):
@@ -80,8 +94,11 @@ def run(ctx: StageContext) -> dict:
         # counts only the shards of its last attempt.
         table = read_table(f"{ctx.dir(stage)}/labels", columns=["key", "score"])
         rejects = read_table(f"{ctx.dir(stage)}/rejects", columns=["key", "reason"])
-        entry = {"labeled": table.num_rows, "rejected": rejects.num_rows,
-                 "shards": ctx.manifests[stage]["counts"].get("shards_total")}
+        entry = {
+            "labeled": table.num_rows,
+            "rejected": rejects.num_rows,
+            "shards": ctx.manifests[stage]["counts"].get("shards_total"),
+        }
         scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
         truth = _read_truth(getattr(cfg.data, f"{pool}_truth"))
         pool_scores[pool] = {"score": scores, "truth": None}
@@ -97,11 +114,17 @@ def run(ctx: StageContext) -> dict:
         pools[pool] = entry
     report["pseudo_label"] = pools
     if "teacher" in report and "student" in report and report["teacher"]["gflops"]:
-        report["student_teacher_gflops_ratio"] = report["student"]["gflops"] / report["teacher"]["gflops"]
+        report["student_teacher_gflops_ratio"] = (
+            report["student"]["gflops"] / report["teacher"]["gflops"]
+        )
     paths = write_report(ctx.dir(), report, predictions, pool_scores, histories)
     print(f"\nReport: {paths['md']}\n")
-    return {"report": paths["json"], **{k: round(v["srcc"], 4) for k, v in report.items()
-                                        if isinstance(v, dict) and "srcc" in v}}
+    return {
+        "report": paths["json"],
+        **{
+            k: round(v["srcc"], 4) for k, v in report.items() if isinstance(v, dict) and "srcc" in v
+        },
+    }
 
 
 STAGE = Stage(
@@ -110,6 +133,12 @@ STAGE = Stage(
     sections=("data", "pseudo_label"),
     data=("test",),
     files=("unlabeled_1_truth", "unlabeled_2_truth"),
-    after=("train_teacher", "pseudo_label_1", "train_teacher_plus", "pseudo_label_2", "distill_student"),
+    after=(
+        "train_teacher",
+        "pseudo_label_1",
+        "train_teacher_plus",
+        "pseudo_label_2",
+        "distill_student",
+    ),
     description="evaluate all models on the test set and write the report",
 )

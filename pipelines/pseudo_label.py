@@ -21,11 +21,17 @@ def pseudo_label(ctx: StageContext, pool: str, model_stage: str, source: str) ->
     meta = read_meta(model_dir)
     calibration = Logistic4.from_dict(meta["calibration"]) if meta.get("calibration") else None
     job = ScoreJob(
-        shards=ctx.shards(pool), out_dir=ctx.dir(), source=source,
-        label_field=cfg.data.label_field, model_path=model_dir, calibration=calibration,
+        shards=ctx.shards(pool),
+        out_dir=ctx.dir(),
+        source=source,
+        label_field=cfg.data.label_field,
+        model_path=model_dir,
+        calibration=calibration,
         model_id=f"{model_stage}:{ctx.manifests[model_stage]['output_id'][:12]}",
-        resize=int(meta.get("resize", meta["image_size"])), crop=int(meta["image_size"]),
-        max_pixels=cfg.data.max_image_pixels, min_side=cfg.data.min_image_side,
+        resize=int(meta.get("resize", meta["image_size"])),
+        crop=int(meta["image_size"]),
+        max_pixels=cfg.data.max_image_pixels,
+        min_side=cfg.data.min_image_side,
         label=cfg.pseudo_label,
     )
     return run_score_job(job)

@@ -7,7 +7,9 @@ from fiqa.runner import Stage, StageContext
 
 
 def run(ctx: StageContext) -> dict:
-    return pseudo_label(ctx, pool="unlabeled_2", model_stage="train_teacher_plus", source="pseudo_u2")
+    return pseudo_label(
+        ctx, pool="unlabeled_2", model_stage="train_teacher_plus", source="pseudo_u2"
+    )
 
 
 STAGE = Stage(

@@ -20,9 +20,14 @@ def ingest_labeled(ctx: StageContext, split: str) -> dict:
     """Labeled shards -> ``tables/<split>`` (labels/ and rejects/), no model involved."""
     d = ctx.cfg.data
     job = ScoreJob(
-        shards=ctx.shards(split), out_dir=f"{ctx.dir()}/tables/{split}", source="labeled",
-        label_field=d.label_field, require_label=True, max_pixels=d.max_image_pixels,
-        min_side=d.min_image_side, label=ctx.cfg.pseudo_label,
+        shards=ctx.shards(split),
+        out_dir=f"{ctx.dir()}/tables/{split}",
+        source="labeled",
+        label_field=d.label_field,
+        require_label=True,
+        max_pixels=d.max_image_pixels,
+        min_side=d.min_image_side,
+        label=ctx.cfg.pseudo_label,
     )
     return run_score_job(job)
 
@@ -32,10 +37,15 @@ def run(ctx: StageContext) -> dict:
     counts = {split: ingest_labeled(ctx, split) for split in ("labeled_train", "labeled_val")}
     m = cfg.teacher
     job = TrainJob(
-        name="teacher", arch=m.arch, image_size=m.image_size, resize=m.resize,
+        name="teacher",
+        arch=m.arch,
+        image_size=m.image_size,
+        resize=m.resize,
         train_tables=[f"{ctx.dir()}/tables/labeled_train/labels"],
         val_table=f"{ctx.dir()}/tables/labeled_val/labels",
-        out_dir=ctx.dir(), train=cfg.train_teacher, seed=cfg.seed,
+        out_dir=ctx.dir(),
+        train=cfg.train_teacher,
+        seed=cfg.seed,
         pretrained_weights=m.pretrained_weights,
         config_fingerprint=cfg.fingerprint("teacher", "train_teacher"),
         max_pixels=cfg.data.max_image_pixels,

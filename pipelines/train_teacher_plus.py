@@ -19,10 +19,15 @@ def run(ctx: StageContext) -> dict:
     m, t = cfg.teacher, cfg.train_teacher_plus
     tables = ctx.dir("train_teacher") + "/tables"
     job = TrainJob(
-        name="teacher_plus", arch=m.arch, image_size=m.image_size, resize=m.resize,
+        name="teacher_plus",
+        arch=m.arch,
+        image_size=m.image_size,
+        resize=m.resize,
         train_tables=[f"{tables}/labeled_train/labels", f"{ctx.dir('pseudo_label_1')}/labels"],
         val_table=f"{tables}/labeled_val/labels",
-        out_dir=ctx.dir(), train=t, seed=cfg.seed + 1,
+        out_dir=ctx.dir(),
+        train=t,
+        seed=cfg.seed + 1,
         init_checkpoint=f"{ctx.dir('train_teacher')}/model" if t.init_from == "teacher" else None,
         pretrained_weights=m.pretrained_weights,
         config_fingerprint=cfg.fingerprint("teacher", "train_teacher_plus"),

@@ -47,9 +47,19 @@ def tiny_data(tmp_path_factory):
     from fiqa.data.synthetic import make_demo_data
 
     out = tmp_path_factory.mktemp("tiny-data")
-    make_demo_data(out, seed=1, sizes={"labeled_train": 256, "labeled_val": 64, "test": 64,
-                                       "unlabeled_1": 192, "unlabeled_2": 192},
-                   shard_size=64, workers=2)
+    make_demo_data(
+        out,
+        seed=1,
+        sizes={
+            "labeled_train": 256,
+            "labeled_val": 64,
+            "test": 64,
+            "unlabeled_1": 192,
+            "unlabeled_2": 192,
+        },
+        shard_size=64,
+        workers=2,
+    )
     return out
 
 
@@ -57,8 +67,10 @@ def tiny_config(data, run_dir, **extra):
     """A config for `tiny_data` that trains for a single short epoch per stage."""
     cfg = {
         "run_dir": str(run_dir),
-        "data": {s: str(Path(data) / s) for s in
-                 ("labeled_train", "labeled_val", "test", "unlabeled_1", "unlabeled_2")},
+        "data": {
+            s: str(Path(data) / s)
+            for s in ("labeled_train", "labeled_val", "test", "unlabeled_1", "unlabeled_2")
+        },
         "teacher": {"arch": "resnet10t", "image_size": 48, "resize": 56},
         "student": {"arch": "mobilenetv3_small_100", "image_size": 48, "resize": 56},
         "train_teacher": {"epochs": 2, "batch_size": 32},

@@ -3,10 +3,17 @@
 import numpy as np
 import pyarrow.parquet as pq
 
-from conftest import jpeg_bytes, labeled_members, write_tar
 from fiqa.data.tables import list_parts, part_name
-from fiqa.labeling import ROWS_PER_BATCH, ScoreJob, ShardCollector, committed_shards, read_and_decode
+from fiqa.labeling import (
+    ROWS_PER_BATCH,
+    ScoreJob,
+    ShardCollector,
+    committed_shards,
+    read_and_decode,
+)
 from fiqa.metrics import Logistic4
+
+from conftest import labeled_members, write_tar
 
 
 def batches_for(shard, job):
@@ -16,7 +23,14 @@ def batches_for(shard, job):
 def test_read_and_decode_marks_the_last_batch_with_the_shard_total(tmp_path):
     n = ROWS_PER_BATCH + 3
     shard = write_tar(tmp_path / "a.tar", labeled_members(n))
-    job = ScoreJob(shards=[shard], out_dir=str(tmp_path / "out"), source="x", model_path="m", crop=32, resize=40)
+    job = ScoreJob(
+        shards=[shard],
+        out_dir=str(tmp_path / "out"),
+        source="x",
+        model_path="m",
+        crop=32,
+        resize=40,
+    )
     batches = batches_for(shard, job)
     assert [len(b["key"]) for b in batches] == [ROWS_PER_BATCH, 3]
     assert batches[0]["shard_total"][0] == -1 and batches[-1]["shard_total"][0] == n
@@ -27,15 +41,24 @@ def test_last_batch_is_never_empty(tmp_path):
     shard = write_tar(tmp_path / "a.tar", labeled_members(ROWS_PER_BATCH))
     job = ScoreJob(shards=[shard], out_dir=str(tmp_path / "o"), source="x")
     (batch,) = batches_for(shard, job)
-    assert batch["shard_total"][0] == ROWS_PER_BATCH and "pixels" not in batch  # no model: no pixels
+    assert (
+        batch["shard_total"][0] == ROWS_PER_BATCH and "pixels" not in batch
+    )  # no model: no pixels
 
 
 def test_collector_commits_each_shard_once_complete(tmp_path):
     a = write_tar(tmp_path / "a.tar", labeled_members(ROWS_PER_BATCH + 5) + [("bad.jpg", b"junk")])
     b = write_tar(tmp_path / "b.tar", labeled_members(4, prefix="b"))
     out = str(tmp_path / "out")
-    job = ScoreJob(shards=[a, b], out_dir=out, source="pseudo_u1", model_id="m1",
-                   calibration=Logistic4(5, 1, 0, 1), require_label=False, model_path="unused")
+    job = ScoreJob(
+        shards=[a, b],
+        out_dir=out,
+        source="pseudo_u1",
+        model_id="m1",
+        calibration=Logistic4(5, 1, 0, 1),
+        require_label=False,
+        model_path="unused",
+    )
     col = ShardCollector(job)
     stream = batches_for(a, job) + batches_for(b, job)
     stream = [stream[0], stream[2], stream[1]]  # shards interleave in any order
@@ -48,10 +71,14 @@ def test_collector_commits_each_shard_once_complete(tmp_path):
     assert committed_shards(out) == {part_name(a), part_name(b)}
     t = pq.read_table(list_parts(out + "/labels"))
     assert t.num_rows == ROWS_PER_BATCH + 5 + 4
-    np.testing.assert_allclose(t.column("score").to_numpy(), Logistic4(5, 1, 0, 1)(np.array([0.5]))[0], rtol=1e-6)
+    np.testing.assert_allclose(
+        t.column("score").to_numpy(), Logistic4(5, 1, 0, 1)(np.array([0.5]))[0], rtol=1e-6
+    )
     assert set(t.column("model_id").to_pylist()) == {"m1"}
     r = pq.read_table(list_parts(out + "/rejects"))
-    assert r.column("key").to_pylist() == ["bad"] and r.column("reason").to_pylist() == ["not_an_image"]
+    assert r.column("key").to_pylist() == ["bad"] and r.column("reason").to_pylist() == [
+        "not_an_image"
+    ]
     assert col.stats["scored"] + col.stats["rejected"] == ROWS_PER_BATCH + 6 + 4
 
 

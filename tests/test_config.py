@@ -9,8 +9,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def minimal(**over):
-    raw = {"run_dir": "runs/x", "data": {k: f"d/{k}" for k in
-                                         ("labeled_train", "labeled_val", "test", "unlabeled_1", "unlabeled_2")}}
+    raw = {
+        "run_dir": "runs/x",
+        "data": {
+            k: f"d/{k}"
+            for k in ("labeled_train", "labeled_val", "test", "unlabeled_1", "unlabeled_2")
+        },
+    }
     raw.update(over)
     return raw
 
@@ -56,8 +61,15 @@ def test_semantic_checks():
 
 
 def test_overrides_parse_yaml_values():
-    cfg = from_dict(minimal(), ["train_teacher.epochs=3", "train_teacher.lr=1e-4",
-                                "data.labeled_train=[a.tar, b.tar]", "distill_student.source_weights={pseudo_u1: 0.5}"])
+    cfg = from_dict(
+        minimal(),
+        [
+            "train_teacher.epochs=3",
+            "train_teacher.lr=1e-4",
+            "data.labeled_train=[a.tar, b.tar]",
+            "distill_student.source_weights={pseudo_u1: 0.5}",
+        ],
+    )
     assert cfg.train_teacher.epochs == 3
     assert cfg.train_teacher.lr == pytest.approx(1e-4)
     assert cfg.data.labeled_train == ["a.tar", "b.tar"]

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import jpeg_bytes
 from fiqa.data.decode import RejectedSample, decode_image, pick_image
+
+from conftest import jpeg_bytes
 
 
 def encode(img, fmt, **kw):
@@ -19,13 +20,16 @@ def test_rgb_jpeg_is_resized():
     assert out.shape == (64, 64, 3) and out.dtype == np.uint8
 
 
-@pytest.mark.parametrize("img,fmt", [
-    (Image.new("L", (40, 40), 128), "PNG"),
-    (Image.new("RGBA", (40, 40), (10, 20, 30, 128)), "PNG"),
-    (Image.new("P", (40, 40), 3), "PNG"),
-    (Image.new("CMYK", (40, 40), (0, 50, 100, 0)), "JPEG"),
-    (Image.fromarray(np.full((40, 40), 40000, dtype=np.uint16)), "PNG"),
-])
+@pytest.mark.parametrize(
+    "img,fmt",
+    [
+        (Image.new("L", (40, 40), 128), "PNG"),
+        (Image.new("RGBA", (40, 40), (10, 20, 30, 128)), "PNG"),
+        (Image.new("P", (40, 40), 3), "PNG"),
+        (Image.new("CMYK", (40, 40), (0, 50, 100, 0)), "JPEG"),
+        (Image.fromarray(np.full((40, 40), 40000, dtype=np.uint16)), "PNG"),
+    ],
+)
 def test_other_modes_become_rgb(img, fmt):
     out = decode_image(encode(img, fmt), 32)
     assert out.shape == (32, 32, 3)
@@ -41,13 +45,16 @@ def test_exif_orientation_is_applied():
     assert top[2] > top[0] and bottom[0] > bottom[2]  # blue is now on top
 
 
-@pytest.mark.parametrize("data,reason", [
-    (b"", "empty_image"),
-    (b"definitely not an image", "not_an_image"),
-    (jpeg_bytes((300, 300))[:400], "not_an_image"),
-    (jpeg_bytes((300, 300))[:1500], "corrupt_image"),
-    (jpeg_bytes((8, 8)), "too_small"),
-])
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", "empty_image"),
+        (b"definitely not an image", "not_an_image"),
+        (jpeg_bytes((300, 300))[:400], "not_an_image"),
+        (jpeg_bytes((300, 300))[:1500], "corrupt_image"),
+        (jpeg_bytes((8, 8)), "too_small"),
+    ],
+)
 def test_rejects_have_reasons(data, reason):
     with pytest.raises(RejectedSample) as e:
         decode_image(data, 32)

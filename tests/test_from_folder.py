@@ -2,10 +2,11 @@ import subprocess
 
 import pytest
 
-from conftest import fiqa_cmd, jpeg_bytes, subprocess_env
 from fiqa.data.from_folder import read_label_csv, shard_folder
 from fiqa.data.reader import read_shard
 from fiqa.data.shards import expand_shard_spec
+
+from conftest import fiqa_cmd, jpeg_bytes, subprocess_env
 
 
 def test_shard_folder_round_trips(tmp_path):
@@ -15,10 +16,18 @@ def test_shard_folder_round_trips(tmp_path):
         (imgs / f"face.{i}.jpg").write_bytes(jpeg_bytes())
     (imgs / "x.png").write_bytes(jpeg_bytes(fmt="PNG"))
     csv = tmp_path / "scores.csv"
-    csv.write_text("name,score\n" + "".join(f"face.{i}.jpg,{i + 1}.5\n" for i in range(5)) + "x.png,2\nmissing.jpg,3\n")
+    csv.write_text(
+        "name,score\n"
+        + "".join(f"face.{i}.jpg,{i + 1}.5\n" for i in range(5))
+        + "x.png,2\nmissing.jpg,3\n"
+    )
     res = shard_folder(imgs, csv, tmp_path / "out", shard_size=4)
     assert res["written"] == 6 and res["missing"] == ["missing.jpg"] and len(res["shards"]) == 2
-    recs = [r for s in expand_shard_spec(str(tmp_path / "out")) for r in read_shard(s, require_label=True)]
+    recs = [
+        r
+        for s in expand_shard_spec(str(tmp_path / "out"))
+        for r in read_shard(s, require_label=True)
+    ]
     assert sorted(r["label"] for r in recs) == [1.5, 2.0, 2.5, 3.5, 4.5, 5.5]
     assert all(r["reason"] is None for r in recs) and "face_0" in {r["key"] for r in recs}
 
@@ -34,11 +43,35 @@ def test_cli(tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.jpg").write_bytes(jpeg_bytes())
     (tmp_path / "s.csv").write_text("a.jpg,3.2\n")
-    out = subprocess.run([*fiqa_cmd(), "shard", "--images", str(tmp_path / "imgs"), "--labels",
-                          str(tmp_path / "s.csv"), "--out", str(tmp_path / "o")],
-                         capture_output=True, text=True, env=subprocess_env())
+    out = subprocess.run(
+        [
+            *fiqa_cmd(),
+            "shard",
+            "--images",
+            str(tmp_path / "imgs"),
+            "--labels",
+            str(tmp_path / "s.csv"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
     assert out.returncode == 0 and "wrote 1 samples" in out.stdout
-    bad = subprocess.run([*fiqa_cmd(), "shard", "--images", str(tmp_path / "nope"), "--labels",
-                          str(tmp_path / "s.csv"), "--out", str(tmp_path / "o")],
-                         capture_output=True, text=True, env=subprocess_env())
+    bad = subprocess.run(
+        [
+            *fiqa_cmd(),
+            "shard",
+            "--images",
+            str(tmp_path / "nope"),
+            "--labels",
+            str(tmp_path / "s.csv"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
     assert bad.returncode == 2 and "is not a directory" in bad.stderr

@@ -19,8 +19,13 @@ def test_kill_during_pseudo_labeling_then_resume(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, run_dir, distill_student={"epochs": 1})
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([*fiqa_cmd(), "run", str(cfg_path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=subprocess_env(), start_new_session=True)
+    proc = subprocess.Popen(
+        [*fiqa_cmd(), "run", str(cfg_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=subprocess_env(),
+        start_new_session=True,
+    )
     attempt = run_dir / "pseudo_label_1" / "attempt.json"
     deadline = time.time() + 600
     try:
@@ -34,13 +39,23 @@ def test_kill_during_pseudo_labeling_then_resume(tiny_data, tmp_path):
     teacher = json.loads((run_dir / "train_teacher" / "manifest.json").read_text())
     assert not (run_dir / "pseudo_label_1" / "manifest.json").exists()
 
-    status = subprocess.run([*fiqa_cmd(), "status", str(run_dir), "--json"], capture_output=True,
-                            text=True, env=subprocess_env(), check=True)
+    status = subprocess.run(
+        [*fiqa_cmd(), "status", str(run_dir), "--json"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        check=True,
+    )
     states = {r["stage"]: r["state"] for r in json.loads(status.stdout)}
     assert states["train_teacher"] == "done" and states["pseudo_label_1"] == "partial"
 
-    rerun = subprocess.run([*fiqa_cmd(), "run", str(cfg_path)], capture_output=True, text=True,
-                           env=subprocess_env(), timeout=900)
+    rerun = subprocess.run(
+        [*fiqa_cmd(), "run", str(cfg_path)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=900,
+    )
     assert rerun.returncode == 0, rerun.stderr[-5000:]
     assert "ran 5 stage(s)" in rerun.stdout
     again = json.loads((run_dir / "train_teacher" / "manifest.json").read_text())

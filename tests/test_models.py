@@ -4,7 +4,14 @@ import torch
 from safetensors.torch import save_file
 
 from fiqa.metrics import Logistic4
-from fiqa.models import REGISTRY, create_model, load_checkpoint, model_cost, resolve_spec, save_checkpoint
+from fiqa.models import (
+    REGISTRY,
+    create_model,
+    load_checkpoint,
+    model_cost,
+    resolve_spec,
+    save_checkpoint,
+)
 from fiqa.models.checkpoint import load_pretrained_backbone
 
 
@@ -16,7 +23,9 @@ def test_registry_has_the_papers_models():
         resolve_spec("no_such_net")
 
 
-@pytest.mark.parametrize("name,size", [("resnet18", 64), ("mobilenetv3_small_100", 64), ("edgenext_xx_small", 64)])
+@pytest.mark.parametrize(
+    "name,size", [("resnet18", 64), ("mobilenetv3_small_100", 64), ("edgenext_xx_small", 64)]
+)
 def test_models_regress_one_score_per_image(name, size):
     m = create_model(name, size).eval()
     with torch.no_grad():
@@ -33,8 +42,11 @@ def test_papers_student_cost_is_as_published():
 def test_checkpoint_round_trip_keeps_weights_and_calibration(tmp_path):
     m = create_model("resnet18", 48).eval()
     calib = Logistic4(5, 1, 0.2, 0.5)
-    save_checkpoint(str(tmp_path / "ck"), m, {"arch": "resnet18", "image_size": 48, "resize": 56,
-                                               "calibration": calib.to_dict()})
+    save_checkpoint(
+        str(tmp_path / "ck"),
+        m,
+        {"arch": "resnet18", "image_size": 48, "resize": 56, "calibration": calib.to_dict()},
+    )
     loaded = load_checkpoint(str(tmp_path / "ck"))
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():

@@ -8,18 +8,26 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import fiqa_cmd, subprocess_env, tiny_config
 from fiqa.data.tables import list_parts
+
+from conftest import fiqa_cmd, subprocess_env, tiny_config
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["train_teacher", "pseudo_label_1", "train_teacher_plus", "pseudo_label_2",
-          "distill_student", "evaluate"]
+STAGES = [
+    "train_teacher",
+    "pseudo_label_1",
+    "train_teacher_plus",
+    "pseudo_label_2",
+    "distill_student",
+    "evaluate",
+]
 
 
 def fiqa(*args, timeout=900):
-    proc = subprocess.run([*fiqa_cmd(), *args], capture_output=True, text=True, timeout=timeout,
-                          env=subprocess_env())
+    proc = subprocess.run(
+        [*fiqa_cmd(), *args], capture_output=True, text=True, timeout=timeout, env=subprocess_env()
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -58,7 +66,14 @@ def test_pseudo_label_tables(finished_run):
         assert len(parts) == 3  # one part per input shard
         table = pq.read_table(parts)
         assert table.num_rows == 192
-        assert set(table.column_names) >= {"key", "shard", "image", "raw_score", "score", "model_id"}
+        assert set(table.column_names) >= {
+            "key",
+            "shard",
+            "image",
+            "raw_score",
+            "score",
+            "model_id",
+        }
         assert set(table.column("source").to_pylist()) == {source}
         assert table.column("key").null_count == 0 and table.column("score").null_count == 0
         assert len(set(table.column("key").to_pylist())) == 192
@@ -67,8 +82,12 @@ def test_pseudo_label_tables(finished_run):
 
 def test_models_and_histories(finished_run):
     run_dir = finished_run["run_dir"]
-    for sub in ("train_teacher", "train_teacher_plus", "distill_student/student",
-                "distill_student/student_labeled_only"):
+    for sub in (
+        "train_teacher",
+        "train_teacher_plus",
+        "distill_student/student",
+        "distill_student/student_labeled_only",
+    ):
         meta = json.loads((run_dir / sub / "model" / "model.json").read_text())
         assert meta["calibration"] and set(meta["calibration"]) == {"b1", "b2", "b3", "b4"}
         assert json.loads((run_dir / sub / "history.json").read_text())
@@ -120,7 +139,13 @@ def test_changed_config_reruns_that_stage_and_those_after_it(finished_run):
 
 def test_single_stage_alone(finished_run):
     before = manifest(finished_run["run_dir"], "pseudo_label_2")["output_id"]
-    proc = fiqa("stage", "pseudo_label_2", str(finished_run["cfg"]), "--force",
-                "--set", "distill_student.lr=0.002")
+    proc = fiqa(
+        "stage",
+        "pseudo_label_2",
+        str(finished_run["cfg"]),
+        "--force",
+        "--set",
+        "distill_student.lr=0.002",
+    )
     assert "ran 1 stage(s) (pseudo_label_2)" in proc.stdout
     assert manifest(finished_run["run_dir"], "pseudo_label_2")["output_id"] != before

@@ -1,22 +1,31 @@
 import json
 
-from conftest import jpeg_bytes, labeled_members, write_tar
 from fiqa.data.reader import read_shard
+
+from conftest import jpeg_bytes, labeled_members, write_tar
 
 
 def test_every_sample_is_accounted_for(tmp_path):
     members = labeled_members(3) + [
         ("s0001.jpg", jpeg_bytes()),  # a second s0001 later in the tar: duplicate key
         ("noimg.json", json.dumps({"mos": 3}).encode()),
-        ("nolabel.jpg", jpeg_bytes()), ("nolabel.json", b"{}"),
-        ("badjson.jpg", jpeg_bytes()), ("badjson.json", b"{not json"),
-        ("badlabel.jpg", jpeg_bytes()), ("badlabel.json", json.dumps({"mos": "high"}).encode()),
+        ("nolabel.jpg", jpeg_bytes()),
+        ("nolabel.json", b"{}"),
+        ("badjson.jpg", jpeg_bytes()),
+        ("badjson.json", b"{not json"),
+        ("badlabel.jpg", jpeg_bytes()),
+        ("badlabel.json", json.dumps({"mos": "high"}).encode()),
     ]
     shard = write_tar(tmp_path / "a.tar", members)
     recs = list(read_shard(shard, require_label=True))
     reasons = {r["key"]: r["reason"] for r in recs if r["reason"]}
-    assert reasons == {"s0001": "duplicate_key", "noimg": "no_image", "nolabel": "no_label",
-                       "badjson": "bad_json", "badlabel": "bad_label"}
+    assert reasons == {
+        "s0001": "duplicate_key",
+        "noimg": "no_image",
+        "nolabel": "no_label",
+        "badjson": "bad_json",
+        "badlabel": "bad_label",
+    }
     good = [r for r in recs if not r["reason"]]
     assert [r["key"] for r in good] == ["s0000", "s0001", "s0002"]
     assert good[1]["label"] == 1.1 and good[0]["image"].startswith(b"\xff\xd8")

@@ -1,7 +1,8 @@
 import pytest
 
-from conftest import labeled_members, write_tar
 from fiqa.data.shards import ShardSpecError, expand_shard_spec
+
+from conftest import labeled_members, write_tar
 
 
 @pytest.fixture

@@ -44,7 +44,9 @@ def test_make_demo_data_layout(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 7 and all(1 <= float(r["mos"]) <= 5 for r in rows)  # ... it is kept aside
     with tarfile.open(next((tmp_path / "labeled_train").glob("*000000.tar"))) as tar:
-        meta = json.loads(tar.extractfile([n for n in tar.getnames() if n.endswith(".json")][0]).read())
+        meta = json.loads(
+            tar.extractfile([n for n in tar.getnames() if n.endswith(".json")][0]).read()
+        )
     assert 1 <= meta["mos"] <= 5
 
 

@@ -45,8 +45,12 @@ def read_label_csv(path: str | Path) -> dict[str, float]:
 
 
 def shard_folder(
-    images: str | Path, labels: str | Path, out: str | Path,
-    shard_size: int = 1000, label_field: str = "mos", prefix: str = "labeled",
+    images: str | Path,
+    labels: str | Path,
+    out: str | Path,
+    shard_size: int = 1000,
+    label_field: str = "mos",
+    prefix: str = "labeled",
 ) -> dict:
     """Write ``out/<prefix>-NNNNNN.tar`` shards; returns counts and the names left out."""
     images, out = Path(images), Path(out)

@@ -115,5 +115,10 @@ def read_shard(
             yield rec
     except Exception as e:  # an unreadable or truncated tar: report it, keep what was read
         kind = "truncated_shard" if seen else "unreadable_shard"
-        yield {"key": "", "shard": url, "image": b"", "label": None,
-               "reason": f"{kind}: {type(e).__name__}: {str(e)[:160]}"}
+        yield {
+            "key": "",
+            "shard": url,
+            "image": b"",
+            "label": None,
+            "reason": f"{kind}: {type(e).__name__}: {str(e)[:160]}",
+        }

@@ -39,7 +39,7 @@ def _has_glob(s: str) -> bool:
 
 def _expand_one(pattern: str, storage_options: dict | None) -> list[str]:
     if pattern.startswith("file://"):
-        pattern = pattern[len("file://"):]
+        pattern = pattern[len("file://") :]
     remote = is_remote(pattern)
     out: list[str] = []
     for item in braceexpand.braceexpand(pattern):
@@ -59,8 +59,12 @@ def _expand_one(pattern: str, storage_options: dict | None) -> list[str]:
             if _has_glob(item):
                 found = [p for p in globlib.glob(item, recursive=True) if os.path.isfile(p)]
             elif os.path.isdir(item):
-                found = [os.path.join(root, f) for root, _, files in os.walk(item)
-                         for f in files if f.endswith(".tar")]
+                found = [
+                    os.path.join(root, f)
+                    for root, _, files in os.walk(item)
+                    for f in files
+                    if f.endswith(".tar")
+                ]
             elif os.path.isfile(item):
                 found = [item]
             else:

@@ -42,6 +42,7 @@ import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +56,8 @@ DEFAULT_SIZES = {
     "labeled_train": 1200,
     "labeled_val": 300,
     "test": 600,
-    "unlabeled_1": 2000,
-    "unlabeled_2": 2000,
+    "unlabeled_1": 1600,
+    "unlabeled_2": 1600,
 }
 
 DISTORTION_WEIGHTS = {
@@ -72,12 +73,26 @@ POSE_WEIGHT = 0.25
 RATER_NOISE = 0.12
 
 SKIN_TONES = [
-    (255, 224, 196), (250, 210, 170), (241, 194, 125), (224, 172, 105),
-    (198, 134, 66), (170, 110, 70), (141, 85, 36), (110, 66, 35), (80, 50, 30),
+    (255, 224, 196),
+    (250, 210, 170),
+    (241, 194, 125),
+    (224, 172, 105),
+    (198, 134, 66),
+    (170, 110, 70),
+    (141, 85, 36),
+    (110, 66, 35),
+    (80, 50, 30),
 ]
 HAIR_COLOURS = [
-    (20, 15, 10), (45, 30, 20), (90, 60, 30), (140, 100, 50), (200, 160, 90),
-    (230, 210, 160), (150, 150, 150), (220, 220, 220), (130, 40, 20),
+    (20, 15, 10),
+    (45, 30, 20),
+    (90, 60, 30),
+    (140, 100, 50),
+    (200, 160, 90),
+    (230, 210, 160),
+    (150, 150, 150),
+    (220, 220, 220),
+    (130, 40, 20),
 ]
 IRIS_COLOURS = [(70, 40, 20), (110, 70, 30), (60, 100, 160), (70, 120, 80), (100, 100, 110)]
 LIP_COLOURS = [(170, 80, 80), (150, 60, 70), (190, 110, 100), (120, 60, 50), (200, 90, 110)]
@@ -143,7 +158,9 @@ def _draw_face(rng: np.random.Generator, size: int) -> tuple[Image.Image, dict[s
         d.ellipse((ex - fw * 0.08, cy - fh * 0.08, ex + fw * 0.08, cy + fh * 0.12), fill=shade)
     d.ellipse((cx - fw / 2, cy - fh / 2, cx + fw / 2, cy + fh / 2), fill=skin)
     if style in (1, 3):
-        d.chord((cx - fw * 0.54, cy - fh * 0.62, cx + fw * 0.54, cy + fh * 0.1), 180, 360, fill=hair)
+        d.chord(
+            (cx - fw * 0.54, cy - fh * 0.62, cx + fw * 0.54, cy + fh * 0.1), 180, 360, fill=hair
+        )
         if style == 3:
             for _ in range(14):
                 a = rng.uniform(math.pi, 2 * math.pi)
@@ -151,7 +168,9 @@ def _draw_face(rng: np.random.Generator, size: int) -> tuple[Image.Image, dict[s
                 r = fw * 0.09
                 d.ellipse((hx - r, hy - r, hx + r, hy + r), fill=hair)
     elif style == 2:
-        d.chord((cx - fw * 0.52, cy - fh * 0.58, cx + fw * 0.52, cy - fh * 0.05), 180, 360, fill=hair)
+        d.chord(
+            (cx - fw * 0.52, cy - fh * 0.58, cx + fw * 0.52, cy - fh * 0.05), 180, 360, fill=hair
+        )
 
     eye_y = cy - fh * rng.uniform(0.04, 0.12)
     spacing = fw * rng.uniform(0.19, 0.25)
@@ -166,28 +185,51 @@ def _draw_face(rng: np.random.Generator, size: int) -> tuple[Image.Image, dict[s
         ir = eh * 0.95
         d.ellipse((ex - ir + shift * 0.1, eye_y - ir, ex + ir + shift * 0.1, eye_y + ir), fill=iris)
         pr = ir * 0.45
-        d.ellipse((ex - pr + shift * 0.1, eye_y - pr, ex + pr + shift * 0.1, eye_y + pr), fill=(10, 10, 10))
+        d.ellipse(
+            (ex - pr + shift * 0.1, eye_y - pr, ex + pr + shift * 0.1, eye_y + pr),
+            fill=(10, 10, 10),
+        )
         by = eye_y - eh * 2.4
         d.line(
-            (ex - ew_side * 1.2, by + brow_tilt * side * 0.3, ex + ew_side * 1.2, by - brow_tilt * side * 0.3),
-            fill=tuple(int(c * 0.7) for c in hair), width=brow_w,
+            (
+                ex - ew_side * 1.2,
+                by + brow_tilt * side * 0.3,
+                ex + ew_side * 1.2,
+                by - brow_tilt * side * 0.3,
+            ),
+            fill=tuple(int(c * 0.7) for c in hair),
+            width=brow_w,
         )
     nose_x = cx + shift * 1.2
     nose_top, nose_bot = eye_y + eh, cy + fh * rng.uniform(0.1, 0.18)
-    d.line((nose_x, nose_top, nose_x + fw * 0.03, nose_bot), fill=shade, width=max(1, int(fw * 0.02)))
-    d.ellipse((nose_x - fw * 0.07, nose_bot - fh * 0.02, nose_x + fw * 0.07, nose_bot + fh * 0.03), fill=shade)
+    d.line(
+        (nose_x, nose_top, nose_x + fw * 0.03, nose_bot), fill=shade, width=max(1, int(fw * 0.02))
+    )
+    d.ellipse(
+        (nose_x - fw * 0.07, nose_bot - fh * 0.02, nose_x + fw * 0.07, nose_bot + fh * 0.03),
+        fill=shade,
+    )
     mouth_y = cy + fh * rng.uniform(0.24, 0.31)
     mw = fw * rng.uniform(0.14, 0.24)
     lip = _jitter(rng, LIP_COLOURS[rng.integers(len(LIP_COLOURS))], 15)
     mx = cx + shift
     if rng.random() < 0.6:
-        d.arc((mx - mw, mouth_y - fh * 0.06, mx + mw, mouth_y + fh * 0.04), 10, 170, fill=lip,
-              width=max(1, int(fh * 0.025)))
+        d.arc(
+            (mx - mw, mouth_y - fh * 0.06, mx + mw, mouth_y + fh * 0.04),
+            10,
+            170,
+            fill=lip,
+            width=max(1, int(fh * 0.025)),
+        )
     else:
-        d.ellipse((mx - mw * 0.8, mouth_y - fh * 0.02, mx + mw * 0.8, mouth_y + fh * 0.04), fill=lip)
+        d.ellipse(
+            (mx - mw * 0.8, mouth_y - fh * 0.02, mx + mw * 0.8, mouth_y + fh * 0.04), fill=lip
+        )
     if rng.random() < 0.15:  # beard
         d.chord((cx - fw * 0.48, cy + fh * 0.05, cx + fw * 0.48, cy + fh * 0.5), 0, 180, fill=hair)
-        d.ellipse((mx - mw * 0.7, mouth_y - fh * 0.02, mx + mw * 0.7, mouth_y + fh * 0.03), fill=lip)
+        d.ellipse(
+            (mx - mw * 0.7, mouth_y - fh * 0.02, mx + mw * 0.7, mouth_y + fh * 0.03), fill=lip
+        )
     glasses = rng.random()
     if glasses < 0.3:
         frame = tuple(int(v) for v in rng.integers(0, 120, 3))
@@ -198,9 +240,16 @@ def _draw_face(rng: np.random.Generator, size: int) -> tuple[Image.Image, dict[s
             if sun:
                 d.ellipse(box, fill=(20, 20, 25), outline=frame, width=2)
             else:
-                d.rectangle(box, outline=frame, width=max(1, int(fw * 0.02))) if rng.random() < 0.5 else \
-                    d.ellipse(box, outline=frame, width=max(1, int(fw * 0.02)))
-        d.line((cx - spacing + ew * 1.5 + shift, eye_y, cx + spacing - ew * 1.5 + shift, eye_y), fill=frame, width=2)
+                d.rectangle(
+                    box, outline=frame, width=max(1, int(fw * 0.02))
+                ) if rng.random() < 0.5 else d.ellipse(
+                    box, outline=frame, width=max(1, int(fw * 0.02))
+                )
+        d.line(
+            (cx - spacing + ew * 1.5 + shift, eye_y, cx + spacing - ew * 1.5 + shift, eye_y),
+            fill=frame,
+            width=2,
+        )
 
     # soft directional light across the face
     light = np.linspace(-1.0, 1.0, size, dtype=np.float32)
@@ -224,8 +273,11 @@ def _occlude(rng: np.random.Generator, img: Image.Image, s: float) -> Image.Imag
     x = size / 2 + rng.normal(0, 0.15 * size) - w / 2
     y = size / 2 + rng.normal(0, 0.15 * size) - h / 2
     kind = rng.integers(0, 3)
-    colour = _jitter(rng, SKIN_TONES[rng.integers(len(SKIN_TONES))], 20) if kind == 0 else \
-        tuple(int(v) for v in rng.integers(0, 256, 3))
+    colour = (
+        _jitter(rng, SKIN_TONES[rng.integers(len(SKIN_TONES))], 20)
+        if kind == 0
+        else tuple(int(v) for v in rng.integers(0, 256, 3))
+    )
     d = ImageDraw.Draw(img)
     if kind == 1:
         d.rectangle((x, y, x + w, y + h), fill=colour)
@@ -287,15 +339,21 @@ def make_sample(seed: int, split: str, index: int, image_size: int = 112) -> Sam
     picked = set(rng.choice(len(DISTORTION_ORDER), size=n, replace=False).tolist())
     distortions = {
         name: round(float(rng.uniform(0.0, 1.0)), 4)
-        for i, name in enumerate(DISTORTION_ORDER) if i in picked
+        for i, name in enumerate(DISTORTION_ORDER)
+        if i in picked
     }
     for name, s in distortions.items():
         img = _distort(rng, img, name, s)
     mos = mos_formula(distortions, pose["yaw"], pose["roll"]) + rng.normal(0.0, RATER_NOISE)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=95)
-    prefix = {"labeled_train": "ltr", "labeled_val": "lva", "test": "tst",
-              "unlabeled_1": "u1", "unlabeled_2": "u2"}[split]
+    prefix = {
+        "labeled_train": "ltr",
+        "labeled_val": "lva",
+        "test": "tst",
+        "unlabeled_1": "u1",
+        "unlabeled_2": "u2",
+    }[split]
     return Sample(
         key=f"{prefix}-{index:07d}",
         jpeg=buf.getvalue(),
@@ -353,17 +411,12 @@ def make_demo_data(
             jobs.append((seed, split, start, stop, image_size, path))
     workers = workers or os.cpu_count() or 1
     truths: dict[str, list] = {s: [] for s in SPLITS}
-    if workers == 1:
-        results = map(_write_shard, jobs)
-    else:
-        pool = ProcessPoolExecutor(workers)
-        results = pool.map(_write_shard, jobs)
-    for job, rows in zip(jobs, results):
-        truths[job[1]].extend(rows)
-        if progress:
-            progress(job[3] - job[2])
-    if workers != 1:
-        pool.shutdown()
+    with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+        results = pool.map(_write_shard, jobs) if pool else map(_write_shard, jobs)
+        for job, rows in zip(jobs, results, strict=True):
+            truths[job[1]].extend(rows)
+            if progress:
+                progress(job[3] - job[2])
     (out / "ground_truth").mkdir(exist_ok=True)
     for split in UNLABELED:
         with open(out / "ground_truth" / f"{split}.csv", "w", newline="") as f:

@@ -19,16 +19,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-SCORED_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("shard", pa.string()),
-    ("image", pa.binary()),
-    ("label", pa.float32()),  # MOS from the shard's json (labeled data) or null
-    ("raw_score", pa.float32()),  # the model's output (null when no model ran)
-    ("score", pa.float32()),  # on the MOS scale: label if present, else calibrated raw_score
-    ("model_id", pa.string()),
-    ("source", pa.string()),
-])
+SCORED_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("image", pa.binary()),
+        ("label", pa.float32()),  # MOS from the shard's json (labeled data) or null
+        ("raw_score", pa.float32()),  # the model's output (null when no model ran)
+        ("score", pa.float32()),  # on the MOS scale: label if present, else calibrated raw_score
+        ("model_id", pa.string()),
+        ("source", pa.string()),
+    ]
+)
 REJECTS_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
 
 
@@ -71,5 +73,7 @@ def read_table(directory: str, columns: list[str] | None = None) -> pa.Table:
     if not parts:
         raise FileNotFoundError(f"no parquet parts in {directory!r}")
     fs, _ = fsspec.core.url_to_fs(directory)
-    tables = [pq.read_table(fsspec.core.url_to_fs(p)[1], columns=columns, filesystem=fs) for p in parts]
+    tables = [
+        pq.read_table(fsspec.core.url_to_fs(p)[1], columns=columns, filesystem=fs) for p in parts
+    ]
     return pa.concat_tables(tables)

@@ -14,14 +14,14 @@ import numpy as np
 def center_crop(img: np.ndarray, size: int) -> np.ndarray:
     h, w = img.shape[:2]
     top, left = (h - size) // 2, (w - size) // 2
-    return img[top:top + size, left:left + size]
+    return img[top : top + size, left : left + size]
 
 
 def random_crop_flip(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     h, w = img.shape[:2]
     top = int(rng.integers(0, h - size + 1))
     left = int(rng.integers(0, w - size + 1))
-    out = img[top:top + size, left:left + size]
+    out = img[top : top + size, left : left + size]
     if rng.random() < 0.5:
         out = out[:, ::-1]
     return out

@@ -62,14 +62,14 @@ class TrainConfig:
     torch_threads: int | None = None  # intra-op threads per worker; None: all cores / workers
     init_from: str = "scratch"  # scratch | teacher (teacher_plus only)
     source_weights: dict[str, float] = field(default_factory=dict)  # per-source loss weights
-    shuffle_buffer: int = 2048
+    shuffle_buffer: int = 512  # rows; training starts once the buffer is full
 
 
 @dataclass
 class LabelConfig:
     batch_size: int = 64
     concurrency: int = 1  # teacher actors
-    num_gpus: float = 0.0  # per actor
+    num_gpus: float | None = None  # per actor; None: 1 when the cluster has GPUs, else 0
     num_cpus: float = 1.0  # per actor
     torch_threads: int | None = None
     decode_cpus: float = 1.0  # per decode task

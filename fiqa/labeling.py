@@ -255,12 +255,20 @@ def committed_shards(out_dir: str) -> set[str]:
     return {p.rsplit("/", 1)[-1] for p in list_parts(f"{out_dir}/labels")}
 
 
-def check_resources(cfg: LabelConfig, with_model: bool) -> None:
-    """Refuse plans in which the actor pool leaves no CPU for decoding (a guaranteed hang)."""
+def resolve_resources(cfg: LabelConfig, with_model: bool) -> LabelConfig:
+    """Fill in GPUs per actor and refuse plans that would starve the decode tasks.
+
+    On a small machine an actor pool that takes every CPU leaves none for the
+    tasks that feed it, and the job hangs; that is refused here, with advice.
+    """
+    import dataclasses
+
     import ray
 
     total_cpu = ray.cluster_resources().get("CPU", 0.0)
     total_gpu = ray.cluster_resources().get("GPU", 0.0)
+    if cfg.num_gpus is None:
+        cfg = dataclasses.replace(cfg, num_gpus=1.0 if total_gpu >= 1 else 0.0)
     actors_cpu = cfg.concurrency * cfg.num_cpus if with_model else 0.0
     if actors_cpu + cfg.decode_cpus > total_cpu + 1e-9:
         raise ConfigError(
@@ -268,11 +276,12 @@ def check_resources(cfg: LabelConfig, with_model: bool) -> None:
             f"for decoding exceeds the cluster's {total_cpu:g} CPUs; the actors would starve the "
             f"decode tasks. Lower pseudo_label.concurrency or pseudo_label.num_cpus."
         )
-    if with_model and cfg.num_gpus > 0 and cfg.concurrency * cfg.num_gpus > total_gpu + 1e-9:
+    if with_model and cfg.num_gpus and cfg.concurrency * cfg.num_gpus > total_gpu + 1e-9:
         raise ConfigError(
             f"pseudo_label: {cfg.concurrency} actor(s) x {cfg.num_gpus} GPU exceeds the cluster's "
             f"{total_gpu:g} GPUs"
         )
+    return cfg
 
 
 def run_score_job(job: ScoreJob, progress: bool = True) -> dict:
@@ -286,7 +295,7 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> dict:
     if not todo:
         return {**stats, "shards": 0, "scored": 0, "rejected": 0, "reasons": {}}
     with_model = job.model_path is not None
-    check_resources(job.label, with_model)
+    label_cfg = resolve_resources(job.label, with_model)
 
     ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
@@ -297,12 +306,12 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> dict:
             Scorer,
             fn_constructor_kwargs={
                 "model_path": job.model_path,
-                "threads": job.label.torch_threads or max(1, int(job.label.num_cpus)),
+                "threads": label_cfg.torch_threads or max(1, int(label_cfg.num_cpus)),
             },
-            batch_size=job.label.batch_size,
-            concurrency=job.label.concurrency,
-            num_cpus=job.label.num_cpus,
-            num_gpus=job.label.num_gpus or None,
+            batch_size=label_cfg.batch_size,
+            concurrency=label_cfg.concurrency,
+            num_cpus=label_cfg.num_cpus,
+            num_gpus=label_cfg.num_gpus or None,
         )
     collector = ShardCollector(job)
     bar = tqdm(total=len(todo), unit="shard", desc=f"score {job.source}", disable=not progress)

@@ -37,7 +37,9 @@ def _plots(out: str, predictions: dict, pools: dict, histories: dict) -> list[st
 
     fig, axes = plt.subplots(1, len(pools), figsize=(5 * len(pools), 3.6), squeeze=False)
     for ax, (pool, d) in zip(axes[0], pools.items(), strict=True):
-        bins = np.linspace(1, 5, 41) if len(d["score"]) else 10
+        values = [d["score"]] + ([d["truth"]] if d.get("truth") is not None else [])
+        lo, hi = min(float(np.min(v)) for v in values), max(float(np.max(v)) for v in values)
+        bins = np.linspace(lo, hi, 41) if len(d["score"]) and hi > lo else 10
         ax.hist(d["score"], bins=bins, alpha=0.6, label="pseudo-label")
         if d.get("truth") is not None:
             ax.hist(d["truth"], bins=bins, alpha=0.5, label="ground truth")

@@ -107,8 +107,6 @@ def train_loop_per_worker(config: dict) -> None:
         model = QualityRegressor(job.arch, image_size=job.image_size)
         if job.pretrained_weights:
             load_pretrained_backbone(model, job.pretrained_weights)
-        with torch.no_grad():  # start at the mean label: the MSE term is sane from step one
-            model.head[-1].bias.fill_(config["label_mean"])
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     model = prepare_model(model)
@@ -145,7 +143,10 @@ def train_loop_per_worker(config: dict) -> None:
             x = to_model_input(batch["pixels"], channels_last=cuda)
             with torch.autocast(device.type, torch.bfloat16, enabled=cuda):
                 pred = model(x)
-            loss = fiqa_loss(pred, batch["target"], batch["weight"], t.plcc_loss_weight)
+            # The network regresses standardised targets, so no label scale (1-5, 0-100)
+            # needs its own learning rate; the logistic fitted below maps back to MOS.
+            target = (batch["target"] - config["target_mean"]) / config["target_std"]
+            loss = fiqa_loss(pred, target, batch["weight"], t.plcc_loss_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -215,6 +216,8 @@ def train_loop_per_worker(config: dict) -> None:
                     "val": m,
                     "calibration": calib.to_dict() if calib else None,
                     "config_fingerprint": job.config_fingerprint,
+                    "target_mean": config["target_mean"],
+                    "target_std": config["target_std"],
                     **job.extra_meta,
                 }
                 save_checkpoint(d, model, meta)
@@ -232,17 +235,21 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(row, checkpoint=checkpoint)
 
 
-def _label_mean(tables: list[str]) -> float:
+def target_stats(tables: list[str]) -> tuple[float, float]:
+    """Mean and standard deviation of the ``score`` column over the training tables."""
     import pyarrow.parquet as pq
 
-    total, n = 0.0, 0
+    total, total_sq, n = 0.0, 0.0, 0
     for d in tables:
         for p in list_parts(d):
             col = pq.read_table(p, columns=["score"]).column("score").to_numpy(zero_copy_only=False)
-            col = col[~np.isnan(col.astype(np.float64))]
-            total += float(col.sum())
-            n += len(col)
-    return total / n if n else 0.0
+            col = col.astype(np.float64)
+            col = col[~np.isnan(col)]
+            total, total_sq, n = total + col.sum(), total_sq + (col**2).sum(), n + len(col)
+    if n < 2:
+        raise RuntimeError(f"need at least 2 labeled rows to train, found {n} in {tables}")
+    mean = total / n
+    return float(mean), float(max(np.sqrt(max(total_sq / n - mean**2, 0.0)), 1e-6))
 
 
 def fit(job: TrainJob) -> dict:
@@ -265,16 +272,28 @@ def fit(job: TrainJob) -> dict:
         batch_size=128,
         fn_kwargs={"resize": job.resize, "crop": job.image_size, "weights": t.source_weights},
     )
-    val_ds = ray.data.read_parquet(val_parts, columns=["image", "score"]).map_batches(
-        decode_eval_batch,
-        batch_size=128,
-        fn_kwargs={"resize": job.resize, "crop": job.image_size},
+    # The labeled validation set is small and the same every epoch: decode it once.
+    val_ds = (
+        ray.data.read_parquet(val_parts, columns=["image", "score"])
+        .map_batches(
+            decode_eval_batch,
+            batch_size=128,
+            fn_kwargs={"resize": job.resize, "crop": job.image_size},
+        )
+        .materialize()
     )
+    if job.init_checkpoint:  # keep the target scale the initial weights were trained for
+        from fiqa.models.checkpoint import read_meta
+
+        init_meta = read_meta(job.init_checkpoint)
+        mean, std = init_meta["target_mean"], init_meta["target_std"]
+    else:
+        mean, std = target_stats(job.train_tables)
     storage = os.path.abspath(os.path.join(job.out_dir, "ray_train"))
     job_dict = asdict(job)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job_dict, "label_mean": _label_mean(job.train_tables)},
+        train_loop_config={"job": job_dict, "target_mean": mean, "target_std": std},
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,

@@ -71,3 +71,11 @@ def test_pick_image():
     assert pick_image({"png": b"x", "json": b"{}"}) == b"x"
     with pytest.raises(RejectedSample, match="no_image"):
         pick_image({"json": b"{}"})
+
+
+def test_non_square_photos_are_not_stretched():
+    img = Image.new("RGB", (200, 100), (0, 0, 255))
+    img.paste((255, 0, 0), (50, 0, 150, 100))  # a red central square on blue
+    out = decode_image(encode(img, "PNG"), 32)
+    assert out.shape == (32, 32, 3)
+    assert out[:, :, 0].mean() > 250 and out[:, :, 2].mean() < 5  # only the centre is kept

@@ -1,8 +1,9 @@
 """Image decoding with an explicit reason for every image that cannot be used.
 
-`decode_image` turns encoded bytes into an upright RGB uint8 array resized to
-``resize`` x ``resize`` (faces are aligned crops, so a plain resize keeps the
-geometry the models were trained on). Anything that cannot be decoded raises
+`decode_image` turns encoded bytes into an upright RGB uint8 array of
+``resize`` x ``resize``: the shorter side is resized to ``resize`` (aspect
+ratio kept) and the central square kept, so aligned square face crops are
+simply resized and other photos are not stretched. Anything that cannot be decoded raises
 `RejectedSample` with a short machine-readable reason that ends up in the
 rejects table.
 """
@@ -67,12 +68,22 @@ def decode_image(
             img.load()
             img = ImageOps.exif_transpose(img)
             img = _to_rgb(img)
-            img = img.resize((resize, resize), Image.BILINEAR, reducing_gap=2.0)
+            img = _resize_square(img, resize)
     except RejectedSample:
         raise
     except Exception as e:
         raise RejectedSample("corrupt_image", f"{type(e).__name__}: {e}"[:200]) from None
     return np.asarray(img, dtype=np.uint8)
+
+
+def _resize_square(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side to ``size``, keeping the aspect ratio, then the central square."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=2.0)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size)) if (nw, nh) != (size, size) else img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

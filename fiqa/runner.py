@@ -88,7 +88,7 @@ def stage_fingerprint(cfg: RunConfig, stage: Stage, manifests: dict[str, dict]) 
     inputs.update({f"data.{k}": _file_fingerprint(getattr(cfg.data, k)) for k in stage.files})
     for up in stage.after:
         if up not in manifests:
-            raise RuntimeError(f"stage {stage.name} needs {up} to have completed first")
+            raise ValueError(f"stage {stage.name} needs stage {up} to have completed first")
         inputs[up] = manifests[up]["output_id"]
     payload = {"stage": stage.name, "config": cfg.fingerprint(*stage.sections), "inputs": inputs}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -152,6 +152,12 @@ def run_stages(
     names = [s.name for s in stages]
     if only is not None and only not in names:
         raise ValueError(f"unknown stage {only!r}; stages are: {', '.join(names)}")
+    # Fail fast: every shard spec a selected stage reads must name shards now,
+    # not after an hour of training.
+    for stage in stages:
+        if only is None or stage.name == only:
+            for key in stage.data:
+                expand_shard_spec(getattr(cfg.data, key))
     manifests = {s.name: m for s in stages if (m := read_manifest(cfg.run_dir, s.name))}
     outcome: dict[str, str] = {}
     started = False

@@ -1,0 +1,67 @@
+"""Manifests, fingerprints and reruns, with stand-in stages (no Ray needed)."""
+
+import pytest
+
+from fiqa.config import from_dict
+from fiqa.data.shards import ShardSpecError
+from fiqa.runner import Stage, run_stages, stage_states
+
+from conftest import labeled_members, write_tar
+
+
+@pytest.fixture
+def setup(tmp_path):
+    shards = {}
+    for key in ("labeled_train", "labeled_val", "test", "unlabeled_1", "unlabeled_2"):
+        shards[key] = write_tar(tmp_path / f"{key}.tar", labeled_members(2))
+    calls = []
+
+    def stage(name, sections, data=(), after=()):
+        def run(ctx):
+            calls.append(name)
+            return {"ok": 1}
+
+        return Stage(name, run, sections, data, (), after)
+
+    stages = [
+        stage("a", ("train_teacher",), ("labeled_train",)),
+        stage("b", ("pseudo_label",), ("unlabeled_1",), ("a",)),
+        stage("c", ("distill_student",), (), ("a", "b")),
+    ]
+    raw = {"run_dir": str(tmp_path / "run"), "data": shards}
+    return raw, stages, calls
+
+
+def test_reruns_skip_and_cascade(setup):
+    raw, stages, calls = setup
+    assert run_stages(from_dict(raw), stages) == {"a": "ran", "b": "ran", "c": "ran"}
+    assert run_stages(from_dict(raw), stages) == {"a": "skipped", "b": "skipped", "c": "skipped"}
+    # a change in b's section reruns b and, through b's new output id, c
+    out = run_stages(from_dict(raw, ["pseudo_label.batch_size=7"]), stages)
+    assert out == {"a": "skipped", "b": "ran", "c": "ran"}
+    assert calls == ["a", "b", "c", "b", "c"]
+    cfg = from_dict(raw, ["pseudo_label.batch_size=7", "distill_student.epochs=2"])
+    assert [r["state"] for r in stage_states(cfg, stages)] == ["done", "done", "stale"]
+
+
+def test_changed_input_shard_reruns(setup, tmp_path):
+    raw, stages, calls = setup
+    run_stages(from_dict(raw), stages)
+    write_tar(tmp_path / "unlabeled_1.tar", labeled_members(3))  # new content, same path
+    assert run_stages(from_dict(raw), stages) == {"a": "skipped", "b": "ran", "c": "ran"}
+
+
+def test_missing_shards_fail_before_any_stage_runs(setup):
+    raw, stages, calls = setup
+    raw["data"]["unlabeled_1"] = "/nonexistent/shard.tar"
+    with pytest.raises(ShardSpecError):
+        run_stages(from_dict(raw), stages)
+    assert calls == []
+
+
+def test_a_stage_alone_needs_its_upstream(setup):
+    raw, stages, calls = setup
+    with pytest.raises(ValueError, match="needs stage a"):
+        run_stages(from_dict(raw), stages, only="b")
+    run_stages(from_dict(raw), stages)
+    assert run_stages(from_dict(raw), stages, only="b", force=True) == {"b": "ran"}

@@ -119,6 +119,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from fiqa.models import REGISTRY, create_model, model_cost
+
+    print(f"{'name':<24} {'role':<8} {'px':>4} {'params M':>9} {'GFLOPs':>8}  note")
+    for name, spec in REGISTRY.items():
+        if args.cost:
+            cost = model_cost(create_model(name), spec.image_size)
+            params, gflops = f"{cost['params_m']:.2f}", f"{cost['gflops']:.3f}"
+        else:
+            params = gflops = "-"
+        print(
+            f"{name:<24} {spec.role:<8} {spec.image_size:>4} {params:>9} {gflops:>8}  {spec.note}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fiqa.pipelines import STAGE_NAMES
 
@@ -159,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--force", action="store_true", help="run even if it is up to date")
     s.set_defaults(func=cmd_stage)
+
+    s = sub.add_parser("models", help="list the model registry (any timm name works too)")
+    s.add_argument(
+        "--cost", action="store_true", help="also build each model and count params, GFLOPs"
+    )
+    s.set_defaults(func=cmd_models)
 
     s = sub.add_parser("status", help="print the stages of a run and their state")
     s.add_argument("run_dir")

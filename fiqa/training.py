@@ -17,6 +17,7 @@ restarts from the latest one after a failure.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -259,6 +260,9 @@ def fit(job: TrainJob) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from fiqa.models.registry import resolve_spec
+
+    job = dataclasses.replace(job, arch=resolve_spec(job.arch).arch)  # registry name -> timm name
     t = job.train
     parts = [p for d in job.train_tables for p in list_parts(d)]
     val_parts = list_parts(job.val_table)

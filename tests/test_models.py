@@ -70,3 +70,11 @@ def test_pretrained_backbone_from_safetensors(tmp_path):
     save_file({"unrelated": torch.zeros(3)}, str(other))
     with pytest.raises(ValueError, match="none of its tensors"):
         load_pretrained_backbone(dst, str(other))
+
+
+def test_models_command_lists_the_registry(capsys):
+    from fiqa.cli import main
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in REGISTRY)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from fiqa.config import ConfigError, load_config
@@ -88,8 +89,6 @@ def _run(args: argparse.Namespace, only: str | None) -> int:
         + f", {len(outcome) - len(ran)} up to date"
     )
     report = f"{cfg.run_dir}/evaluate/report.md"
-    import os
-
     if os.path.exists(report):
         print(f"report: {report}")
     return 0

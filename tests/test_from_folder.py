@@ -39,39 +39,20 @@ def test_bad_csv_is_a_clear_error(tmp_path):
         read_label_csv(bad)
 
 
+def run_shard_cli(images, labels, out):
+    return subprocess.run(
+        [*fiqa_cmd(), "shard", "--images", str(images), "--labels", str(labels), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+
+
 def test_cli(tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.jpg").write_bytes(jpeg_bytes())
     (tmp_path / "s.csv").write_text("a.jpg,3.2\n")
-    out = subprocess.run(
-        [
-            *fiqa_cmd(),
-            "shard",
-            "--images",
-            str(tmp_path / "imgs"),
-            "--labels",
-            str(tmp_path / "s.csv"),
-            "--out",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-    )
+    out = run_shard_cli(tmp_path / "imgs", tmp_path / "s.csv", tmp_path / "o")
     assert out.returncode == 0 and "wrote 1 samples" in out.stdout
-    bad = subprocess.run(
-        [
-            *fiqa_cmd(),
-            "shard",
-            "--images",
-            str(tmp_path / "nope"),
-            "--labels",
-            str(tmp_path / "s.csv"),
-            "--out",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-    )
+    bad = run_shard_cli(tmp_path / "nope", tmp_path / "s.csv", tmp_path / "o")
     assert bad.returncode == 2 and "is not a directory" in bad.stderr

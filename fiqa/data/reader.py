@@ -15,7 +15,7 @@ import re
 import tarfile
 from collections.abc import Iterator
 
-from fiqa.data.decode import IMAGE_KEYS
+from fiqa.data.decode import RejectedSample, pick_image
 from fiqa.data.shards import filesystem_for
 
 
@@ -80,8 +80,6 @@ def _samples(url: str, storage_options: dict | None) -> Iterator[dict]:
                 if current is not None:
                     yield current
                 current = {"__key__": key}
-            if ext in current:
-                current.setdefault("__dup__", []).append(ext)
             current[ext] = data
         if current is not None:
             yield current
@@ -101,16 +99,18 @@ def read_shard(
         for sample in _samples(url, storage_options):
             key = sample["__key__"]
             rec = {"key": key, "shard": url, "image": b"", "label": None, "reason": None}
-            image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
             if key in seen:
                 rec["reason"] = "duplicate_key"
-            elif image is None:
-                rec["reason"] = "no_image"
             else:
-                label, why = _parse_label(sample.get("json"), label_field)
-                if why is None and require_label and label is None:
-                    why = "no_label"
-                rec.update(image=image, label=label, reason=why)
+                try:
+                    image = pick_image(sample)
+                except RejectedSample as e:
+                    rec["reason"] = e.reason
+                else:
+                    label, why = _parse_label(sample.get("json"), label_field)
+                    if why is None and require_label and label is None:
+                        why = "no_label"
+                    rec.update(image=image, label=label, reason=why)
             seen.add(key)
             yield rec
     except Exception as e:  # an unreadable or truncated tar: report it, keep what was read

@@ -40,7 +40,7 @@ format: install
 	$(BIN)/ruff check --fix .
 
 lock: install
-	( sed -n '1,2p' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^fiqa' ) > requirements.lock.new
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^fiqa' > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 clean:

@@ -17,7 +17,9 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import optimize, stats
+
+# scipy is imported where it is used: importing scipy.stats costs seconds, and every
+# `fiqa` command and data worker imports this module for `Logistic4`.
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class Logistic4:
 
 def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> Logistic4:
     """Least-squares fit of the 4-parameter logistic mapping ``pred`` onto ``mos``."""
+    from scipy import optimize
+
     pred = np.asarray(pred, dtype=np.float64)
     mos = np.asarray(mos, dtype=np.float64)
     if pred.shape != mos.shape or pred.size < 4:
@@ -67,14 +71,20 @@ def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> Logistic4:
 
 
 def srcc(pred: np.ndarray, mos: np.ndarray) -> float:
+    from scipy import stats
+
     return float(stats.spearmanr(pred, mos).statistic)
 
 
 def krcc(pred: np.ndarray, mos: np.ndarray) -> float:
+    from scipy import stats
+
     return float(stats.kendalltau(pred, mos).statistic)
 
 
 def plcc(pred: np.ndarray, mos: np.ndarray, fit: bool = True) -> float:
+    from scipy import stats
+
     pred = np.asarray(pred, dtype=np.float64)
     if fit:
         pred = fit_logistic(pred, mos)(pred)
@@ -90,6 +100,8 @@ def rmse(pred: np.ndarray, mos: np.ndarray, fit: bool = True) -> float:
 
 def quality_metrics(pred: np.ndarray, mos: np.ndarray) -> dict[str, float]:
     """SRCC, PLCC, KRCC and RMSE (the last two after the logistic fit), plus n."""
+    from scipy import stats
+
     pred = np.asarray(pred, dtype=np.float64)
     mos = np.asarray(mos, dtype=np.float64)
     if pred.size < 4 or np.std(pred) == 0 or np.std(mos) == 0:

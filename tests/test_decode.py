@@ -51,7 +51,7 @@ def test_exif_orientation_is_applied():
         (b"", "empty_image"),
         (b"definitely not an image", "not_an_image"),
         (jpeg_bytes((300, 300))[:400], "not_an_image"),
-        (jpeg_bytes((300, 300))[:1500], "corrupt_image"),
+        (jpeg_bytes((300, 300))[:1500], "truncated_image"),
         (jpeg_bytes((8, 8)), "too_small"),
     ],
 )

@@ -72,7 +72,14 @@ def decode_image(
     except RejectedSample:
         raise
     except Exception as e:
-        raise RejectedSample("corrupt_image", f"{type(e).__name__}: {e}"[:200]) from None
+        # PIL says "image file is truncated" (or "broken data stream") for cut-off files.
+        msg = str(e)
+        reason = (
+            "truncated_image"
+            if "truncated" in msg or "broken data stream" in msg
+            else "corrupt_image"
+        )
+        raise RejectedSample(reason, f"{type(e).__name__}: {msg}"[:200]) from None
     return np.asarray(img, dtype=np.uint8)
 
 
@@ -90,11 +97,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits by the image's own range.
+        # 16-bit greyscale (PIL opens 16-bit PNGs as I;16 or I): map 0..65535 onto 0..255,
+        # so a dark photo stays dark rather than being stretched to its own range.
+        arr = np.asarray(img, dtype=np.float32) / 257.0
+        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
         arr = np.asarray(img, dtype=np.float32)
-        hi = float(arr.max()) or 1.0
-        arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
+        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         bg = Image.new("RGB", rgba.size, (0, 0, 0))

@@ -1,0 +1,297 @@
+"""Pseudo-labeling throughput: this pipeline against the model's own speed, side by side in one run.
+
+For the demo teacher and student (random weights, the same model, torch
+threads and batch size in every method), on the same pool of WebDataset shards:
+
+  (a) model-only: forward passes over tensors already decoded in memory, the bound;
+  (b) naive: the paper's own loop, per image PIL open -> transform -> batch-of-one forward;
+  (c) DataLoader: a plain PyTorch DataLoader whose workers read the shards and decode;
+  (d) pipeline: `fiqa label`'s engine end to end, shards in, committed Parquet out
+      (Ray Data decode tasks + a scoring actor + the driver's writer).
+
+It prints images/s of each and the ratios d/a, d/b, d/c; then the peak memory
+(RSS summed over this process and every Ray process it started, object store
+pages included) of the pipeline on the pool and on a pool 10 times larger.
+
+    python benchmarks/label_throughput.py             # ../shared/data/real-faces if present
+    python benchmarks/label_throughput.py --synthetic 4096
+
+Threads: the model gets ``--threads`` (default: all cores but one); the one
+left decodes (Ray's decode task, the DataLoader's worker). Ray's logical CPUs
+are planned the same way: one scoring actor with ``--threads`` CPUs, decode
+tasks with the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+REAL_FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-faces"
+MODELS = {"teacher": "resnet10t", "student": "mobilenetv3_small_100"}
+SIZE, RESIZE = 112, 128
+
+
+def make_checkpoint(arch: str, out: Path) -> str:
+    from fiqa.models import create_model, save_checkpoint
+
+    save_checkpoint(
+        str(out), create_model(arch), {"arch": arch, "image_size": SIZE, "resize": RESIZE}
+    )
+    return str(out)
+
+
+def pool_shards(args: argparse.Namespace, work: Path) -> list[str]:
+    if args.synthetic or not REAL_FACES.is_dir():
+        from fiqa.data.synthetic import make_demo_data
+
+        n = args.synthetic or 4096
+        sizes = {
+            "labeled_train": 0,
+            "labeled_val": 0,
+            "test": 0,
+            "unlabeled_1": n,
+            "unlabeled_2": 0,
+        }
+        make_demo_data(work / "synthetic", seed=0, sizes=sizes, shard_size=512, image_size=112)
+        return sorted(str(p) for p in (work / "synthetic" / "unlabeled_1").glob("*.tar"))
+    return sorted(str(p) for p in REAL_FACES.glob("*.tar"))
+
+
+def replicate(shards: list[str], times: int, work: Path) -> list[str]:
+    """The pool ``times`` over, as distinct shard files (hard links where possible)."""
+    out = []
+    for t in range(times):
+        d = work / f"copy{t}"
+        d.mkdir(exist_ok=True)
+        for s in shards:
+            dst = d / Path(s).name
+            if not dst.exists():
+                try:
+                    os.link(s, dst)
+                except OSError:
+                    shutil.copyfile(s, dst)
+            out.append(str(dst))
+    return out
+
+
+def read_images(shards: list[str]) -> list[bytes]:
+    from fiqa.data.reader import read_shard
+
+    return [r["image"] for s in shards for r in read_shard(s) if r["reason"] is None]
+
+
+def decode(data: bytes) -> np.ndarray:
+    from fiqa.data.decode import decode_image
+    from fiqa.data.transforms import center_crop
+
+    return center_crop(decode_image(data, RESIZE), SIZE)
+
+
+# (a) ---------------------------------------------------------------------------------------------
+def model_only(model, images: list[bytes], batch: int) -> float:
+    from fiqa.models.inputs import to_model_input
+
+    pixels = torch.from_numpy(np.stack([decode(b) for b in images]))
+    with torch.inference_mode():
+        model(to_model_input(pixels[:batch]))  # warm-up
+        t0 = time.perf_counter()
+        for i in range(0, len(pixels), batch):
+            model(to_model_input(pixels[i : i + batch]))
+    return len(pixels) / (time.perf_counter() - t0)
+
+
+# (b) ---------------------------------------------------------------------------------------------
+def naive(model, images: list[bytes], work: Path) -> float:
+    from PIL import Image
+    from torchvision import transforms
+
+    folder = work / "naive-files"
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for i, b in enumerate(images):
+        p = folder / f"{i:06d}.jpg"
+        p.write_bytes(b)
+        paths.append(p)
+    tf = transforms.Compose(
+        [
+            transforms.Resize(RESIZE),
+            transforms.CenterCrop(SIZE),
+            transforms.ToTensor(),
+            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for p in paths:
+            x = tf(Image.open(p).convert("RGB")).unsqueeze(0)
+            model(x)
+    return len(paths) / (time.perf_counter() - t0)
+
+
+# (c) ---------------------------------------------------------------------------------------------
+class ShardImages(IterableDataset):
+    """Shards read and decoded in the DataLoader's workers, split across them by shard."""
+
+    def __init__(self, shards: list[str]):
+        self.shards = shards
+
+    def __iter__(self):
+        from fiqa.data.reader import read_shard
+
+        info = torch.utils.data.get_worker_info()
+        mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
+        for s in mine:
+            for r in read_shard(s):
+                if r["reason"] is None:
+                    yield torch.from_numpy(decode(r["image"]))
+
+
+def dataloader(model, shards: list[str], batch: int, workers: int) -> float:
+    from fiqa.models.inputs import to_model_input
+
+    loader = DataLoader(
+        ShardImages(shards), batch_size=batch, num_workers=workers, persistent_workers=False
+    )
+    n = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for x in loader:
+            model(to_model_input(x))
+            n += len(x)
+    return n / (time.perf_counter() - t0)
+
+
+# (d) ---------------------------------------------------------------------------------------------
+class PeakRSS:
+    """Peak of RSS summed over this process and all its descendants, sampled in a thread."""
+
+    def __init__(self, every: float = 0.25):
+        self.every, self.peak, self._stop = every, 0, threading.Event()
+
+    def _sample(self) -> int:
+        import psutil
+
+        me = psutil.Process()
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def pipeline(ckpt: str, shards: list[str], out: Path, batch: int, threads: int) -> dict:
+    """One fresh local Ray per run (so the two pool sizes are measured alike)."""
+    import ray
+
+    from fiqa.cluster.local import ensure_ray, shutdown_ray
+    from fiqa.config import LabelConfig, RayConfig
+    from fiqa.labeling import label_shards
+
+    cpus = os.cpu_count() or 2
+    label = LabelConfig(
+        batch_size=batch,
+        concurrency=1,
+        num_cpus=threads,
+        torch_threads=threads,
+        decode_cpus=max(1, cpus - threads),
+    )
+    with PeakRSS() as mem:
+        ensure_ray(RayConfig(num_cpus=cpus))
+        t0 = time.perf_counter()
+        stats = label_shards(ckpt, shards, str(out), label, progress=False)
+        seconds = time.perf_counter() - t0
+        shutdown_ray()
+    assert not ray.is_initialized()
+    n = stats["scored"] + stats["rejected"]
+    return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "peak_gb": mem.peak / 1e9}
+
+
+def main() -> None:
+    from fiqa.models import load_checkpoint
+
+    cpus = os.cpu_count() or 2
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=max(1, cpus - 1), help="torch threads")
+    p.add_argument("--naive-images", type=int, default=1024, help="(b) is slow: a sample")
+    p.add_argument("--synthetic", type=int, default=0, help="use N synthetic images")
+    p.add_argument("--memory-scale", type=int, default=10)
+    p.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work or tempfile.mkdtemp(prefix="fiqa-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    base = pool_shards(args, work)
+    small = base[: max(1, len(base) // args.memory_scale)]
+    big = replicate(small, args.memory_scale, work)  # the small pool x10, distinct shards
+    images = read_images(base)
+    source = (
+        "real-faces (112 px JPEG)" if REAL_FACES.is_dir() and not args.synthetic else "synthetic"
+    )
+    print(
+        f"# {platform.machine()} {cpus} cores, torch {torch.__version__} threads={args.threads}, "
+        f"batch={args.batch_size}, input {SIZE} px (resize {RESIZE}), pool: {source}, "
+        f"{len(base)} shards, {len(images)} images"
+    )
+    rows = {}
+    for role in args.models:
+        arch = MODELS[role]
+        ckpt = make_checkpoint(arch, work / f"model-{role}")
+        model = load_checkpoint(ckpt).model.eval()
+        r = {"arch": arch}
+        r["a"] = model_only(model, images, args.batch_size)
+        r["b"] = naive(model, images[: args.naive_images], work)
+        r["c"] = dataloader(model, base, args.batch_size, workers=max(1, cpus - args.threads))
+        d = pipeline(ckpt, base, work / f"out-{role}-full", args.batch_size, args.threads)
+        r["d"] = d["images_per_s"]
+        m1 = pipeline(ckpt, small, work / f"out-{role}-1x", args.batch_size, args.threads)
+        m10 = pipeline(ckpt, big, work / f"out-{role}-10x", args.batch_size, args.threads)
+        r["mem"] = (m1, m10)
+        rows[role] = r
+        print(
+            f"{role:<8} {arch:<22} (a) model-only {r['a']:7.1f}  (b) naive {r['b']:6.1f}  "
+            f"(c) DataLoader {r['c']:6.1f}  (d) pipeline {r['d']:6.1f} img/s   "
+            f"d/a {r['d'] / r['a']:.2f}  d/b {r['d'] / r['b']:.1f}  d/c {r['d'] / r['c']:.2f}",
+            flush=True,
+        )
+        print(
+            f"{'':<8} peak memory: {m1['images']} images {m1['peak_gb']:.2f} GB, "
+            f"{m10['images']} images {m10['peak_gb']:.2f} GB "
+            f"(+{100 * (m10['peak_gb'] / m1['peak_gb'] - 1):.1f}%)",
+            flush=True,
+        )
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

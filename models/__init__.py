@@ -2,7 +2,8 @@
 
 Nothing outside this package needs to know which backbone is inside a model:
 build with `create_model`, save and load with `save_checkpoint` /
-`load_checkpoint`, measure with `model_cost`. Attributes are imported lazily,
+`load_checkpoint`, measure with `model_cost`, export for deployment (ONNX,
+TorchScript) with `export_checkpoint`. Attributes are imported lazily,
 so that importing a light submodule (``fiqa.models.inputs``) does not pull in
 timm.
 """
@@ -21,6 +22,8 @@ _EXPORTS = {
     "load_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint",
     "model_cost": "cost",
+    "ScoringModule": "export",
+    "export_checkpoint": "export",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 
+from fiqa import storage
 from fiqa.config import RayConfig
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,11 @@ def ensure_ray(cfg: RayConfig) -> None:
     # shipping it to workers, which already import the installed package.
     kwargs: dict = {"log_to_driver": True, "configure_logging": False}
     if address:
-        ray.init(address=address, **kwargs)
+        # Workers need the driver's storage settings (endpoint, region, retries): a
+        # local cluster inherits its environment, a remote one gets them here. Never
+        # credentials: there those come from the cluster's own environment (a
+        # Kubernetes Secret, an instance role).
+        ray.init(address=address, runtime_env={"env_vars": storage.worker_env()}, **kwargs)
     else:
         ray.init(
             num_cpus=cfg.num_cpus or os.cpu_count(),

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
+from fiqa import storage
 from fiqa.config import ConfigError, load_config
+from fiqa.storage import StorageError
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -88,8 +89,8 @@ def _run(args: argparse.Namespace, only: str | None) -> int:
         + (f" ({', '.join(ran)})" if ran else "")
         + f", {len(outcome) - len(ran)} up to date"
     )
-    report = f"{cfg.run_dir}/evaluate/report.md"
-    if os.path.exists(report):
+    report = f"{cfg.run_dir.rstrip('/')}/evaluate/report.md"
+    if storage.exists(report):
         print(f"report: {report}")
     return 0
 
@@ -106,7 +107,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from fiqa.pipelines import STAGES
     from fiqa.runner import load_run_config, stage_states
 
-    cfg = load_run_config(args.run_dir)
+    cfg = load_run_config(args.run_dir, args.set)
     rows = stage_states(cfg, STAGES)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
@@ -115,6 +116,48 @@ def cmd_status(args: argparse.Namespace) -> int:
     for r in rows:
         secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"
         print(f"{r['stage']:<22} {r['state']:<8} {secs:>8}")
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from fiqa.cluster.local import ensure_ray
+    from fiqa.config import LabelConfig, RayConfig, StorageConfig, check_label_config
+    from fiqa.labeling import label_shards
+    from fiqa.metrics import Logistic4
+
+    conc = [int(c) for c in args.concurrency.split(",")] if args.concurrency else [1]
+    label = LabelConfig(
+        batch_size=args.batch_size,
+        concurrency=conc[0] if len(conc) == 1 else conc,
+        num_gpus=args.num_gpus,
+        num_cpus=args.num_cpus,
+        decode_cpus=args.decode_cpus,
+        compile=args.compile,
+    )
+    check_label_config(label, "label")
+    storage.configure(StorageConfig(endpoint_url=args.endpoint_url))
+    calibration = None
+    if args.calibration:
+        with open(args.calibration) as f:
+            raw = json.load(f)
+        calibration = Logistic4.from_dict(raw.get("calibration", raw))
+    stats = label_shards(
+        args.model,
+        args.input,
+        args.output,
+        label,
+        calibration=calibration,
+        source=args.source,
+        max_pixels=args.max_pixels,
+        min_side=args.min_side,
+        on_start=lambda: ensure_ray(RayConfig(address=args.address, num_cpus=args.num_cpus_total)),
+    )
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats["reasons"].items())) or "none"
+    print(
+        f"labeled {stats['scored']} and rejected {stats['rejected']} samples from "
+        f"{stats['shards']} shard(s) ({stats['shards_skipped']} already done) into {args.output}\n"
+        f"reject reasons: {reasons}"
+    )
     return 0
 
 
@@ -175,6 +218,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="run even if it is up to date")
     s.set_defaults(func=cmd_stage)
 
+    s = sub.add_parser(
+        "label",
+        help="score shards with a trained checkpoint into Parquet (resumes where it stopped)",
+        description="Label any shard spec with any checkpoint, writing OUTPUT/labels/*.parquet "
+        "and OUTPUT/rejects/*.parquet (the pseudo-labeling stages' engine). Rerunning the same "
+        "command scores only the shards without committed output.",
+    )
+    s.add_argument("--model", required=True, help="checkpoint directory (model.json + weights)")
+    s.add_argument(
+        "--input", required=True, nargs="+", help="shard spec(s): path, dir, glob, {a..b}, s3://"
+    )
+    s.add_argument("--output", required=True, help="output directory or s3:// prefix")
+    s.add_argument(
+        "--calibration",
+        help="JSON with b1..b4 (or a model.json) mapping raw scores to the MOS scale; "
+        "default: the calibration stored in the checkpoint",
+    )
+    s.add_argument("--source", default="pseudo", help="value of the table's source column")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--concurrency", metavar="N|MIN,MAX", help="scoring actors (default 1)")
+    s.add_argument("--num-gpus", type=float, default=None, help="per actor (default: 1 if any)")
+    s.add_argument("--num-cpus", type=float, default=1.0, help="per actor")
+    s.add_argument("--decode-cpus", type=float, default=1.0, help="per decode task")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    s.add_argument("--max-pixels", type=int, default=40_000_000)
+    s.add_argument("--min-side", type=int, default=16)
+    s.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    s.add_argument(
+        "--endpoint-url", help="S3-compatible store (default: AWS_ENDPOINT_URL_S3, else AWS)"
+    )
+    s.add_argument("--num-cpus-total", type=int, help="CPUs of the local Ray (default: all)")
+    s.set_defaults(func=cmd_label)
+
     s = sub.add_parser("models", help="list the model registry (any timm name works too)")
     s.add_argument(
         "--cost", action="store_true", help="also build each model and count params, GFLOPs"
@@ -182,9 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_models)
 
     s = sub.add_parser("status", help="print the stages of a run and their state")
-    s.add_argument("run_dir")
+    s.add_argument("run_dir", help="a run directory or s3:// prefix")
+    s.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. storage.endpoint_url"
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
+
+    from fiqa.predict import add_commands as add_predict_commands  # export, predict
+
+    add_predict_commands(sub)
+
+    from fiqa.cluster.submit import add_commands as add_submit_commands  # submit, jobs, stop
+
+    add_submit_commands(sub)
     return p
 
 
@@ -193,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, StorageError) as e:
         print(f"fiqa: error: {e}", file=sys.stderr)
         return 2
 

@@ -63,16 +63,30 @@ class TrainConfig:
     init_from: str = "scratch"  # scratch | teacher (teacher_plus only)
     source_weights: dict[str, float] = field(default_factory=dict)  # per-source loss weights
     shuffle_buffer: int = 512  # rows; training starts once the buffer is full
+    # Rows per worker per forward/backward; None: batch_size / num_workers. The global
+    # batch stays batch_size: accumulation steps = batch_size / (num_workers * micro_batch_size).
+    micro_batch_size: int | None = None
+    lr_scaling: str = "fixed"  # fixed | linear | sqrt: lr follows batch_size / lr_reference_batch
+    lr_reference_batch: int | None = None  # the global batch `lr` was tuned for (linear, sqrt)
+    precision: str = "bf16"  # bf16: bf16 autocast on GPU (CPU always computes in fp32) | fp32
 
 
 @dataclass
 class LabelConfig:
     batch_size: int = 64
-    concurrency: int = 1  # teacher actors
+    # Teacher actors: a fixed count, or [min, max] for a pool Ray Data scales with the backlog.
+    concurrency: int | list[int] = 1
     num_gpus: float | None = None  # per actor; None: 1 when the cluster has GPUs, else 0
     num_cpus: float = 1.0  # per actor
     torch_threads: int | None = None
     decode_cpus: float = 1.0  # per decode task
+    decode_memory_mb: int = 512  # reserved (Ray's logical memory) per decode task
+    compile: bool = False  # torch.compile the model in each actor (pays off on GPUs, long jobs)
+
+    def actor_range(self) -> tuple[int, int]:
+        """(min, max) actors of the scoring pool."""
+        c = self.concurrency
+        return (c, c) if isinstance(c, int) else (c[0], c[1])
 
 
 @dataclass
@@ -80,6 +94,17 @@ class RayConfig:
     address: str | None = None  # None: start a local Ray for this run
     num_cpus: int | None = None
     object_store_memory: int | None = None
+
+
+@dataclass
+class StorageConfig:
+    """Object storage (s3://) settings; credentials come from the AWS environment, never from here."""
+
+    endpoint_url: str | None = None  # S3-compatible store (MinIO, Ceph): http(s)://host:port
+    region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION / the AWS config file
+    addressing_style: str = "auto"  # auto | path | virtual (MinIO and Ceph usually need path)
+    max_attempts: int = 6  # botocore attempts per request (adaptive retry mode)
+    retry_seconds: float = 60.0  # whole operations retried on transient errors for this long
 
 
 @dataclass
@@ -94,6 +119,7 @@ class RunConfig:
     distill_student: TrainConfig = field(default_factory=TrainConfig)
     pseudo_label: LabelConfig = field(default_factory=LabelConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -196,10 +222,27 @@ def _validate(cfg: RunConfig) -> None:
         for k in ("epochs", "batch_size", "num_workers"):
             if getattr(t, k) < 1:
                 raise ConfigError(f"{name}.{k}: must be >= 1, got {getattr(t, k)}")
-        if t.batch_size % t.num_workers:
+        micro = t.micro_batch_size or max(t.batch_size // t.num_workers, 1)
+        if micro < 1 or t.batch_size % (t.num_workers * micro):
             raise ConfigError(
-                f"{name}.batch_size: the global batch {t.batch_size} must divide "
-                f"evenly over num_workers={t.num_workers}"
+                f"{name}.batch_size: the global batch {t.batch_size} must divide evenly into "
+                f"num_workers={t.num_workers} x micro_batch_size={micro} x accumulation steps"
+            )
+        if t.lr_scaling not in ("fixed", "linear", "sqrt"):
+            raise ConfigError(
+                f"{name}.lr_scaling: expected fixed, linear or sqrt, got {t.lr_scaling!r}"
+            )
+        if t.lr_scaling != "fixed" and (t.lr_reference_batch or 0) < 1:
+            raise ConfigError(
+                f"{name}.lr_reference_batch: required (>= 1) with lr_scaling {t.lr_scaling}"
+            )
+        if t.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"{name}.precision: expected bf16 or fp32, got {t.precision!r}")
+        bad = sorted(set(t.source_weights) - {"labeled", "pseudo_u1", "pseudo_u2"})
+        if bad or any(w < 0 for w in t.source_weights.values()):
+            raise ConfigError(
+                f"{name}.source_weights: sources are labeled, pseudo_u1, pseudo_u2 with weights "
+                f">= 0; got {t.source_weights}"
             )
         if t.init_from not in ("scratch", "teacher"):
             raise ConfigError(
@@ -207,8 +250,44 @@ def _validate(cfg: RunConfig) -> None:
             )
         if t.lr <= 0:
             raise ConfigError(f"{name}.lr: must be > 0")
-    if cfg.pseudo_label.concurrency < 1 or cfg.pseudo_label.batch_size < 1:
-        raise ConfigError("pseudo_label.concurrency and pseudo_label.batch_size must be >= 1")
+    check_label_config(cfg.pseudo_label, "pseudo_label")
+    check_storage_config(cfg.storage)
+
+
+def check_storage_config(sc: StorageConfig) -> None:
+    if sc.endpoint_url and not sc.endpoint_url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"storage.endpoint_url: expected http(s)://host[:port], got {sc.endpoint_url!r}"
+        )
+    if sc.endpoint_url and "@" in sc.endpoint_url.split("://", 1)[1].split("/", 1)[0]:
+        raise ConfigError(  # the config is saved with the run: it must not hold secrets
+            "storage.endpoint_url: must not carry credentials; set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment instead"
+        )
+    if sc.addressing_style not in ("auto", "path", "virtual"):
+        raise ConfigError(
+            f"storage.addressing_style: expected auto, path or virtual, got {sc.addressing_style!r}"
+        )
+    if sc.max_attempts < 1 or sc.retry_seconds < 0:
+        raise ConfigError("storage.max_attempts must be >= 1 and storage.retry_seconds >= 0")
+
+
+def check_label_config(lc: LabelConfig, where: str) -> None:
+    c = lc.concurrency
+    if isinstance(c, list) and (len(c) != 2 or not 1 <= c[0] <= c[1]):
+        raise ConfigError(
+            f"{where}.concurrency: expected N or [MIN, MAX] with 1 <= MIN <= MAX, got {c}"
+        )
+    if isinstance(c, int) and c < 1:
+        raise ConfigError(f"{where}.concurrency: must be >= 1, got {c}")
+    if lc.batch_size < 1:
+        raise ConfigError(f"{where}.batch_size: must be >= 1, got {lc.batch_size}")
+    if lc.num_gpus is not None and lc.num_gpus < 0:
+        raise ConfigError(f"{where}.num_gpus: must be >= 0, got {lc.num_gpus}")
+    if lc.decode_memory_mb < 1:
+        raise ConfigError(f"{where}.decode_memory_mb: must be >= 1, got {lc.decode_memory_mb}")
+    if lc.decode_cpus <= 0 or lc.num_cpus < 0:
+        raise ConfigError(f"{where}: decode_cpus must be > 0 and num_cpus >= 0")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -10,14 +10,18 @@ shards into tables::
 Every sample of every shard comes out either in the scored table or in the
 rejects table, with a reason. A shard is committed when its part files are
 written; a rerun skips committed shards, so an interrupted job resumes at
-shard granularity.
+shard granularity. A key is scored once per table: a key already scored in
+another shard is rejected as ``duplicate_key`` (the reader does the same
+within a shard).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +30,14 @@ import pyarrow as pa
 from fiqa.config import ConfigError, LabelConfig
 from fiqa.data.decode import RejectedSample, decode_image
 from fiqa.data.reader import read_shard
-from fiqa.data.tables import REJECTS_SCHEMA, SCORED_SCHEMA, list_parts, part_name, write_part
+from fiqa.data.tables import (
+    REJECTS_SCHEMA,
+    SCORED_SCHEMA,
+    list_parts,
+    part_name,
+    read_table,
+    write_part,
+)
 from fiqa.data.transforms import center_crop
 from fiqa.metrics import Logistic4
 
@@ -132,7 +143,7 @@ def _to_batch(rows: list[dict], total: int, crop: int, want_pixels: bool) -> dic
 class Scorer:
     """Ray Data actor: holds the model and scores pixel batches (rows with a reason are skipped)."""
 
-    def __init__(self, model_path: str, threads: int | None = None):
+    def __init__(self, model_path: str, threads: int | None = None, compile: bool = False):
         import torch
 
         from fiqa.models import load_checkpoint
@@ -144,6 +155,9 @@ class Scorer:
         self.model = self.loaded.model
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+        if compile:
+            # Batches vary in size (a shard's last one), hence dynamic shapes.
+            self.model = torch.compile(self.model, dynamic=True)
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -167,11 +181,56 @@ class Scorer:
         return batch
 
 
+class KeyIndex:
+    """The keys already scored in a table, in about 8 bytes per key.
+
+    Keys are kept as 64-bit hashes: a sorted array plus a small set of recent
+    ones, merged in batches, so tens of millions of keys fit in a few hundred
+    MB on the driver. (Two distinct keys share a hash with probability about
+    n^2 / 2^65: 3e-6 for ten million keys.)
+    """
+
+    MERGE_EVERY = 200_000
+
+    def __init__(self) -> None:
+        self._sorted = np.empty(0, dtype=np.uint64)
+        self._recent: set[int] = set()
+
+    @staticmethod
+    def _hash(key: str) -> int:
+        return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+    def __len__(self) -> int:
+        return len(self._sorted) + len(self._recent)
+
+    def __contains__(self, key: str) -> bool:
+        h = self._hash(key)
+        if h in self._recent:
+            return True
+        i = np.searchsorted(self._sorted, np.uint64(h))
+        return bool(i < len(self._sorted) and self._sorted[i] == h)
+
+    def add(self, key: str) -> None:
+        self._recent.add(self._hash(key))
+        if len(self._recent) >= self.MERGE_EVERY:
+            self._merge()
+
+    def update(self, keys) -> None:
+        for k in keys:
+            self.add(k)
+
+    def _merge(self) -> None:
+        new = np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))
+        self._sorted = np.union1d(self._sorted, new)
+        self._recent.clear()
+
+
 class ShardCollector:
     """Driver side: gathers rows by shard and commits each shard once all its rows arrived."""
 
-    def __init__(self, job: ScoreJob):
+    def __init__(self, job: ScoreJob, scored_keys: KeyIndex | None = None):
         self.job = job
+        self.scored_keys = scored_keys if scored_keys is not None else KeyIndex()
         self.parts: dict[str, list[dict]] = defaultdict(list)
         self.seen: dict[str, int] = defaultdict(int)
         self.totals: dict[str, int] = {}
@@ -202,6 +261,13 @@ class ShardCollector:
             k: np.concatenate([p[k] for p in parts])
             for k in ("key", "shard", "image", "label", "reason", "raw_score")
         }
+        # A key scored in another shard already (or earlier in this one) is a duplicate.
+        for i in np.flatnonzero(cols["reason"] == ""):
+            key = cols["key"][i]
+            if key in self.scored_keys:
+                cols["reason"][i] = "duplicate_key"
+            else:
+                self.scored_keys.add(key)
         ok = cols["reason"] == ""
         n_ok = int(ok.sum())
         rejects = pa.table(
@@ -255,11 +321,66 @@ def committed_shards(out_dir: str) -> set[str]:
     return {p.rsplit("/", 1)[-1] for p in list_parts(f"{out_dir}/labels")}
 
 
+def scored_keys_of(out_dir: str) -> KeyIndex:
+    """The keys of the committed scored parts (so a resumed job keeps keys unique)."""
+    index = KeyIndex()
+    parts = list_parts(f"{out_dir}/labels")
+    if parts:
+        index.update(read_table(f"{out_dir}/labels", columns=["key"]).column("key").to_pylist())
+    return index
+
+
+def job_for_model(
+    model_path: str,
+    shards: list[str],
+    out_dir: str,
+    source: str,
+    *,
+    label: LabelConfig,
+    calibration: Logistic4 | None = None,
+    model_id: str | None = None,
+    label_field: str = "mos",
+    max_pixels: int = 40_000_000,
+    min_side: int = 16,
+    storage_options: dict | None = None,
+) -> ScoreJob:
+    """A scoring job for a trained checkpoint: input size and calibration come from its model.json.
+
+    ``calibration`` overrides the one stored with the model; ``model_id``
+    defaults to a digest of the model's metadata (which holds its training
+    fingerprint and fitted calibration).
+    """
+    from fiqa.models.checkpoint import read_meta
+
+    meta = read_meta(model_path)
+    if calibration is None and meta.get("calibration"):
+        calibration = Logistic4.from_dict(meta["calibration"])
+    if model_id is None:
+        digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+        model_id = f"{meta.get('arch', 'model')}:{digest}"
+    return ScoreJob(
+        shards=shards,
+        out_dir=out_dir,
+        source=source,
+        label_field=label_field,
+        model_path=model_path,
+        calibration=calibration,
+        model_id=model_id,
+        resize=int(meta.get("resize", meta["image_size"])),
+        crop=int(meta["image_size"]),
+        max_pixels=max_pixels,
+        min_side=min_side,
+        label=label,
+        storage_options=storage_options,
+    )
+
+
 def resolve_resources(cfg: LabelConfig, with_model: bool) -> LabelConfig:
     """Fill in GPUs per actor and refuse plans that would starve the decode tasks.
 
     On a small machine an actor pool that takes every CPU leaves none for the
     tasks that feed it, and the job hangs; that is refused here, with advice.
+    GPUs the cluster does not have yet only warn: an autoscaler may add them.
     """
     import dataclasses
 
@@ -269,23 +390,32 @@ def resolve_resources(cfg: LabelConfig, with_model: bool) -> LabelConfig:
     total_gpu = ray.cluster_resources().get("GPU", 0.0)
     if cfg.num_gpus is None:
         cfg = dataclasses.replace(cfg, num_gpus=1.0 if total_gpu >= 1 else 0.0)
-    actors_cpu = cfg.concurrency * cfg.num_cpus if with_model else 0.0
+    _, max_actors = cfg.actor_range()
+    actors_cpu = max_actors * cfg.num_cpus if with_model else 0.0
     if actors_cpu + cfg.decode_cpus > total_cpu + 1e-9:
         raise ConfigError(
-            f"pseudo_label: {cfg.concurrency} actor(s) x {cfg.num_cpus} CPU + {cfg.decode_cpus} CPU "
+            f"pseudo_label: {max_actors} actor(s) x {cfg.num_cpus} CPU + {cfg.decode_cpus} CPU "
             f"for decoding exceeds the cluster's {total_cpu:g} CPUs; the actors would starve the "
             f"decode tasks. Lower pseudo_label.concurrency or pseudo_label.num_cpus."
         )
-    if with_model and cfg.num_gpus and cfg.concurrency * cfg.num_gpus > total_gpu + 1e-9:
-        raise ConfigError(
-            f"pseudo_label: {cfg.concurrency} actor(s) x {cfg.num_gpus} GPU exceeds the cluster's "
-            f"{total_gpu:g} GPUs"
+    if with_model and cfg.num_gpus and max_actors * cfg.num_gpus > total_gpu + 1e-9:
+        log.warning(
+            "scoring asks for up to %d actor(s) x %g GPU but the cluster has %g GPU now; "
+            "actors start as an autoscaler adds GPUs",
+            max_actors,
+            cfg.num_gpus,
+            total_gpu,
         )
     return cfg
 
 
-def run_score_job(job: ScoreJob, progress: bool = True) -> dict:
-    """Score every not-yet-committed shard of ``job``; returns counts for this call."""
+def run_score_job(
+    job: ScoreJob, progress: bool = True, on_start: Callable[[], None] | None = None
+) -> dict:
+    """Score every not-yet-committed shard of ``job``; returns counts for this call.
+
+    ``on_start`` (e.g. starting Ray) is called only when there is work to do.
+    """
     import ray
     from tqdm.auto import tqdm
 
@@ -294,31 +424,45 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> dict:
     stats = {"shards_total": len(job.shards), "shards_skipped": len(job.shards) - len(todo)}
     if not todo:
         return {**stats, "shards": 0, "scored": 0, "rejected": 0, "reasons": {}}
+    if on_start is not None:
+        on_start()
     with_model = job.model_path is not None
     label_cfg = resolve_resources(job.label, with_model)
 
     ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
-        read_and_decode, batch_size=1, fn_kwargs={"job": job}, num_cpus=job.label.decode_cpus
+        read_and_decode,
+        batch_size=1,
+        fn_kwargs={"job": job},
+        num_cpus=job.label.decode_cpus,
+        # A memory reservation of their own also keeps the decode tasks a separate operator:
+        # Ray Data fuses a task map into the next actor map when their resource requests are
+        # equal, and each actor would then decode and infer in turn instead of overlapping.
+        memory=job.label.decode_memory_mb * 2**20,
     )
     if with_model:
+        lo, hi = label_cfg.actor_range()
         ds = ds.map_batches(
             Scorer,
             fn_constructor_kwargs={
                 "model_path": job.model_path,
                 "threads": label_cfg.torch_threads or max(1, int(label_cfg.num_cpus)),
+                "compile": label_cfg.compile,
             },
             batch_size=label_cfg.batch_size,
-            concurrency=label_cfg.concurrency,
+            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
             num_cpus=label_cfg.num_cpus,
             num_gpus=label_cfg.num_gpus or None,
         )
-    collector = ShardCollector(job)
+    collector = ShardCollector(job, scored_keys_of(job.out_dir) if done else None)
     bar = tqdm(total=len(todo), unit="shard", desc=f"score {job.source}", disable=not progress)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         finished = collector.add(batch)
         for url in finished:
             log.info("committed %s", url)
+        if finished:
+            s = collector.stats
+            bar.set_postfix(images=s["scored"], rejected=s["rejected"], refresh=False)
         bar.update(len(finished))
     bar.close()
     if collector.parts:
@@ -332,3 +476,70 @@ def run_score_job(job: ScoreJob, progress: bool = True) -> dict:
         "rejected": s["rejected"],
         "reasons": dict(s["reasons"]),
     }
+
+
+def label_shards(
+    model_path: str,
+    shard_spec: str | list[str],
+    out_dir: str,
+    label: LabelConfig,
+    *,
+    calibration: Logistic4 | None = None,
+    source: str = "pseudo",
+    label_field: str = "mos",
+    max_pixels: int = 40_000_000,
+    min_side: int = 16,
+    storage_options: dict | None = None,
+    progress: bool = True,
+    on_start: Callable[[], None] | None = None,
+) -> dict:
+    """`fiqa label`: score any shard spec with any checkpoint into ``out_dir``.
+
+    The same engine as the pseudo-labeling stages. ``out_dir/label_job.json``
+    records which model (and calibration) wrote the tables; a rerun with the
+    same model resumes (only uncommitted shards are scored), a rerun with
+    another model into the same directory is refused rather than mixing the two.
+    """
+    from fiqa.data.shards import expand_shard_spec, filesystem_for
+
+    shards = expand_shard_spec(shard_spec, storage_options)
+    job = job_for_model(
+        model_path,
+        shards,
+        out_dir,
+        source,
+        label=label,
+        calibration=calibration,
+        label_field=label_field,
+        max_pixels=max_pixels,
+        min_side=min_side,
+        storage_options=storage_options,
+    )
+    record = {
+        "model": model_path,
+        "model_id": job.model_id,
+        "calibration": job.calibration.to_dict() if job.calibration else None,
+        "source": source,
+    }
+    fs = filesystem_for(out_dir, storage_options)
+    record_path = f"{out_dir.rstrip('/')}/label_job.json"
+    if fs.exists(record_path):
+        with fs.open(record_path) as f:
+            before = json.loads(f.read())
+        if {k: before.get(k) for k in ("model_id", "calibration", "source")} != {
+            k: record[k] for k in ("model_id", "calibration", "source")
+        }:
+            raise ConfigError(
+                f"{out_dir} holds labels from {before.get('model_id')} "
+                f"(source {before.get('source')!r}); this job would write {job.model_id} "
+                f"(source {source!r}). Use another --output, or delete it to start over."
+            )
+    else:
+        fs.makedirs(out_dir, exist_ok=True)
+        with fs.open(record_path, "w") as f:
+            f.write(json.dumps(record, indent=2))
+    stats = run_score_job(job, progress=progress, on_start=on_start)
+    stats["model_id"] = job.model_id
+    with fs.open(f"{out_dir.rstrip('/')}/label_summary.json", "w") as f:
+        f.write(json.dumps(stats, indent=2))
+    return stats

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
 import numpy as np
 
+from fiqa import storage
 from fiqa.metrics import fit_logistic
 
 MODEL_ORDER = ("teacher", "teacher_plus", "student", "student_labeled_only")
+
+
+def _save(fig, url: str) -> None:
+    """Render ``fig`` as PNG in memory and store it at ``url`` (local or s3://) in one write."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    storage.write_bytes(url, buf.getvalue())
 
 
 def _plots(out: str, predictions: dict, pools: dict, histories: dict) -> list[str]:
@@ -18,7 +27,7 @@ def _plots(out: str, predictions: dict, pools: dict, histories: dict) -> list[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(out, exist_ok=True)
+    storage.makedirs(out)
     files = []
 
     names = [n for n in MODEL_ORDER if n in predictions]
@@ -32,7 +41,7 @@ def _plots(out: str, predictions: dict, pools: dict, histories: dict) -> list[st
         ax.set(title=name, xlabel="MOS", ylabel="prediction (logistic-mapped)")
     fig.tight_layout()
     files.append(os.path.join(out, "pred_vs_mos.png"))
-    fig.savefig(files[-1], dpi=100)
+    _save(fig, files[-1])
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(pools), figsize=(5 * len(pools), 3.6), squeeze=False)
@@ -47,21 +56,37 @@ def _plots(out: str, predictions: dict, pools: dict, histories: dict) -> list[st
         ax.legend()
     fig.tight_layout()
     files.append(os.path.join(out, "pseudo_label_hist.png"))
-    fig.savefig(files[-1], dpi=100)
+    _save(fig, files[-1])
     plt.close(fig)
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 3.8))
     for name, hist in histories.items():
         ep = [h["epoch"] for h in hist]
-        a1.plot(ep, [h["train_loss"] for h in hist], marker="o", label=name)
-        a2.plot(ep, [h["val_srcc"] for h in hist], marker="o", label=name)
-    a1.set(title="training loss", xlabel="epoch")
-    a2.set(title="validation SRCC (labeled_val)", xlabel="epoch")
-    a1.legend()
-    a2.legend()
+        line = a1.plot(ep, [h["train_loss"] for h in hist], marker="o", label=name)[0]
+        a3.plot(ep, [h["val_srcc"] for h in hist], marker="o", label=name)
+        # One line per training source, in the model's colour: how well the model fits
+        # the labeled rows versus the pseudo-labels it learns from.
+        sources = sorted({s for h in hist for s in h.get("loss_by_source", {})})
+        for src, style in zip(sources, ("-", "--", ":", "-."), strict=False):
+            pts = [h for h in hist if src in h.get("loss_by_source", {})]
+            a2.plot(
+                [h["epoch"] for h in pts],
+                [h["loss_by_source"][src] for h in pts],
+                style,
+                marker="o",
+                markersize=3,
+                color=line.get_color(),
+                label=f"{name}: {src}",
+            )
+    a1.set(title="training loss (MSE + PLCC)", xlabel="epoch")
+    a2.set(title="training MSE per source (standardised)", xlabel="epoch")
+    a3.set(title="validation SRCC (labeled_val)", xlabel="epoch")
+    for ax in (a1, a2, a3):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     files.append(os.path.join(out, "training_curves.png"))
-    fig.savefig(files[-1], dpi=100)
+    _save(fig, files[-1])
     plt.close(fig)
     return files
 
@@ -128,9 +153,7 @@ def write_report(
 ) -> dict:
     plots = _plots(os.path.join(out_dir, "plots"), predictions, pools, histories)
     json_path = os.path.join(out_dir, "report.json")
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=2, sort_keys=True)
+    storage.write_text(json_path, json.dumps(report, indent=2, sort_keys=True))
     md_path = os.path.join(out_dir, "report.md")
-    with open(md_path, "w") as f:
-        f.write(_markdown(report, plots))
+    storage.write_text(md_path, _markdown(report, plots))
     return {"json": json_path, "md": md_path, "plots": plots}

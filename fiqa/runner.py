@@ -11,7 +11,13 @@ it reads, the shards it reads (path, size, mtime or ETag) and the
   a new ``output_id``, every stage after it runs again too;
 * a stage that was interrupted (no manifest) runs again; partial outputs of
   an attempt with the same fingerprint are kept (shards already committed by
-  pseudo-labeling are not redone), those of a different one are removed.
+  pseudo-labeling are not redone, training restarts from its last checkpoint),
+  those of a different one are removed.
+
+``run_dir`` may be a local directory or an ``s3://`` prefix: all reads and
+writes go through `fiqa.storage`, and before any stage starts (and before
+Ray) the run directory is checked to be writable, so wrong credentials or a
+missing bucket fail in seconds.
 """
 
 from __future__ import annotations
@@ -21,18 +27,16 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import fsspec
 import yaml
 
+from fiqa import storage
 from fiqa.config import RunConfig
-from fiqa.data.shards import expand_shard_spec, filesystem_for
+from fiqa.data.shards import expand_shard_spec
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +62,7 @@ class StageContext:
         self.manifests = manifests
 
     def dir(self, stage: str | None = None) -> str:
-        return os.path.join(self.run_dir, stage or self.stage.name)
+        return storage.join(self.run_dir, stage or self.stage.name)
 
     def shards(self, data_key: str) -> list[str]:
         return expand_shard_spec(getattr(self.cfg.data, data_key))
@@ -67,17 +71,21 @@ class StageContext:
 def _shard_fingerprint(urls: list[str]) -> str:
     h = hashlib.sha256()
     for u in urls:
-        info = filesystem_for(u).info(u)
+        info = storage.info(u)
         stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
         h.update(f"{u}|{info.get('size')}|{stamp}\n".encode())
     return h.hexdigest()[:16]
 
 
 def _file_fingerprint(path: str | None) -> str:
-    if not path or not os.path.exists(path):
+    if not path:
         return "absent"
-    st = os.stat(path)
-    return f"{st.st_size}-{st.st_mtime_ns}"
+    try:
+        info = storage.info(path)
+    except FileNotFoundError:
+        return "absent"
+    stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{info.get('size')}-{stamp}"
 
 
 def stage_fingerprint(cfg: RunConfig, stage: Stage, manifests: dict[str, dict]) -> tuple[str, dict]:
@@ -96,46 +104,39 @@ def stage_fingerprint(cfg: RunConfig, stage: Stage, manifests: dict[str, dict]) 
 
 
 def read_manifest(run_dir: str, stage: str) -> dict | None:
-    path = os.path.join(run_dir, stage, "manifest.json")
     try:
-        with open(path) as f:
-            return json.load(f)
+        return storage.read_json(storage.join(run_dir, stage, "manifest.json"))
     except FileNotFoundError:
         return None
 
 
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+def _prepare_stage_dir(path: str, fingerprint: str, fresh: bool = False) -> None:
+    """Keep a previous attempt's partial outputs only if it had the same fingerprint.
 
-
-def _prepare_stage_dir(path: str, fingerprint: str) -> None:
-    """Keep a previous attempt's partial outputs only if it had the same fingerprint."""
-    attempt = os.path.join(path, "attempt.json")
-    if os.path.isdir(path):
-        try:
-            with open(attempt) as f:
-                same = json.load(f).get("fingerprint") == fingerprint
-        except (FileNotFoundError, ValueError):
-            same = False
-        if not same:
-            shutil.rmtree(path)
-    os.makedirs(path, exist_ok=True)
-    _write_json(attempt, {"fingerprint": fingerprint, "started_at": time.time()})
-    stale = os.path.join(path, "manifest.json")
-    if os.path.exists(stale):
-        os.remove(stale)
+    The manifest of a previous run of the stage is removed first: from here on
+    the stage is uncommitted until `run_stages` writes a new one. ``fresh``
+    (a forced rerun of a finished stage) removes every earlier output.
+    """
+    storage.rm(storage.join(path, "manifest.json"), recursive=False)
+    try:
+        same = storage.read_json(storage.join(path, "attempt.json")).get("fingerprint")
+        same = same == fingerprint
+    except (FileNotFoundError, ValueError):
+        same = False
+    if (fresh or not same) and storage.exists(path):
+        why = "forced rerun" if fresh else "an earlier attempt with another fingerprint"
+        log.info("removing the outputs of %s: %s", why, path)
+        storage.rm(path)
+    storage.makedirs(path)
+    storage.write_json(
+        storage.join(path, "attempt.json"), {"fingerprint": fingerprint, "started_at": time.time()}
+    )
 
 
 def save_run_config(cfg: RunConfig) -> None:
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    path = os.path.join(cfg.run_dir, "config.yaml")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
+    storage.makedirs(cfg.run_dir)
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    storage.write_text(storage.join(cfg.run_dir, "config.yaml"), text)
 
 
 def run_stages(
@@ -148,10 +149,16 @@ def run_stages(
     """Run ``stages`` in order (or just ``only``); returns each stage's outcome."""
     if "://" not in cfg.run_dir:  # Ray workers run elsewhere than the driver's working directory
         cfg = dataclasses.replace(cfg, run_dir=os.path.abspath(cfg.run_dir))
-    save_run_config(cfg)
+    else:
+        cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir.rstrip("/"))
     names = [s.name for s in stages]
     if only is not None and only not in names:
         raise ValueError(f"unknown stage {only!r}; stages are: {', '.join(names)}")
+    storage.configure(cfg.storage)
+    # Fail fast, before Ray starts: wrong credentials or a missing bucket are an
+    # error in seconds, not after the first stage.
+    storage.check_writable(cfg.run_dir)
+    save_run_config(cfg)
     # Fail fast: every shard spec a selected stage reads must name shards now,
     # not after an hour of training.
     for stage in stages:
@@ -174,8 +181,9 @@ def run_stages(
             on_start()
             started = True
         log.info("[%d/%d] %s: %s", i + 1, len(stages), stage.name, stage.description)
-        path = os.path.join(cfg.run_dir, stage.name)
-        _prepare_stage_dir(path, fp)
+        path = storage.join(cfg.run_dir, stage.name)
+        finished = bool(current) and current.get("fingerprint") == fp
+        _prepare_stage_dir(path, fp, fresh=finished)  # (only a forced rerun gets here finished)
         t0 = time.time()
         counts = stage.run(StageContext(cfg, stage, manifests))
         seconds = time.time() - t0
@@ -189,7 +197,7 @@ def run_stages(
             "finished_at": time.time(),
             "output_id": uuid.uuid4().hex,
         }
-        _write_json(os.path.join(path, "manifest.json"), manifest)
+        storage.write_json(storage.join(path, "manifest.json"), manifest)  # the commit
         manifests[stage.name] = manifest
         outcome[stage.name] = "ran"
         log.info("[%d/%d] %s: done in %.1f s", i + 1, len(stages), stage.name, seconds)
@@ -202,7 +210,6 @@ def stage_states(cfg: RunConfig, stages: list[Stage]) -> list[dict]:
     rows = []
     for stage in stages:
         m = manifests.get(stage.name)
-        path = Path(cfg.run_dir, stage.name)
         try:
             fp, _ = stage_fingerprint(cfg, stage, manifests)
         except Exception:
@@ -211,7 +218,7 @@ def stage_states(cfg: RunConfig, stages: list[Stage]) -> list[dict]:
             state = "done"
         elif m:
             state = "stale"
-        elif path.exists():
+        elif storage.exists(storage.join(cfg.run_dir, stage.name)):
             state = "partial"
         else:
             state = "pending"
@@ -226,12 +233,20 @@ def stage_states(cfg: RunConfig, stages: list[Stage]) -> list[dict]:
     return rows
 
 
-def load_run_config(run_dir: str) -> RunConfig:
-    from fiqa.config import from_dict
+def load_run_config(run_dir: str, overrides: list[str] | None = None) -> RunConfig:
+    """The config a run was last started with, read from ``run_dir`` (local or s3://).
 
-    path = os.path.join(run_dir, "config.yaml")
-    fs, root = fsspec.core.url_to_fs(path)
-    if not fs.exists(root):
-        raise FileNotFoundError(f"{run_dir!r} is not a run directory (no config.yaml)")
-    with fs.open(root) as f:
-        return from_dict(yaml.safe_load(f.read()))
+    ``storage.*`` overrides (``--set storage.endpoint_url=...``) apply before
+    the file is read, since they may be needed to reach it.
+    """
+    from fiqa.config import StorageConfig, _build, apply_overrides, from_dict
+
+    boot = apply_overrides({}, [o for o in overrides or [] if o.startswith("storage.")])
+    storage.configure(_build(StorageConfig, boot.get("storage", {}), "storage"))
+    try:
+        text = storage.read_text(storage.join(run_dir, "config.yaml"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{run_dir!r} is not a run directory (no config.yaml)") from None
+    cfg = from_dict(yaml.safe_load(text), overrides)
+    storage.configure(cfg.storage)
+    return cfg

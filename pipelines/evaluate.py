@@ -8,19 +8,20 @@ Recipe:
 3. pseudo-label counts per pool, and their agreement with the pools' ground
    truth when ``data.unlabeled_*_truth`` exists;
 4. ``report.json``, ``report.md`` and plots in ``evaluate/``.
+
+Every path here may be local or ``s3://`` (`fiqa.storage`).
 """
 
 from __future__ import annotations
 
-import json
-import os
+import io
 
 import numpy as np
 
+from fiqa import storage
 from fiqa.data.tables import read_table
 from fiqa.labeling import ScoreJob, run_score_job
 from fiqa.metrics import quality_metrics
-from fiqa.models import load_checkpoint, model_cost
 from fiqa.report import write_report
 from fiqa.runner import Stage, StageContext
 
@@ -34,23 +35,28 @@ POOLS = {"unlabeled_1": "pseudo_label_1", "unlabeled_2": "pseudo_label_2"}
 
 
 def _read_truth(path: str | None) -> dict[str, float] | None:
-    if not path or not os.path.exists(path):
+    if not path:
         return None
     import csv
 
-    with open(path, newline="") as f:
-        return {row["key"]: float(row["mos"]) for row in csv.DictReader(f)}
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        return None
+    return {row["key"]: float(row["mos"]) for row in csv.DictReader(io.StringIO(text))}
 
 
 def run(ctx: StageContext) -> dict:
+    from fiqa.models import load_checkpoint, model_cost  # torch: only when the stage runs
+
     cfg = ctx.cfg
     test_shards = ctx.shards("test")
     report: dict = {}
     predictions: dict[str, dict] = {}
     histories: dict[str, list] = {}
     for name, sub in MODELS.items():
-        model_dir = os.path.join(ctx.run_dir, sub, "model")
-        loaded = load_checkpoint(model_dir)
+        model_dir = storage.join(ctx.run_dir, sub, "model")
+        loaded = storage.retry(lambda d=model_dir: load_checkpoint(d), model_dir, "load model")
         out = ctx.dir() + f"/predictions/{name}"
         counts = run_score_job(
             ScoreJob(
@@ -66,6 +72,7 @@ def run(ctx: StageContext) -> dict:
                 max_pixels=cfg.data.max_image_pixels,
                 min_side=cfg.data.min_image_side,
                 label=cfg.pseudo_label,
+                storage_options=storage.options(),
             )
         )
         table = read_table(out + "/labels", columns=["raw_score", "label"])
@@ -82,10 +89,10 @@ def run(ctx: StageContext) -> dict:
             "rejected": counts["rejected"],
         }
         predictions[name] = {"pred": pred, "mos": mos}
-        hist_path = os.path.join(ctx.run_dir, sub, "history.json")
-        if os.path.exists(hist_path):
-            with open(hist_path) as f:
-                histories[name] = json.load(f)
+        try:
+            histories[name] = storage.read_json(storage.join(ctx.run_dir, sub, "history.json"))
+        except FileNotFoundError:
+            pass
 
     pools: dict = {}
     pool_scores: dict[str, dict] = {}

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["s3_server"]  # the S3 test server's fixtures (tests/s3_server.py)
 
 
 def jpeg_bytes(size=(64, 64), color=(200, 120, 80), quality=90, mode="RGB", fmt="JPEG", **save):

@@ -15,6 +15,7 @@ import re
 import tarfile
 from collections.abc import Iterator
 
+from fiqa import storage
 from fiqa.data.decode import RejectedSample, pick_image
 from fiqa.data.shards import filesystem_for
 
@@ -62,7 +63,7 @@ def _samples(url: str, storage_options: dict | None) -> Iterator[dict]:
     size, and the archive ends with its end-of-archive blocks.
     """
     fs = filesystem_for(url, storage_options)
-    size = fs.size(url)
+    size = storage.retry(lambda: fs.size(url), url, "stat")
     with fs.open(url, "rb") as stream:
         tar = tarfile.open(fileobj=stream, mode="r|")
         current: dict | None = None
@@ -114,6 +115,12 @@ def read_shard(
             seen.add(key)
             yield rec
     except Exception as e:  # an unreadable or truncated tar: report it, keep what was read
+        if storage.is_transient(e) or isinstance(e, PermissionError):
+            # The store failed, not the shard: fail the task rather than commit a wrong
+            # reject (nothing of this shard is committed; a retry or rerun reads it again).
+            raise storage.StorageError(
+                f"cannot read shard {url}: {type(e).__name__}: {storage.redact(str(e))[:200]}"
+            ) from e
         kind = "truncated_shard" if seen else "unreadable_shard"
         yield {
             "key": "",

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import braceexpand
 import fsspec
 
+from fiqa import storage
+
 ShardSpec = str | Sequence[str]
 
 
@@ -28,9 +30,28 @@ def is_remote(url: str) -> bool:
 
 
 def filesystem_for(url: str, storage_options: dict | None = None) -> fsspec.AbstractFileSystem:
-    """The fsspec filesystem for ``url`` (local or s3://)."""
+    """The fsspec filesystem for ``url`` (local or s3://).
+
+    Without ``storage_options``, those of `fiqa.storage.configure` (in the
+    driver) or of ``FSSPEC_S3`` (in Ray workers) apply.
+    """
     protocol = url.split("://", 1)[0] if is_remote(url) else "file"
-    return fsspec.filesystem(protocol, **(storage_options or {}))
+    opts = storage_options if storage_options is not None else storage.options()
+    return fsspec.filesystem(protocol, **opts)
+
+
+def _expand_remote(item: str, storage_options: dict | None) -> list[str]:
+    fs = filesystem_for(item, storage_options)
+    scheme = item.split("://", 1)[0]
+    if _has_glob(item):
+        return [f"{scheme}://{p}" for p in fs.glob(item) if p.endswith(".tar")]
+    try:
+        kind = fs.info(item)["type"]
+    except FileNotFoundError:
+        raise ShardSpecError(f"shard {item!r} does not exist") from None
+    if kind == "directory":
+        return [f"{scheme}://{p}" for p in fs.find(item) if p.endswith(".tar")]
+    return [item]
 
 
 def _has_glob(s: str) -> bool:
@@ -43,17 +64,8 @@ def _expand_one(pattern: str, storage_options: dict | None) -> list[str]:
     remote = is_remote(pattern)
     out: list[str] = []
     for item in braceexpand.braceexpand(pattern):
-        if remote:
-            fs = filesystem_for(item, storage_options)
-            scheme = item.split("://", 1)[0]
-            if _has_glob(item):
-                found = [f"{scheme}://{p}" for p in fs.glob(item) if p.endswith(".tar")]
-            elif fs.isdir(item):
-                found = [f"{scheme}://{p}" for p in fs.find(item) if p.endswith(".tar")]
-            elif fs.exists(item):
-                found = [item]
-            else:
-                raise ShardSpecError(f"shard {item!r} does not exist")
+        if remote:  # listing errors name the spec; transient ones are retried
+            found = storage.retry(lambda i=item: _expand_remote(i, storage_options), item, "list")
         else:
             item = os.path.expanduser(item)
             if _has_glob(item):

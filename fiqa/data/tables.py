@@ -1,8 +1,9 @@
 """The Arrow/Parquet tables a run produces, one part file per input shard.
 
-A table is a directory of Parquet part files, one per input shard, named
-after the shard, each written whole and only then renamed into place (or
-PUT in one request on object storage), so a part that exists is complete.
+A table is a directory (local or ``s3://``) of Parquet part files, one per
+input shard, named after the shard, each written whole and only then renamed
+into place (or PUT in one request on object storage; see `fiqa.storage`), so
+a part that exists is complete.
 
 Scored table (``labels/``): key, shard, image, label, raw_score, score, model_id, source
 Rejects table (``rejects/``): key, shard, reason
@@ -11,13 +12,12 @@ Rejects table (``rejects/``): key, shard, reason
 from __future__ import annotations
 
 import hashlib
-import os
 import posixpath
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
+
+from fiqa import storage
 
 SCORED_SCHEMA = pa.schema(
     [
@@ -43,37 +43,24 @@ def part_name(shard_url: str) -> str:
 
 def write_part(table: pa.Table, directory: str, name: str) -> str:
     """Write ``table`` as ``directory/name`` so that it appears complete or not at all."""
-    fs, root = fsspec.core.url_to_fs(directory)
-    fs.makedirs(root, exist_ok=True)
-    final = posixpath.join(root, name)
-    if isinstance(fs, LocalFileSystem):
-        tmp = final + ".tmp"
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, final)
-    else:  # object stores: one PUT of the whole object is atomic
-        with fs.open(final, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-    return final
+    url = storage.join(directory, name)
+    storage.atomic_write(url, lambda f: pq.write_table(table, f, compression="zstd"))
+    return url
 
 
 def list_parts(directory: str) -> list[str]:
     """Complete part files of a table directory (full paths / URLs), sorted."""
-    fs, root = fsspec.core.url_to_fs(directory)
-    if not fs.exists(root):
-        return []
-    paths = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".parquet"))
-    if "://" in directory:
-        scheme = directory.split("://", 1)[0]
-        return [f"{scheme}://{p}" if "://" not in p else p for p in paths]
-    return paths
+    return [p for p in storage.listdir(directory) if p.endswith(".parquet")]
+
+
+def read_part(url: str, columns: list[str] | None = None) -> pa.Table:
+    """One part file (local or s3://), only ``columns``; transient errors are retried."""
+    fs, path = storage.filesystem(url)
+    return storage.retry(lambda: pq.read_table(path, columns=columns, filesystem=fs), url, "read")
 
 
 def read_table(directory: str, columns: list[str] | None = None) -> pa.Table:
     parts = list_parts(directory)
     if not parts:
         raise FileNotFoundError(f"no parquet parts in {directory!r}")
-    fs, _ = fsspec.core.url_to_fs(directory)
-    tables = [
-        pq.read_table(fsspec.core.url_to_fs(p)[1], columns=columns, filesystem=fs) for p in parts
-    ]
-    return pa.concat_tables(tables)
+    return pa.concat_tables([read_part(p, columns) for p in parts])

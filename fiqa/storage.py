@@ -1,0 +1,432 @@
+"""Where a run's files live: local paths and ``s3://`` URLs behind one small API.
+
+Everything a run writes (tables, manifests, models, reports, plots, Ray Train
+checkpoints) goes through here, so a run directory may be a local folder or
+an ``s3://bucket/prefix`` and a new machine resumes a run from the bucket alone.
+
+* **Configuration.** Credentials come only from the standard AWS chain
+  (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``,
+  ``AWS_PROFILE`` and ``~/.aws``, instance roles). The optional ``storage.*``
+  config section adds the endpoint of an S3-compatible store, the region, the
+  addressing style and the retry budget. `configure` makes those the defaults
+  of every ``s3://`` filesystem in this process (fsspec's own per-protocol
+  defaults) and exports them, never the credentials, to the environment that
+  Ray workers inherit (`worker_env`).
+* **Commit protocol.** `write_bytes` / `atomic_write` make an object visible
+  only when complete: a local file is written under a temporary name and
+  renamed; an object store receives one PUT of the whole object (a PUT is
+  atomic per object). Multi-object outputs commit with a last object written
+  after the others (a stage's ``manifest.json``, a model's ``model.json``).
+* **Retries.** Each request is retried by botocore (adaptive mode,
+  ``storage.max_attempts``); each whole operation is retried here with
+  exponential backoff for ``storage.retry_seconds`` on transient errors
+  (connection refused or reset, timeouts, 5xx, throttling). A persistent or
+  non-transient error raises `StorageError` naming the object and the cause.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable
+from typing import IO, Any, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from fiqa.config import StorageConfig
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_config = StorageConfig()
+_options: dict[str, Any] = {}
+_exported: set[str] = set()  # environment variables `configure` set
+
+# Error codes and HTTP statuses that mean "try again later", not "this is wrong".
+_TRANSIENT_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestThrottled",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "PriorRequestNotComplete",
+    "BandwidthLimitExceeded",
+}
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
+class StorageError(OSError):
+    """A storage operation failed for good; the message names the object and the cause."""
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    """``base/part/...`` for local paths and URLs alike."""
+    out = base.rstrip("/") if base not in ("/", "") else base
+    for p in parts:
+        out = f"{out}/{p.strip('/')}" if out else p
+    return out
+
+
+def _s3_options(cfg: StorageConfig) -> dict[str, Any]:
+    """s3fs keyword arguments for ``cfg`` (no credentials: botocore finds those itself)."""
+    client: dict[str, Any] = {}
+    if cfg.endpoint_url:
+        client["endpoint_url"] = cfg.endpoint_url
+    if cfg.region:
+        client["region_name"] = cfg.region
+    botocore_cfg: dict[str, Any] = {
+        "retries": {"max_attempts": cfg.max_attempts, "mode": "adaptive"},
+        "connect_timeout": 10,
+        "read_timeout": 60,
+    }
+    if cfg.addressing_style != "auto":
+        botocore_cfg["s3"] = {"addressing_style": cfg.addressing_style}
+    # No listings cache: other processes (Ray workers, a previous attempt) write the
+    # same prefixes, and a stale listing would hide or resurrect committed parts.
+    opts: dict[str, Any] = {"config_kwargs": botocore_cfg, "use_listings_cache": False}
+    if client:
+        opts["client_kwargs"] = client
+    return opts
+
+
+def configure(cfg: StorageConfig | None) -> None:
+    """Make ``cfg`` the storage settings of this process (and of Ray workers started after)."""
+    global _config, _options
+    _config = cfg or StorageConfig()
+    _options = _s3_options(_config)
+    # fsspec applies these to every s3 filesystem it creates, so code that opens
+    # s3:// URLs without our options (model checkpoints, Ray Data) agrees with us.
+    for proto in ("s3", "s3a"):
+        fsspec.config.conf[proto] = dict(_options)
+    env = worker_env()
+    for stale in _exported - set(env):  # exported by an earlier configure, no longer set
+        os.environ.pop(stale, None)
+    os.environ.update(env)
+    _exported.clear()
+    _exported.update(env)
+
+
+def options() -> dict[str, Any]:
+    """The s3fs options in force, to hand explicitly to Ray tasks (e.g. ``ScoreJob``)."""
+    return json.loads(json.dumps(_options))
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for Ray workers: the non-secret storage settings, never credentials.
+
+    ``FSSPEC_S3`` carries the s3fs defaults (fsspec reads it at import);
+    ``AWS_ENDPOINT_URL_S3`` and ``AWS_REGION`` reach libraries that read only
+    the environment, such as pyarrow's S3 filesystem under Ray Data.
+    """
+    env = {"FSSPEC_S3": json.dumps(_options)}
+    if _config.endpoint_url:
+        env["AWS_ENDPOINT_URL_S3"] = _config.endpoint_url
+    if _config.region:
+        env["AWS_REGION"] = env["AWS_DEFAULT_REGION"] = _config.region
+    return env
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem holding ``url`` and the path of ``url`` on it."""
+    if not is_remote(url):
+        path = url[len("file://") :] if url.startswith("file://") else url
+        return LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    protocol, path = url.split("://", 1)
+    return fsspec.filesystem(protocol, **_options), path
+
+
+def redact(text: str) -> str:
+    """``text`` with any credential of the environment replaced by ``***``."""
+    for name in _SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out, seen = [], set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        out.append(e)
+        seen.add(id(e))
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return out
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is worth retrying: connection trouble, timeouts, 5xx, throttling."""
+    import botocore.exceptions as bexc
+
+    for e in _chain(exc):
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            return False
+        if isinstance(e, bexc.ClientError):
+            err = e.response.get("Error", {})
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            return err.get("Code") in _TRANSIENT_CODES or status >= 500 or status == 429
+        if isinstance(
+            e,
+            (
+                bexc.ConnectionError,  # endpoint refused, connection closed, timeouts
+                bexc.HTTPClientError,
+                bexc.IncompleteReadError,
+                bexc.ResponseStreamingError,
+                ConnectionError,
+                TimeoutError,
+            ),
+        ):
+            return True
+        if isinstance(e, OSError) and e.errno in (errno.EREMOTEIO, errno.ETIMEDOUT, errno.EAGAIN):
+            return True
+        if type(e).__module__.startswith("aiohttp") and "Connection" in type(e).__name__:
+            return True
+    return False
+
+
+def _is_io_error(exc: BaseException) -> bool:
+    return any(
+        isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("botocore", "aiohttp")
+        for e in _chain(exc)
+    )
+
+
+def _cause(exc: BaseException) -> str:
+    """The most specific message in the exception chain, without credentials."""
+    root = _chain(exc)[-1]
+    best = exc if str(exc) else root
+    return redact(f"{type(best).__name__}: {best}"[:500])
+
+
+def retry(fn: Callable[[], T], what: str, op: str = "access") -> T:
+    """Call ``fn`` until it succeeds, retrying transient storage errors with backoff.
+
+    Gives up after ``storage.retry_seconds`` with a `StorageError` naming
+    ``op`` and ``what`` (the object) and the cause. ``FileNotFoundError``
+    passes through unchanged (callers test for absence with it); other
+    non-transient errors become a `StorageError` at once.
+    """
+    start = time.monotonic()
+    delay, attempt = 0.5, 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except StorageError:
+            raise
+        except Exception as e:
+            elapsed = time.monotonic() - start
+            if not _is_io_error(e):  # our own errors (e.g. a bad spec) are not storage's
+                raise
+            if not is_transient(e):
+                hint = ""
+                if any(isinstance(c, PermissionError) for c in _chain(e)):
+                    hint = (
+                        " (access denied: check the credentials, AWS_ACCESS_KEY_ID / "
+                        "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, and the bucket's policy)"
+                    )
+                raise StorageError(f"cannot {op} {what}: {_cause(e)}{hint}") from e
+            if elapsed + delay > _config.retry_seconds:
+                raise StorageError(
+                    f"cannot {op} {what}: {_cause(e)} (gave up after {attempt} attempt(s) "
+                    f"in {elapsed:.0f} s; storage.retry_seconds={_config.retry_seconds:g})"
+                ) from e
+            log.warning(
+                "storage: %s %s failed (%s); retry %d in %.1f s",
+                op,
+                what,
+                _cause(e),
+                attempt,
+                delay,
+            )
+            time.sleep(delay * random.uniform(0.75, 1.25))
+            delay = min(delay * 2, 8.0)
+
+
+def exists(url: str) -> bool:
+    """A file, or a directory / prefix holding at least one object."""
+    fs, path = filesystem(url)
+    return retry(lambda: fs.exists(path), url, "check")
+
+
+def info(url: str) -> dict:
+    fs, path = filesystem(url)
+    return retry(lambda: fs.info(path), url, "stat")
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    return retry(lambda: fs.cat_file(path), url, "read")
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode()
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_bytes(url))
+
+
+def _write_local(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write(url: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``url`` with ``write(file)`` so that it appears complete or not at all."""
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        _write_local(path, write)
+        return
+    buf = io.BytesIO()
+    write(buf)
+    data = buf.getvalue()
+    try:
+        retry(lambda: fs.pipe_file(path, data), url, "write")  # one PUT: atomic
+    except FileNotFoundError as e:  # a write finds nothing missing but the bucket
+        raise StorageError(f"cannot write {url}: {_cause(e)}") from e
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    atomic_write(url, lambda f: f.write(data))
+
+
+def write_text(url: str, text: str) -> None:
+    write_bytes(url, text.encode())
+
+
+def write_json(url: str, obj: Any) -> None:
+    write_text(url, json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def put_file(local_path: str, url: str) -> None:
+    """Copy a local file to ``url`` (atomically, as `write_bytes`)."""
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        import shutil
+
+        def copy(f: IO[bytes]) -> None:
+            with open(local_path, "rb") as src:
+                shutil.copyfileobj(src, f)
+
+        _write_local(path, copy)
+        return
+    try:
+        retry(lambda: fs.put_file(local_path, path), url, "write")
+    except FileNotFoundError as e:
+        raise StorageError(f"cannot write {url}: {_cause(e)}") from e
+
+
+def rm(url: str, recursive: bool = True) -> None:
+    """Remove ``url`` (a file, or a directory / prefix and all under it); absent is fine."""
+    fs, path = filesystem(url)
+
+    def remove() -> None:
+        try:
+            fs.rm(path, recursive=recursive)
+        except FileNotFoundError:
+            pass
+
+    retry(remove, url, "delete")
+
+
+def makedirs(url: str) -> None:
+    """Create a local directory; object stores have no directories to create."""
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(path, exist_ok=True)
+
+
+def listdir(url: str) -> list[str]:
+    """Full paths / URLs of the entries directly under ``url``, sorted; [] if it is absent."""
+    fs, path = filesystem(url)
+
+    def ls() -> list[str]:
+        try:
+            return fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+
+    entries = retry(ls, url, "list")
+    if is_remote(url):
+        scheme = url.split("://", 1)[0]
+        entries = [e if "://" in e else f"{scheme}://{e}" for e in entries]
+    return sorted(entries)
+
+
+def publish(local_dir: str, url: str, files: list[str]) -> None:
+    """Copy ``files`` of ``local_dir`` to ``url``; the last one is the commit marker.
+
+    The marker is removed first and written last, so a reader that checks the
+    marker never sees a mix of an old and a new export.
+    """
+    rm(join(url, files[-1]), recursive=False)
+    rm(url)
+    makedirs(url)
+    for name in files:
+        put_file(os.path.join(local_dir, name), join(url, name))
+
+
+def ray_storage(url: str) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig``.
+
+    Local: an absolute path and no filesystem. Object storage: the bucket path
+    and a pyarrow filesystem over the same s3fs configuration as everything
+    else (endpoint, region, addressing, retries); credentials are not part of
+    it (each process resolves them itself).
+    """
+    if not is_remote(url):
+        return os.path.abspath(url), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = filesystem(url)
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
+def check_writable(url: str, what: str = "run_dir") -> None:
+    """Fail fast, with a clear message, if ``url`` cannot be written and deleted."""
+    if not is_remote(url):
+        try:
+            os.makedirs(url, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"{what} {url}: cannot create it: {e}") from None
+        return
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    probe = join(url, f".fiqa-write-check-{uuid.uuid4().hex[:12]}")
+    try:
+        write_bytes(probe, b"ok")
+        rm(probe, recursive=False)
+    except (FileNotFoundError, StorageError) as e:
+        if any(isinstance(c, FileNotFoundError) for c in _chain(e)):
+            raise StorageError(
+                f"{what} {url}: bucket {bucket!r} does not exist (or is not visible to these "
+                f"credentials); create it first"
+            ) from e
+        raise StorageError(f"{what} {url}: not writable: {e}") from e

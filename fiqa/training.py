@@ -3,36 +3,53 @@
 The data flow::
 
     Parquet parts (image bytes, score, source) --read_parquet--> Ray Data
-        --(CPU tasks: decode, resize, random crop + flip, per-source weight)-->
+        --(CPU tasks: decode, resize, random crop + flip, source id, loss weight)-->
         get_dataset_shard("train") on each worker --> DDP model
 
-The loop inside `train_loop_per_worker` is plain PyTorch: loss = weighted
-MSE + PLCC loss, AdamW, StepLR; after every epoch it validates on
-``labeled_val`` (predictions gathered from all workers), fits the
-4-parameter logistic that maps raw outputs to the MOS scale, and reports a
-checkpoint (model, optimiser, scheduler, epoch, best score, history) through
-`ray.train.report`. Ray Train keeps the best by (SRCC + PLCC) / 2 and
-restarts from the latest one after a failure.
+The loop inside `train_loop_per_worker` is plain PyTorch. A global batch of
+``train.batch_size`` rows is ``num_workers`` x ``accumulation steps``
+micro-batches of ``micro_batch_size`` rows; gradients synchronise once per
+global batch (DDP ``no_sync`` on the other micro-batches), so the update does
+not depend on how the batch is split between workers and steps. Loss =
+per-source weighted MSE + PLCC loss on standardised targets; AdamW; StepLR.
+After every epoch the loop validates on ``labeled_val`` (each worker scores
+its slice, predictions are gathered), fits the 4-parameter logistic that maps
+raw outputs to the MOS scale, writes TensorBoard scalars (rank 0) and reports
+a checkpoint (model, optimiser, scheduler, epoch, step, best score, config
+fingerprint, history) through `ray.train.report`. Ray Train keeps the best by
+(SRCC + PLCC) / 2 and, when a worker dies, restarts the worker group from the
+latest checkpoint (``FailureConfig``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
-import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fiqa.config import TrainConfig
+from fiqa.config import ConfigError, TrainConfig
 from fiqa.data.decode import decode_image
 from fiqa.data.tables import list_parts
 from fiqa.data.transforms import center_crop, random_crop_flip
 
+if TYPE_CHECKING:  # the module stays importable by data workers without torch
+    import torch
+
 log = logging.getLogger(__name__)
+
+# `*.pretrained_weights: timm` asks for timm's own hub weights: the only code path that downloads.
+TIMM_HUB_WEIGHTS = "timm"
+TB_STEP_EVERY = 10  # optimizer steps between TensorBoard points of the step loss
+MAX_FAILURES = 2  # worker-group restarts from the latest checkpoint before the run fails
 
 
 @dataclass
@@ -43,27 +60,60 @@ class TrainJob:
     resize: int
     train_tables: list[str]  # table directories (labels/ folders) to train on
     val_table: str
-    out_dir: str  # Ray Train storage and the exported best model live here
+    out_dir: str  # Ray Train storage, TensorBoard logs and the exported best model live here
     train: TrainConfig
     seed: int = 0
     init_checkpoint: str | None = None  # start from this model (e.g. the teacher)
-    pretrained_weights: str | None = None  # backbone initialisation
+    pretrained_weights: str | None = None  # backbone initialisation: a path, or "timm"
     config_fingerprint: str = ""
     max_pixels: int = 40_000_000
     extra_meta: dict = field(default_factory=dict)
 
 
-def decode_train_batch(batch: dict, resize: int, crop: int, weights: dict[str, float]) -> dict:
-    """Ray Data UDF: bytes -> randomly cropped and flipped uint8 pixels, target, loss weight."""
+def batch_plan(t: TrainConfig) -> tuple[int, int]:
+    """(rows per worker per micro-batch, accumulation steps) that make up the global batch."""
+    micro = t.micro_batch_size or t.batch_size // t.num_workers
+    if micro < 1 or t.batch_size % (t.num_workers * micro):
+        raise ConfigError(
+            f"batch_size: the global batch {t.batch_size} must divide evenly into "
+            f"num_workers={t.num_workers} x micro_batch_size={micro} x accumulation steps"
+        )
+    return micro, t.batch_size // (t.num_workers * micro)
+
+
+def effective_lr(t: TrainConfig) -> float:
+    """``lr`` as configured (``fixed``), or scaled from ``lr_reference_batch`` to ``batch_size``."""
+    if t.lr_scaling == "fixed":
+        return t.lr
+    if not t.lr_reference_batch:
+        raise ConfigError(f"lr_reference_batch: required with lr_scaling {t.lr_scaling}")
+    ratio = t.batch_size / t.lr_reference_batch
+    if t.lr_scaling == "linear":
+        return t.lr * ratio
+    if t.lr_scaling == "sqrt":
+        return t.lr * math.sqrt(ratio)
+    raise ConfigError(f"lr_scaling: expected fixed, linear or sqrt, got {t.lr_scaling!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data UDFs (CPU tasks; no torch)
+
+
+def decode_train_batch(
+    batch: dict, resize: int, crop: int, weights: dict[str, float], source_ids: dict[str, int]
+) -> dict:
+    """Bytes -> randomly cropped and flipped uint8 pixels, target, loss weight, source id."""
     rng = np.random.default_rng()
     n = len(batch["image"])
     pixels = np.empty((n, crop, crop, 3), dtype=np.uint8)
     for i, data in enumerate(batch["image"]):
         pixels[i] = random_crop_flip(decode_image(data, resize), crop, rng)
+    sources = [str(s) for s in batch["source"]]
     return {
         "pixels": pixels,
         "target": batch["score"].astype(np.float32),
-        "weight": np.array([weights.get(s, 1.0) for s in batch["source"]], dtype=np.float32),
+        "weight": np.array([weights.get(s, 1.0) for s in sources], dtype=np.float32),
+        "source_id": np.array([source_ids[s] for s in sources], dtype=np.int64),
     }
 
 
@@ -75,8 +125,196 @@ def decode_eval_batch(batch: dict, resize: int, crop: int) -> dict:
     return {"pixels": pixels, "target": batch["score"].astype(np.float32)}
 
 
-def _state_path(d: str) -> str:
-    return os.path.join(d, "train_state.pt")
+# ---------------------------------------------------------------------------------------------
+# The pieces of the train loop (plain PyTorch, testable without Ray)
+
+
+def build_model(job: TrainJob) -> torch.nn.Module:
+    """The job's starting model: an earlier checkpoint, pretrained backbone weights, or random.
+
+    Nothing is downloaded unless ``pretrained_weights`` is ``"timm"``: then timm fetches
+    its own pretrained weights for the architecture (network access needed on the workers).
+    """
+    from fiqa.models import load_checkpoint
+    from fiqa.models.checkpoint import load_pretrained_backbone
+    from fiqa.models.regressor import QualityRegressor
+
+    if job.init_checkpoint:
+        return load_checkpoint(job.init_checkpoint).model
+    model = QualityRegressor(job.arch, image_size=job.image_size)
+    if job.pretrained_weights == TIMM_HUB_WEIGHTS:
+        import timm
+
+        from fiqa.models.regressor import _accepts_img_size
+
+        size = {"img_size": job.image_size} if _accepts_img_size(job.arch) else {}
+        hub = timm.create_model(job.arch, pretrained=True, num_classes=0, global_pool="avg", **size)
+        model.backbone.load_state_dict(hub.state_dict())
+    elif job.pretrained_weights:
+        load_pretrained_backbone(model, job.pretrained_weights)
+    return model
+
+
+class GradAccumulator:
+    """Forward and backward of micro-batches; gradients synchronise once per global batch.
+
+    Each micro-batch loss is divided by the accumulation steps and DDP averages
+    over workers, so a global batch's gradient is the mean of its micro-batch
+    gradients however they are split: 2 workers x 1 step and 1 worker x 2 steps
+    give the same update. Per-source squared errors and row counts accumulate
+    on the device (no host sync per step) for the epoch's metrics.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        accum_steps: int,
+        num_sources: int,
+        target_mean: float,
+        target_std: float,
+        plcc_weight: float = 1.0,
+        autocast_bf16: bool = False,
+        channels_last: bool = False,
+    ):
+        import torch
+
+        self.model = model
+        self.accum_steps = accum_steps
+        self.num_sources = num_sources
+        self.mean, self.std = target_mean, target_std
+        self.plcc_weight = plcc_weight
+        self.autocast_bf16 = autocast_bf16
+        self.channels_last = channels_last
+        self.micro_batches = 0
+        device = next(model.parameters()).device
+        self.device_type = device.type
+        # [loss sum, micro-batches, rows, squared error per source..., rows per source...]
+        self.stats = torch.zeros(3 + 2 * num_sources, dtype=torch.float64, device=device)
+        self.last_loss: torch.Tensor | None = None
+
+    def backward(self, batch: dict[str, torch.Tensor]) -> bool:
+        """Forward + backward one micro-batch; True when a global batch is complete and synced."""
+        import torch
+
+        from fiqa.losses import fiqa_loss
+        from fiqa.models.inputs import to_model_input
+
+        self.micro_batches += 1
+        complete = self.micro_batches % self.accum_steps == 0
+        no_sync = getattr(self.model, "no_sync", None)
+        # Gradients all-reduce on the last micro-batch of a global batch only.
+        sync = contextlib.nullcontext() if complete or no_sync is None else no_sync()
+        with sync:
+            x = to_model_input(batch["pixels"], channels_last=self.channels_last)
+            with torch.autocast(self.device_type, torch.bfloat16, enabled=self.autocast_bf16):
+                pred = self.model(x)
+            # Standardised targets: no label scale (1-5, 0-100) needs its own learning rate;
+            # the logistic fitted after each epoch maps outputs back to MOS.
+            target = (batch["target"].float() - self.mean) / self.std
+            loss = fiqa_loss(pred, target, batch.get("weight"), self.plcc_weight)
+            (loss / self.accum_steps).backward()
+        with torch.no_grad():
+            se = (pred.detach().float().flatten() - target) ** 2
+            sid = batch["source_id"].to(se.device)
+            s, k = self.num_sources, len(se)
+            self.stats[0] += loss.detach()
+            self.stats[1] += 1
+            self.stats[2] += k
+            self.stats[3 : 3 + s] += torch.bincount(sid, weights=se, minlength=s)[:s]
+            self.stats[3 + s :] += torch.bincount(sid, minlength=s)[:s]
+        self.last_loss = loss.detach()
+        return complete
+
+    def epoch_stats(self, sources: list[str]) -> dict[str, Any]:
+        """The epoch's loss and per-source MSE, summed over all workers (a collective call)."""
+        import torch.distributed as dist
+
+        stats = self.stats.clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stats)
+        v = stats.cpu().numpy()
+        s = len(sources)
+        se, rows = v[3 : 3 + s], v[3 + s :]
+        return {
+            "train_loss": float(v[0] / v[1]) if v[1] else float("nan"),
+            "rows": int(v[2]),
+            "loss_by_source": {
+                src: float(se[i] / rows[i]) for i, src in enumerate(sources) if rows[i]
+            },
+            "rows_by_source": {src: int(rows[i]) for i, src in enumerate(sources) if rows[i]},
+        }
+
+
+class TensorBoardLog:
+    """Rank 0's TensorBoard scalars, complete on disk after every `flush` (once an epoch).
+
+    tensorboardX writes events from a background queue that only `close` drains,
+    so each flush closes the current events file and the next scalar opens a new
+    one (TensorBoard reads every file in the folder). When the run directory is on
+    object storage the files are written locally and copied there on flush.
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        self.remote = "://" in url and not url.startswith("file://")
+        self.local = tempfile.mkdtemp(prefix="fiqa-tb-") if self.remote else url
+        self.writer: Any = None
+        self.files = 0
+        self.uploaded: set[str] = set()
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            from tensorboardX import SummaryWriter
+
+            self.files += 1
+            suffix = f".{os.getpid()}.{self.files}"  # unique even within one second
+            self.writer = SummaryWriter(self.local, filename_suffix=suffix)
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.remote:
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(self.url)
+            for name in sorted(set(os.listdir(self.local)) - self.uploaded):  # closed files only
+                fs.put_file(os.path.join(self.local, name), f"{root.rstrip('/')}/{name}")
+                self.uploaded.add(name)
+
+    def close(self) -> None:
+        self.flush()
+        if self.remote:
+            import shutil
+
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
+def _tb_scalars(row: dict) -> dict[str, float]:
+    out = {
+        "train/loss": row["train_loss"],
+        "train/lr": row["lr"],
+        "train/images_per_s": row["images_per_s"],
+        "train/data_wait_frac": row["data_wait_frac"],
+        "val/srcc": row["val_srcc"],
+        "val/plcc": row["val_plcc"],
+        "val/score": row["score"],
+    }
+    out.update({f"train/mse_{s}": v for s, v in row["loss_by_source"].items()})
+    return out
+
+
+def _flat_metrics(row: dict) -> dict:
+    """Ray Train's metrics are flat: nested per-source dicts become ``mse_<source>`` keys."""
+    flat = {k: v for k, v in row.items() if not isinstance(v, dict)}
+    flat.update({f"mse_{s}": v for s, v in row["loss_by_source"].items()})
+    return flat
+
+
+STATE_FILE = "train_state.pt"
+HISTORY_FILE = "history.json"
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -86,89 +324,104 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
     from ray.train.torch import get_device, prepare_model
 
-    from fiqa.losses import fiqa_loss
     from fiqa.metrics import fit_logistic, quality_metrics
     from fiqa.models import load_checkpoint, save_checkpoint
-    from fiqa.models.checkpoint import load_pretrained_backbone
     from fiqa.models.inputs import to_model_input
-    from fiqa.models.regressor import QualityRegressor
 
     job = TrainJob(**{**config["job"], "train": TrainConfig(**config["job"]["train"])})
-    t = job.train
+    t, sources = job.train, config["sources"]
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     torch.manual_seed(job.seed)
     torch.set_num_threads(t.torch_threads or max(1, (os.cpu_count() or 1) // t.num_workers))
     device = get_device()
     cuda = device.type == "cuda"
+    micro, accum = batch_plan(t)
 
-    if job.init_checkpoint:
-        model = load_checkpoint(job.init_checkpoint).model
-    else:
-        model = QualityRegressor(job.arch, image_size=job.image_size)
-        if job.pretrained_weights:
-            load_pretrained_backbone(model, job.pretrained_weights)
+    model = build_model(job)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     model = prepare_model(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=effective_lr(t), weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=t.lr_step_epochs, gamma=t.lr_gamma)
-    start_epoch, best, history = 0, -np.inf, []
+    start_epoch, best, step, restarts, history = 0, -np.inf, 0, 0, []
 
     resume = ray.train.get_checkpoint()
     if resume:
         with resume.as_directory() as d:
-            state = torch.load(_state_path(d), map_location="cpu", weights_only=True)
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
             weights = load_checkpoint(d).model.state_dict()
+            with open(os.path.join(d, HISTORY_FILE)) as f:
+                history = json.load(f)
+        if state["config_fingerprint"] != job.config_fingerprint:
+            raise RuntimeError(
+                f"{job.name}: the checkpoint to resume from was trained with another config "
+                f"(fingerprint {state['config_fingerprint']}, now {job.config_fingerprint}); "
+                f"remove {job.out_dir}/ray_train to start over"
+            )
         getattr(model, "module", model).load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        start_epoch, best = state["epoch"] + 1, state["best"]
-        history = json.loads(state["history"])
+        start_epoch, best, step = state["epoch"] + 1, state["best"], state["step"]
+        restarts = state["restarts"] + 1
         if rank == 0:
-            log.info("%s: resuming from epoch %d (best %.4f)", job.name, start_epoch, best)
+            log.info("%s: resuming after epoch %d (best %.4f)", job.name, start_epoch, best)
 
-    per_worker = t.batch_size // t.num_workers
+    tb = TensorBoardLog(config["tensorboard_dir"]) if rank == 0 else None
+    step_kw = dict(
+        target_mean=config["target_mean"],
+        target_std=config["target_std"],
+        plcc_weight=t.plcc_loss_weight,
+        autocast_bf16=cuda and t.precision == "bf16",
+        channels_last=cuda,
+    )
     for epoch in range(start_epoch, t.epochs):
-        import time
-
-        t0 = time.perf_counter()
         model.train()
-        losses, seen = [], 0
-        for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=per_worker,
-            local_shuffle_buffer_size=t.shuffle_buffer or None,
-            drop_last=True,
-            device=device,
-        ):
-            x = to_model_input(batch["pixels"], channels_last=cuda)
-            with torch.autocast(device.type, torch.bfloat16, enabled=cuda):
-                pred = model(x)
-            # The network regresses standardised targets, so no label scale (1-5, 0-100)
-            # needs its own learning rate; the logistic fitted below maps back to MOS.
-            target = (batch["target"] - config["target_mean"]) / config["target_std"]
-            loss = fiqa_loss(pred, target, batch["weight"], t.plcc_loss_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            seen += len(x)
-        sched.step()
+        acc = GradAccumulator(model, accum, len(sources), **step_kw)
+        lr = opt.param_groups[0]["lr"]
+        steps_before, waited = step, 0.0
+        t0 = time.perf_counter()
+        batches = iter(
+            ray.train.get_dataset_shard("train").iter_torch_batches(
+                batch_size=micro,
+                local_shuffle_buffer_size=t.shuffle_buffer or None,
+                drop_last=True,  # equal splits + drop_last: every worker takes the same steps
+                device=device,
+                pin_memory=cuda,
+            )
+        )
+        while True:
+            w0 = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - w0
+            if batch is None:
+                break
+            if acc.backward(batch):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                if tb and step % TB_STEP_EVERY == 0:
+                    tb.scalars({"train/loss_step": float(acc.last_loss)}, step)
+        opt.zero_grad(set_to_none=True)  # an incomplete last global batch is dropped
+        if cuda:
+            torch.cuda.synchronize()
         train_time = time.perf_counter() - t0
+        sched.step()
+        stats = acc.epoch_stats(sources)
 
         model.eval()
         preds, targets = [], []
         with torch.inference_mode():
-            for batch in ray.train.get_dataset_shard("val").iter_torch_batches(
-                batch_size=per_worker, device=device
+            for batch in ray.train.get_dataset_shard(f"val_{rank}").iter_torch_batches(
+                batch_size=micro, device=device
             ):
-                with torch.autocast(device.type, torch.bfloat16, enabled=cuda):
+                with torch.autocast(device.type, torch.bfloat16, enabled=step_kw["autocast_bf16"]):
                     out = model(to_model_input(batch["pixels"], channels_last=cuda))
                 preds.append(out.float().cpu().numpy())
                 targets.append(batch["target"].cpu().numpy())
         local = (
-            np.concatenate(preds) if preds else np.zeros(0),
-            np.concatenate(targets) if targets else np.zeros(0),
+            np.concatenate(preds) if preds else np.zeros(0, np.float32),
+            np.concatenate(targets) if targets else np.zeros(0, np.float32),
         )
         if world > 1:
             gathered = [None] * world
@@ -182,18 +435,24 @@ def train_loop_per_worker(config: dict) -> None:
         best = max(best, score)
         row = {
             "epoch": epoch + 1,
-            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "train_loss": stats["train_loss"],
+            "loss_by_source": stats["loss_by_source"],  # MSE on standardised targets
+            "rows_by_source": stats["rows_by_source"],
             "val_srcc": m["srcc"],
             "val_plcc": m["plcc"],
             "val_krcc": m["krcc"],
             "val_rmse": m["rmse"],
             "score": score,
             "best_score": best,
-            "lr": opt.param_groups[0]["lr"],
-            "images_per_s": seen * world / max(train_time, 1e-9),
+            "lr": lr,
+            "steps": step - steps_before,
+            "images_per_s": stats["rows"] / max(train_time, 1e-9),
+            "data_wait_frac": waited / max(train_time, 1e-9),  # of rank 0's training time
+            "train_seconds": train_time,
+            "restarts": restarts,
         }
         history.append(row)
-        if rank == 0:
+        if tb:
             log.info(
                 "%s epoch %d/%d: loss %.4f val SRCC %.4f PLCC %.4f (%.0f img/s)",
                 job.name,
@@ -204,6 +463,8 @@ def train_loop_per_worker(config: dict) -> None:
                 m["plcc"],
                 row["images_per_s"],
             )
+            tb.scalars(_tb_scalars(row), epoch + 1)
+            tb.flush()
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
@@ -215,6 +476,7 @@ def train_loop_per_worker(config: dict) -> None:
                     "name": job.name,
                     "epoch": epoch + 1,
                     "val": m,
+                    "score": score,
                     "calibration": calib.to_dict() if calib else None,
                     "config_fingerprint": job.config_fingerprint,
                     "target_mean": config["target_mean"],
@@ -227,30 +489,148 @@ def train_loop_per_worker(config: dict) -> None:
                         "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(),
                         "epoch": epoch,
+                        "step": step,
                         "best": best,
-                        "history": json.dumps(history),
+                        "restarts": restarts,
+                        "config_fingerprint": job.config_fingerprint,
                     },
-                    _state_path(d),
+                    os.path.join(d, STATE_FILE),
                 )
+                with open(os.path.join(d, HISTORY_FILE), "w") as f:
+                    json.dump(history, f, indent=2)
                 checkpoint = Checkpoint.from_directory(d)
-            ray.train.report(row, checkpoint=checkpoint)
+            ray.train.report(_flat_metrics(row), checkpoint=checkpoint)
+    if tb:
+        tb.close()
 
 
-def target_stats(tables: list[str]) -> tuple[float, float]:
-    """Mean and standard deviation of the ``score`` column over the training tables."""
+# ---------------------------------------------------------------------------------------------
+# The driver side
+
+
+@dataclass
+class TableStats:
+    target_mean: float
+    target_std: float
+    rows_by_source: dict[str, int]
+
+
+def table_stats(tables: list[str]) -> TableStats:
+    """Mean and standard deviation of ``score`` and row counts per ``source`` over the tables."""
+    import fsspec
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     total, total_sq, n = 0.0, 0.0, 0
+    rows: dict[str, int] = {}
     for d in tables:
         for p in list_parts(d):
-            col = pq.read_table(p, columns=["score"]).column("score").to_numpy(zero_copy_only=False)
-            col = col.astype(np.float64)
+            fs, path = fsspec.core.url_to_fs(p)
+            tab = pq.read_table(path, columns=["score", "source"], filesystem=fs)
+            col = tab.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
             col = col[~np.isnan(col)]
             total, total_sq, n = total + col.sum(), total_sq + (col**2).sum(), n + len(col)
+            for vc in pc.value_counts(tab.column("source")).to_pylist():
+                rows[str(vc["values"])] = rows.get(str(vc["values"]), 0) + int(vc["counts"])
     if n < 2:
         raise RuntimeError(f"need at least 2 labeled rows to train, found {n} in {tables}")
     mean = total / n
-    return float(mean), float(max(np.sqrt(max(total_sq / n - mean**2, 0.0)), 1e-6))
+    std = float(max(np.sqrt(max(total_sq / n - mean**2, 0.0)), 1e-6))
+    return TableStats(float(mean), std, dict(sorted(rows.items())))
+
+
+def check_train_resources(t: TrainConfig) -> None:
+    """Refuse a plan whose train workers would leave no CPU for the decode tasks feeding them.
+
+    Ray Data's decode tasks take 1 CPU each. Train workers that hold every CPU of
+    the cluster leave them none and the run hangs; that is refused, with advice.
+    """
+    import ray
+
+    res = ray.cluster_resources()
+    workers_cpu = t.num_workers * t.cpus_per_worker
+    if workers_cpu + 1 > res.get("CPU", 0.0) + 1e-9:
+        raise ConfigError(
+            f"train: {t.num_workers} worker(s) x {t.cpus_per_worker} CPU + 1 CPU for decoding "
+            f"exceeds the cluster's {res.get('CPU', 0.0):g} CPUs; the workers would starve "
+            f"the decode tasks. Lower num_workers or cpus_per_worker (fractions are fine)."
+        )
+    if t.use_gpu and res.get("GPU", 0.0) < t.num_workers:
+        log.warning(
+            "train asks for %d GPU worker(s) but the cluster has %g GPU now; "
+            "training starts once an autoscaler adds them",
+            t.num_workers,
+            res.get("GPU", 0.0),
+        )
+
+
+@dataclass
+class RunPaths:
+    """Where one training run reads and writes: everything storage-specific lives here."""
+
+    storage: str  # Ray Train's storage_path (checkpoints)
+    tensorboard: str
+    model: str  # the exported best model
+    history: str
+
+
+def run_paths(job: TrainJob) -> RunPaths:
+    out = job.out_dir.rstrip("/")
+    storage = out if "://" in out else os.path.abspath(out)
+    return RunPaths(
+        storage=f"{storage}/ray_train",
+        tensorboard=f"{storage}/tensorboard",
+        model=f"{out}/model",
+        history=f"{out}/{HISTORY_FILE}",
+    )
+
+
+def check_pretrained(path: str | None) -> None:
+    """Fail before Ray starts when the pretrained weights file is missing."""
+    if not path or path == TIMM_HUB_WEIGHTS:
+        return
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"pretrained_weights {path!r} not found")
+
+
+def check_resumable(paths: RunPaths, job: TrainJob) -> None:
+    """Refuse to resume from checkpoints that another config wrote.
+
+    Ray Train resumes a run from the checkpoints under its storage path and name
+    (after a crash of the driver, the stage's rerun continues training); they
+    must come from the same training config.
+    """
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(f"{paths.storage}/{job.name}")
+    for meta_path in fs.glob(f"{root}/checkpoint_*/model.json"):
+        with fs.open(meta_path) as f:
+            found = json.load(f).get("config_fingerprint")
+        if found != job.config_fingerprint:
+            raise RuntimeError(
+                f"{job.name}: {paths.storage} holds checkpoints of another config "
+                f"(fingerprint {found}, now {job.config_fingerprint}); remove it to start over"
+            )
+
+
+def export_best(result: Any, paths: RunPaths) -> tuple[dict, list[dict]]:
+    """Copy the best checkpoint's model to ``paths.model`` and the history to ``paths.history``."""
+    from fiqa import storage
+
+    best_ckpt, _ = max(result.best_checkpoints, key=lambda cm: cm[1]["score"])
+    with best_ckpt.as_directory() as d:
+        # weights first, model.json last (and removed first): the JSON marks a complete model
+        storage.publish(d, paths.model, ["model.safetensors", "model.json"])
+        with open(os.path.join(d, "model.json")) as f:
+            meta = json.load(f)
+    with result.checkpoint.as_directory() as d:
+        with open(os.path.join(d, HISTORY_FILE)) as f:
+            history = json.load(f)
+    storage.write_text(paths.history, json.dumps(history, indent=2))
+    return meta, history
 
 
 def fit(job: TrainJob) -> dict:
@@ -261,24 +641,63 @@ def fit(job: TrainJob) -> dict:
     from ray.train.torch import TorchTrainer
 
     from fiqa.models.registry import resolve_spec
+    from fiqa.storage import ray_storage
 
     job = dataclasses.replace(job, arch=resolve_spec(job.arch).arch)  # registry name -> timm name
     t = job.train
+    micro, accum = batch_plan(t)
+    check_pretrained(job.pretrained_weights)
+    check_train_resources(t)
+    paths = run_paths(job)
+    check_resumable(paths, job)
+
     parts = [p for d in job.train_tables for p in list_parts(d)]
     val_parts = list_parts(job.val_table)
     if not parts or not val_parts:
         raise RuntimeError(
             f"{job.name}: no training or validation data ({job.train_tables}, {job.val_table})"
         )
-    columns = ["image", "score", "source"]
-    train_ds = ray.data.read_parquet(parts, columns=columns, shuffle="files").map_batches(
-        decode_train_batch,
-        batch_size=128,
-        fn_kwargs={"resize": job.resize, "crop": job.image_size, "weights": t.source_weights},
+    stats = table_stats(job.train_tables)
+    sources = sorted(stats.rows_by_source)
+    if job.init_checkpoint:  # keep the target scale the initial weights were trained for
+        from fiqa.models.checkpoint import read_meta
+
+        init_meta = read_meta(job.init_checkpoint)
+        mean, std = init_meta["target_mean"], init_meta["target_std"]
+    else:
+        mean, std = stats.target_mean, stats.target_std
+    log.info(
+        "%s: %d rows %s; global batch %d = %d worker(s) x %d rows x %d step(s); lr %.3g",
+        job.name,
+        sum(stats.rows_by_source.values()),
+        stats.rows_by_source,
+        t.batch_size,
+        t.num_workers,
+        micro,
+        accum,
+        effective_lr(t),
     )
-    # The labeled validation set is small and the same every epoch: decode it once.
+
+    # select_columns is pushed down into the Parquet read: only these columns are read.
+    train_ds = (
+        ray.data.read_parquet(parts, shuffle="files")
+        .select_columns(["image", "score", "source"])
+        .map_batches(
+            decode_train_batch,
+            batch_size=128,
+            fn_kwargs={
+                "resize": job.resize,
+                "crop": job.image_size,
+                "weights": t.source_weights,
+                "source_ids": {s: i for i, s in enumerate(sources)},
+            },
+        )
+    )
+    # The labeled validation set is small and the same every epoch: decode it once, and
+    # give every worker a fixed slice of it (whole rows, none dropped).
     val_ds = (
-        ray.data.read_parquet(val_parts, columns=["image", "score"])
+        ray.data.read_parquet(val_parts)
+        .select_columns(["image", "score"])
         .map_batches(
             decode_eval_batch,
             batch_size=128,
@@ -286,18 +705,19 @@ def fit(job: TrainJob) -> dict:
         )
         .materialize()
     )
-    if job.init_checkpoint:  # keep the target scale the initial weights were trained for
-        from fiqa.models.checkpoint import read_meta
+    n_val = val_ds.count()
+    cuts = [round(n_val * i / t.num_workers) for i in range(1, t.num_workers)]
+    val_slices = val_ds.split_at_indices(cuts) if cuts else [val_ds]
 
-        init_meta = read_meta(job.init_checkpoint)
-        mean, std = init_meta["target_mean"], init_meta["target_std"]
-    else:
-        mean, std = target_stats(job.train_tables)
-    storage = os.path.abspath(os.path.join(job.out_dir, "ray_train"))
-    job_dict = asdict(job)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job_dict, "target_mean": mean, "target_std": std},
+        train_loop_config={
+            "job": asdict(job),
+            "target_mean": mean,
+            "target_std": std,
+            "sources": sources,
+            "tensorboard_dir": paths.tensorboard,
+        },
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,
@@ -305,40 +725,30 @@ def fit(job: TrainJob) -> dict:
         ),
         run_config=RunConfig(
             name=job.name,
-            storage_path=storage,
+            # local path, or bucket path + filesystem: checkpoints go to the run directory
+            storage_path=ray_storage(paths.storage)[0],
+            storage_filesystem=ray_storage(paths.storage)[1],
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="score", checkpoint_score_order="max"
             ),
-            failure_config=FailureConfig(max_failures=2),
+            failure_config=FailureConfig(max_failures=MAX_FAILURES),
         ),
-        datasets={"train": train_ds, "val": val_ds},
-        # One worker reads the whole dataset: no split coordinator between it and the data.
+        datasets={"train": train_ds, **{f"val_{i}": v for i, v in enumerate(val_slices)}},
+        # Only the training stream is split; one worker reads it without a split coordinator.
         dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train", "val"] if t.num_workers > 1 else []
+            datasets_to_split=["train"] if t.num_workers > 1 else []
         ),
     )
     result = trainer.fit()
     if result.error:
         raise result.error
-    best_ckpt, _ = max(result.best_checkpoints, key=lambda cm: cm[1]["score"])
-    model_dir = os.path.join(job.out_dir, "model")
-    shutil.rmtree(model_dir, ignore_errors=True)
-    with best_ckpt.as_directory() as d:
-        os.makedirs(model_dir)
-        for f in ("model.safetensors", "model.json"):
-            shutil.copy(os.path.join(d, f), model_dir)
-    with result.checkpoint.as_directory() as d:
-        import torch
-
-        history = json.loads(torch.load(_state_path(d), weights_only=True)["history"])
-    with open(os.path.join(job.out_dir, "history.json"), "w") as f:
-        json.dump(history, f, indent=2)
-    with open(os.path.join(model_dir, "model.json")) as f:
-        meta = json.load(f)
+    meta, history = export_best(result, paths)
     return {
-        "model": model_dir,
+        "model": paths.model,
         "best_epoch": meta["epoch"],
         "val": meta["val"],
         "epochs": len(history),
+        "restarts": history[-1].get("restarts", 0) if history else 0,
         "train_parts": len(parts),
+        "rows_by_source": stats.rows_by_source,
     }

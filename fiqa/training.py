@@ -446,10 +446,10 @@ def train_loop_per_worker(config: dict) -> None:
             "best_score": best,
             "lr": lr,
             "steps": step - steps_before,
-            "images_per_s": stats["rows"] / max(train_time, 1e-9),
+            "images_per_s": stats["rows"] / max(train_time, 1e-9),  # all workers, training loop
             "data_wait_frac": waited / max(train_time, 1e-9),  # of rank 0's training time
             "train_seconds": train_time,
-            "restarts": restarts,
+            "restarts": restarts,  # resumes from a checkpoint so far (worker failure or rerun)
         }
         history.append(row)
         if tb:

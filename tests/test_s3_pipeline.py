@@ -29,18 +29,13 @@ import torch
 import yaml
 from s3_server import SECRET_KEY, clean_env
 
+from fiqa.pipelines import STAGE_NAMES
+
 from conftest import fiqa_cmd, tiny_config, write_tar
 
 pytestmark = pytest.mark.slow
 
-STAGES = [
-    "train_teacher",
-    "pseudo_label_1",
-    "train_teacher_plus",
-    "pseudo_label_2",
-    "distill_student",
-    "evaluate",
-]
+STAGES = STAGE_NAMES
 U1_SHARDS, U1_SHARD_SIZE = 12, 16  # small shards: a kill lands between shard commits
 OUTAGE_S = 8.0
 

@@ -30,17 +30,11 @@ import yaml
 from fiqa.cli import main
 from fiqa.cluster import submit
 from fiqa.config import ConfigError, from_dict
+from fiqa.pipelines import STAGE_NAMES
 
 from conftest import REPO, fiqa_cmd, subprocess_env, tiny_config
 
-STAGES = [
-    "train_teacher",
-    "pseudo_label_1",
-    "train_teacher_plus",
-    "pseudo_label_2",
-    "distill_student",
-    "evaluate",
-]
+STAGES = STAGE_NAMES
 
 
 def free_port() -> int:

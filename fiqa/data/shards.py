@@ -17,16 +17,13 @@ import braceexpand
 import fsspec
 
 from fiqa import storage
+from fiqa.storage import is_remote
 
 ShardSpec = str | Sequence[str]
 
 
 class ShardSpecError(ValueError):
     """A shard spec names nothing, or names something that is not a shard."""
-
-
-def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
 
 
 def filesystem_for(url: str, storage_options: dict | None = None) -> fsspec.AbstractFileSystem:

@@ -500,7 +500,7 @@ def label_shards(
     same model resumes (only uncommitted shards are scored), a rerun with
     another model into the same directory is refused rather than mixing the two.
     """
-    from fiqa.data.shards import expand_shard_spec, filesystem_for
+    from fiqa.data.shards import expand_shard_spec
 
     shards = expand_shard_spec(shard_spec, storage_options)
     job = job_for_model(
@@ -521,25 +521,21 @@ def label_shards(
         "calibration": job.calibration.to_dict() if job.calibration else None,
         "source": source,
     }
-    fs = filesystem_for(out_dir, storage_options)
-    record_path = f"{out_dir.rstrip('/')}/label_job.json"
-    if fs.exists(record_path):
-        with fs.open(record_path) as f:
-            before = json.loads(f.read())
-        if {k: before.get(k) for k in ("model_id", "calibration", "source")} != {
-            k: record[k] for k in ("model_id", "calibration", "source")
-        }:
+    from fiqa import storage
+
+    record_path = storage.join(out_dir, "label_job.json")
+    keys = ("model_id", "calibration", "source")
+    if storage.exists(record_path):
+        before = storage.read_json(record_path)
+        if {k: before.get(k) for k in keys} != {k: record[k] for k in keys}:
             raise ConfigError(
                 f"{out_dir} holds labels from {before.get('model_id')} "
                 f"(source {before.get('source')!r}); this job would write {job.model_id} "
                 f"(source {source!r}). Use another --output, or delete it to start over."
             )
     else:
-        fs.makedirs(out_dir, exist_ok=True)
-        with fs.open(record_path, "w") as f:
-            f.write(json.dumps(record, indent=2))
+        storage.write_json(record_path, record)
     stats = run_score_job(job, progress=progress, on_start=on_start)
     stats["model_id"] = job.model_id
-    with fs.open(f"{out_dir.rstrip('/')}/label_summary.json", "w") as f:
-        f.write(json.dumps(stats, indent=2))
+    storage.write_json(storage.join(out_dir, "label_summary.json"), stats)
     return stats

@@ -138,8 +138,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     storage.configure(StorageConfig(endpoint_url=args.endpoint_url))
     calibration = None
     if args.calibration:
-        with open(args.calibration) as f:
-            raw = json.load(f)
+        raw = storage.read_json(args.calibration)  # local or s3://
         calibration = Logistic4.from_dict(raw.get("calibration", raw))
     stats = label_shards(
         args.model,

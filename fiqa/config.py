@@ -59,7 +59,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    torch_threads: int | None = None  # intra-op threads per worker; None: all cores / workers
+    torch_threads: int | None = None  # intra-op threads per worker; None: its cpus_per_worker
     init_from: str = "scratch"  # scratch | teacher (teacher_plus only)
     source_weights: dict[str, float] = field(default_factory=dict)  # per-source loss weights
     shuffle_buffer: int = 512  # rows; training starts once the buffer is full
@@ -82,6 +82,9 @@ class LabelConfig:
     decode_cpus: float = 1.0  # per decode task
     decode_memory_mb: int = 512  # reserved (Ray's logical memory) per decode task
     compile: bool = False  # torch.compile the model in each actor (pays off on GPUs, long jobs)
+    # Object store the stream may fill with decoded batches waiting for the actors. It bounds
+    # memory whatever the pool's size; None: 4 decoded blocks per actor, at least 128 MB.
+    buffer_mb: int | None = None
 
     def actor_range(self) -> tuple[int, int]:
         """(min, max) actors of the scoring pool."""
@@ -286,6 +289,8 @@ def check_label_config(lc: LabelConfig, where: str) -> None:
         raise ConfigError(f"{where}.num_gpus: must be >= 0, got {lc.num_gpus}")
     if lc.decode_memory_mb < 1:
         raise ConfigError(f"{where}.decode_memory_mb: must be >= 1, got {lc.decode_memory_mb}")
+    if lc.buffer_mb is not None and lc.buffer_mb < 16:
+        raise ConfigError(f"{where}.buffer_mb: must be >= 16 (or null for automatic)")
     if lc.decode_cpus <= 0 or lc.num_cpus < 0:
         raise ConfigError(f"{where}: decode_cpus must be > 0 and num_cpus >= 0")
 

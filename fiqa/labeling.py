@@ -409,6 +409,15 @@ def resolve_resources(cfg: LabelConfig, with_model: bool) -> LabelConfig:
     return cfg
 
 
+def stream_buffer_bytes(cfg: LabelConfig, crop: int, mean_image_bytes: int = 16_384) -> int:
+    """Object store bytes a scoring stream may hold: ``cfg.buffer_mb``, or 4 decoded blocks
+    per actor (pixels plus the encoded images they travel with), at least 128 MB."""
+    if cfg.buffer_mb is not None:
+        return cfg.buffer_mb * 2**20
+    block = ROWS_PER_BATCH * (crop * crop * 3 + mean_image_bytes)
+    return max(128 * 2**20, 4 * cfg.actor_range()[1] * block)
+
+
 def run_score_job(
     job: ScoreJob, progress: bool = True, on_start: Callable[[], None] | None = None
 ) -> dict:
@@ -454,6 +463,11 @@ def run_score_job(
             num_cpus=label_cfg.num_cpus,
             num_gpus=label_cfg.num_gpus or None,
         )
+    # Without a bound, decoding runs ahead of slow actors until Ray Data's share of the object
+    # store is full, so memory grows with the pool up to that share; bounded, it stays flat.
+    ds.context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
+        object_store_memory=stream_buffer_bytes(label_cfg, job.crop if with_model else 0)
+    )
     collector = ShardCollector(job, scored_keys_of(job.out_dir) if done else None)
     bar = tqdm(total=len(todo), unit="shard", desc=f"score {job.source}", disable=not progress)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -333,7 +333,9 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     torch.manual_seed(job.seed)
-    torch.set_num_threads(t.torch_threads or max(1, (os.cpu_count() or 1) // t.num_workers))
+    # Ray's convention: as many threads as the CPUs the worker reserved. More would compete
+    # with the decode tasks that feed it (and with other workers on the node).
+    torch.set_num_threads(t.torch_threads or max(1, round(t.cpus_per_worker)))
     device = get_device()
     cuda = device.type == "cuda"
     micro, accum = batch_plan(t)

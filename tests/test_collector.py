@@ -3,6 +3,7 @@
 import numpy as np
 import pyarrow.parquet as pq
 
+from fiqa.config import LabelConfig
 from fiqa.data.tables import list_parts, part_name
 from fiqa.labeling import (
     ROWS_PER_BATCH,
@@ -10,6 +11,7 @@ from fiqa.labeling import (
     ShardCollector,
     committed_shards,
     read_and_decode,
+    stream_buffer_bytes,
 )
 from fiqa.metrics import Logistic4
 
@@ -91,3 +93,11 @@ def test_labeled_rows_keep_their_label_as_score(tmp_path):
     t = pq.read_table(list_parts(str(tmp_path / "o/labels")))
     assert t.column("score").to_pylist() == t.column("label").to_pylist()
     assert t.column("raw_score").null_count == 3
+
+
+def test_stream_buffer_is_bounded_by_the_actors_not_the_pool():
+    small = stream_buffer_bytes(LabelConfig(concurrency=1), crop=112)
+    assert small == 128 * 2**20  # the floor: a few blocks of 112 px images fit in it
+    block = ROWS_PER_BATCH * (448 * 448 * 3 + 16_384)
+    assert stream_buffer_bytes(LabelConfig(concurrency=[2, 8]), crop=448) == 4 * 8 * block
+    assert stream_buffer_bytes(LabelConfig(buffer_mb=64), crop=448) == 64 * 2**20

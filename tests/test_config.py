@@ -58,6 +58,10 @@ def test_semantic_checks():
         from_dict(minimal(train_teacher={"batch_size": 10, "num_workers": 3}))
     with pytest.raises(ConfigError, match="init_from"):
         from_dict(minimal(train_teacher_plus={"init_from": "nowhere"}))
+    with pytest.raises(ConfigError, match="pseudo_label.buffer_mb"):
+        from_dict(minimal(pseudo_label={"buffer_mb": 1}))
+    with pytest.raises(ConfigError, match="pseudo_label.concurrency"):
+        from_dict(minimal(pseudo_label={"concurrency": [4, 2]}))
 
 
 def test_overrides_parse_yaml_values():

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import math
 import re
-import tarfile
 from collections.abc import Iterator
 
 from fiqa import storage
 from fiqa.data.decode import RejectedSample, pick_image
 from fiqa.data.shards import filesystem_for
+from fiqa.data.tar_stream import TruncatedShard, iter_tar
+
+__all__ = ["TruncatedShard", "read_shard", "split_key"]
 
 
 def _parse_label(meta: bytes | None, label_field: str) -> tuple[float | None, str | None]:
@@ -51,41 +53,36 @@ def split_key(name: str) -> tuple[str | None, str | None]:
     return (m.group(1), m.group(2)) if m else (None, None)
 
 
-class TruncatedShard(Exception):
-    pass
-
-
 def _samples(url: str, storage_options: dict | None) -> Iterator[dict]:
     """Group the tar's files into samples by key, the WebDataset way.
 
-    Python's tarfile treats a tar cut short at a header as a clean end, so
-    two checks make truncation visible: every member's data has its declared
-    size, and the archive ends with its end-of-archive blocks.
+    `iter_tar` makes truncation visible: a member shorter than its header
+    says, or an archive without its end-of-archive blocks, raises.
     """
     fs = filesystem_for(url, storage_options)
     size = storage.retry(lambda: fs.size(url), url, "stat")
+    current: dict | None = None
     with fs.open(url, "rb") as stream:
-        tar = tarfile.open(fileobj=stream, mode="r|")
-        current: dict | None = None
-        for info in tar:
-            if not info.isreg():
-                continue
-            key, ext = split_key(info.name)
-            data = tar.extractfile(info).read()
-            if len(data) != info.size:
-                raise TruncatedShard(f"{info.name}: {len(data)} of {info.size} bytes")
-            if key is None or key.startswith("__"):
-                continue
-            ext = ext.lower()
-            if current is None or key != current["__key__"]:
-                if current is not None:
-                    yield current
-                current = {"__key__": key}
-            current[ext] = data
+        try:
+            for name, data in iter_tar(stream, size):
+                key, ext = split_key(name)
+                if key is None or key.startswith("__"):
+                    continue
+                ext = ext.lower()
+                if current is None or key != current["__key__"]:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key}
+                current[ext] = data
+        except TruncatedShard as e:
+            # The sample before the cut is whole unless the cut member is one of its files.
+            if current is not None and (
+                e.member is None or split_key(e.member)[0] != current["__key__"]
+            ):
+                yield current
+            raise
         if current is not None:
             yield current
-        if size < tar.offset + 2 * tarfile.BLOCKSIZE:
-            raise TruncatedShard(f"no end-of-archive marker after byte {tar.offset} of {size}")
 
 
 def read_shard(

@@ -11,19 +11,34 @@ from fiqa.config import RayConfig
 
 log = logging.getLogger(__name__)
 
+_may_grow = False  # set by ensure_ray; a Ray started elsewhere in this process counts as fixed
+
+
+def cluster_may_grow() -> bool:
+    """Whether the joined cluster may add nodes: resource checks then warn instead of refusing."""
+    return _may_grow
+
+
+def may_grow(cfg: RayConfig, address: str | None) -> bool:
+    """``ray.autoscaling`` when set; else a joined cluster may grow and a local Ray may not."""
+    return cfg.autoscaling if cfg.autoscaling is not None else bool(address)
+
 
 def ensure_ray(cfg: RayConfig) -> None:
     """Initialise Ray once per process according to ``cfg``.
 
     With no address a local Ray is started, sized to this machine (or to
     ``ray.num_cpus``). Inside a Ray job (``RAY_ADDRESS`` set by the Jobs API)
-    the job's cluster is joined.
+    the job's cluster is joined; it may autoscale (``ray.autoscaling``, by
+    default true for a joined cluster), so plans larger than it only warn.
     """
     import ray
 
+    global _may_grow
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    _may_grow = may_grow(cfg, address)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     # The driver's working directory is the project checkout: keep Ray from
     # shipping it to workers, which already import the installed package.

@@ -97,6 +97,9 @@ class RayConfig:
     address: str | None = None  # None: start a local Ray for this run
     num_cpus: int | None = None
     object_store_memory: int | None = None
+    # May the cluster grow (an autoscaler adds nodes)? Then plans larger than the cluster now
+    # only warn. None: yes when joining a cluster (address / RAY_ADDRESS), no for a local Ray.
+    autoscaling: bool | None = None
 
 
 @dataclass

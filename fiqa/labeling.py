@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from fiqa.cluster.local import cluster_may_grow
 from fiqa.config import ConfigError, LabelConfig
 from fiqa.data.decode import RejectedSample, decode_image
 from fiqa.data.reader import read_shard
@@ -393,11 +394,18 @@ def resolve_resources(cfg: LabelConfig, with_model: bool) -> LabelConfig:
     _, max_actors = cfg.actor_range()
     actors_cpu = max_actors * cfg.num_cpus if with_model else 0.0
     if actors_cpu + cfg.decode_cpus > total_cpu + 1e-9:
-        raise ConfigError(
+        need = (
             f"pseudo_label: {max_actors} actor(s) x {cfg.num_cpus} CPU + {cfg.decode_cpus} CPU "
-            f"for decoding exceeds the cluster's {total_cpu:g} CPUs; the actors would starve the "
-            f"decode tasks. Lower pseudo_label.concurrency or pseudo_label.num_cpus."
+            f"for decoding exceeds the cluster's {total_cpu:g} CPUs"
         )
+        if cluster_may_grow():
+            log.warning("%s now; the actors start as an autoscaler adds nodes", need)
+        else:
+            raise ConfigError(
+                f"{need}; the actors would starve the decode tasks. Lower "
+                f"pseudo_label.concurrency or pseudo_label.num_cpus (on a cluster that "
+                f"autoscales, set ray.autoscaling: true)."
+            )
     if with_model and cfg.num_gpus and max_actors * cfg.num_gpus > total_gpu + 1e-9:
         log.warning(
             "scoring asks for up to %d actor(s) x %g GPU but the cluster has %g GPU now; "

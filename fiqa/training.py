@@ -552,14 +552,23 @@ def check_train_resources(t: TrainConfig) -> None:
     """
     import ray
 
+    from fiqa.cluster.local import cluster_may_grow
+
     res = ray.cluster_resources()
     workers_cpu = t.num_workers * t.cpus_per_worker
     if workers_cpu + 1 > res.get("CPU", 0.0) + 1e-9:
-        raise ConfigError(
+        need = (
             f"train: {t.num_workers} worker(s) x {t.cpus_per_worker} CPU + 1 CPU for decoding "
-            f"exceeds the cluster's {res.get('CPU', 0.0):g} CPUs; the workers would starve "
-            f"the decode tasks. Lower num_workers or cpus_per_worker (fractions are fine)."
+            f"exceeds the cluster's {res.get('CPU', 0.0):g} CPUs"
         )
+        if cluster_may_grow():
+            log.warning("%s now; training starts as an autoscaler adds nodes", need)
+        else:
+            raise ConfigError(
+                f"{need}; the workers would starve the decode tasks. Lower num_workers or "
+                f"cpus_per_worker (fractions are fine; on a cluster that autoscales, set "
+                f"ray.autoscaling: true)."
+            )
     if t.use_gpu and res.get("GPU", 0.0) < t.num_workers:
         log.warning(
             "train asks for %d GPU worker(s) but the cluster has %g GPU now; "

@@ -37,3 +37,28 @@ def test_an_autoscaling_pool_is_planned_by_its_maximum(two_cpu_ray):
 def test_without_a_model_only_decoding_needs_cpus(two_cpu_ray):
     cfg = resolve_resources(LabelConfig(concurrency=4, num_cpus=1, decode_cpus=2), with_model=False)
     assert cfg.decode_cpus == 2
+
+
+def test_on_a_cluster_that_may_grow_a_large_plan_only_warns(two_cpu_ray, monkeypatch, caplog):
+    """KubeRay: the GPU group starts at 0 replicas, so the plan exceeds the cluster at first."""
+    from fiqa.cluster import local
+    from fiqa.config import TrainConfig
+    from fiqa.training import check_train_resources
+
+    monkeypatch.setattr(local, "_may_grow", True)
+    with caplog.at_level("WARNING"):
+        cfg = resolve_resources(LabelConfig(concurrency=[1, 4], num_cpus=2), with_model=True)
+        check_train_resources(TrainConfig(num_workers=4, cpus_per_worker=6))
+    assert cfg.concurrency == [1, 4]
+    assert "as an autoscaler adds nodes" in caplog.text
+    assert "training starts as an autoscaler adds nodes" in caplog.text
+
+
+def test_a_joined_cluster_may_grow_unless_the_config_says_otherwise():
+    from fiqa.cluster.local import may_grow
+    from fiqa.config import RayConfig
+
+    assert may_grow(RayConfig(), address="ray://head:10001")  # a RayJob, fiqa submit
+    assert not may_grow(RayConfig(autoscaling=False), address="ray://head:10001")
+    assert not may_grow(RayConfig(), address=None)  # the local Ray fiqa starts
+    assert may_grow(RayConfig(autoscaling=True), address=None)

@@ -70,8 +70,7 @@ class StageContext:
 
 def _shard_fingerprint(urls: list[str]) -> str:
     h = hashlib.sha256()
-    for u in urls:
-        info = storage.info(u)
+    for u, info in zip(urls, storage.infos(urls), strict=True):
         stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
         h.update(f"{u}|{info.get('size')}|{stamp}\n".encode())
     return h.hexdigest()[:16]

@@ -273,6 +273,34 @@ def info(url: str) -> dict:
     return retry(lambda: fs.info(path), url, "stat")
 
 
+def infos(urls: list[str]) -> list[dict]:
+    """`info` of many objects, in order. On object storage, one listing per prefix (a
+    request per 1,000 objects) replaces a HEAD per object: 10,000 shards are stat-ed in
+    seconds rather than minutes. Objects a listing does not show are stat-ed one by one."""
+    out: dict[str, dict] = {}
+    by_parent: dict[str, list[str]] = {}
+    for u in urls:
+        if is_remote(u):
+            by_parent.setdefault(u.rsplit("/", 1)[0], []).append(u)
+    for parent, members in by_parent.items():
+        if len(members) < 2:
+            continue
+        fs, path = filesystem(parent)
+
+        def ls(fs=fs, path=path) -> list[dict]:
+            try:
+                return fs.ls(path, detail=True, refresh=True)
+            except FileNotFoundError:
+                return []
+
+        listed = {e["name"].rstrip("/").split("/")[-1]: e for e in retry(ls, parent, "list")}
+        for u in members:
+            entry = listed.get(u.rsplit("/", 1)[1])
+            if entry is not None and entry.get("type") == "file":
+                out[u] = entry
+    return [out[u] if u in out else info(u) for u in urls]
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     return retry(lambda: fs.cat_file(path), url, "read")

@@ -124,6 +124,21 @@ def test_shard_specs_on_object_storage(s3, s3_server, tmp_path):
         expand_shard_spec(f"{s3}/d/*.zip")
 
 
+def test_many_objects_are_stated_with_one_listing(s3, s3_server, tmp_path):
+    fs = s3_server.fs()
+    bucket = s3.removeprefix("s3://")
+    for i in range(5):
+        fs.pipe(f"{bucket}/many/s{i}.tar", b"x" * (i + 1))
+    fs.pipe(f"{bucket}/other/alone.tar", b"abc")
+    urls = [f"{s3}/many/s{i}.tar" for i in (3, 0, 4)] + [f"{s3}/other/alone.tar"]
+    batched = storage.infos(urls)
+    single = [storage.info(u) for u in urls]
+    assert [b["size"] for b in batched] == [4, 1, 5, 3] == [x["size"] for x in single]
+    assert [b["ETag"] for b in batched] == [x["ETag"] for x in single]
+    with pytest.raises(FileNotFoundError):  # one the listing lacks is stat-ed, and missing
+        storage.infos([f"{s3}/many/s0.tar", f"{s3}/many/gone.tar"])
+
+
 def test_storage_config_is_checked_and_outside_stage_fingerprints():
     from fiqa.config import ConfigError
     from fiqa.pipelines import STAGES

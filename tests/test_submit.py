@@ -122,7 +122,12 @@ def test_job_config_makes_local_paths_absolute(tmp_path, monkeypatch):
     assert shipped["teacher"]["pretrained_weights"] == str(tmp_path / "w/teacher.safetensors")
     assert shipped["student"]["pretrained_weights"] is None
     # the job's driver joins its own cluster; the rest of the config is unchanged
-    assert shipped["ray"] == {"address": None, "num_cpus": 2, "object_store_memory": None}
+    assert shipped["ray"] == {
+        "address": None,
+        "num_cpus": 2,
+        "object_store_memory": None,
+        "autoscaling": None,  # the job joins via RAY_ADDRESS: a cluster that may grow
+    }
     assert from_dict(shipped).train_teacher == cfg.train_teacher
     s3 = submit.job_config(from_dict(minimal_config(run_dir="s3://bucket/runs/x")))
     assert s3["run_dir"] == "s3://bucket/runs/x"

@@ -16,8 +16,8 @@ checkpointing, which the column "fixed cost" reports separately. Ray's time per
 epoch does include its per-epoch cost of restarting the streaming read. "Best
 epoch" is the fastest of those epochs: on a machine shared with other work it
 is the less disturbed figure. Every run uses the same torch threads
-(``--threads``; default: the engine's default, the CPUs a worker reserves: 1
-here, the other core is the decode tasks').
+(``--threads``; default: the engine's default for one worker on a local Ray,
+every CPU but the decode tasks' one: 1 on a 2-core machine).
 
     python benchmarks/train_throughput.py                       # small, CPU, minutes
     python benchmarks/train_throughput.py --rows 4096 --epochs 4 --image-size 64
@@ -236,8 +236,8 @@ def main() -> None:
             "train": write_table(f"{tmp}/train", "labeled_train", args.rows, args.draw, 8),
             "val": write_table(f"{tmp}/val", "labeled_val", 64, args.draw, 1),
         }
-        # the engine's default for one worker: the CPUs it reserves (see ray_train)
-        threads = args.threads or max(1, round(1.0 if args.gpu else min(1.0, max(cpus - 1, 0.5))))
+        # the engine's default for one worker on a local Ray: every CPU but decoding's one
+        threads = args.threads or (1 if args.gpu else max(1, cpus - 1))
         print(f"plain PyTorch loop ({args.loader_workers} loader workers, {threads} threads)")
         results = {"plain": {"epochs": plain_loop(args, tables["train"], threads)}}
         ray.init(

@@ -333,9 +333,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     torch.manual_seed(job.seed)
-    # Ray's convention: as many threads as the CPUs the worker reserved. More would compete
-    # with the decode tasks that feed it (and with other workers on the node).
-    torch.set_num_threads(t.torch_threads or max(1, round(t.cpus_per_worker)))
+    torch.set_num_threads(config["torch_threads"])
     device = get_device()
     cuda = device.type == "cuda"
     micro, accum = batch_plan(t)
@@ -578,6 +576,23 @@ def check_train_resources(t: TrainConfig) -> None:
         )
 
 
+def worker_threads(t: TrainConfig) -> int:
+    """Intra-op threads per Train worker: ``torch_threads``, else the CPUs it reserved (Ray's
+    convention for ``OMP_NUM_THREADS``). On the local Ray, whose CPUs are all known, the
+    workers share every CPU but the one the decode tasks need, when that is more."""
+    import ray
+
+    from fiqa.cluster.local import cluster_may_grow
+
+    if t.torch_threads:
+        return t.torch_threads
+    reserved = max(1, round(t.cpus_per_worker))
+    if t.use_gpu or cluster_may_grow():
+        return reserved
+    spare = int(ray.cluster_resources().get("CPU", 1) - 1) // t.num_workers
+    return max(reserved, spare)
+
+
 @dataclass
 class RunPaths:
     """Where one training run reads and writes: everything storage-specific lives here."""
@@ -733,6 +748,7 @@ def fit(job: TrainJob) -> dict:
             "target_std": std,
             "sources": sources,
             "tensorboard_dir": paths.tensorboard,
+            "torch_threads": worker_threads(t),
         },
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,

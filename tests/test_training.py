@@ -39,6 +39,7 @@ from fiqa.training import (
     effective_lr,
     fit,
     table_stats,
+    worker_threads,
 )
 
 SOURCES = ["labeled", "pseudo_u1"]
@@ -428,6 +429,17 @@ def test_workers_that_would_starve_decoding_are_refused(two_cpu_ray):
     with pytest.raises(ConfigError, match="starve"):
         check_train_resources(TrainConfig(num_workers=2, cpus_per_worker=1.0))
     check_train_resources(TrainConfig(num_workers=2, cpus_per_worker=0.5))
+
+
+def test_worker_threads_follow_the_reserved_cpus_or_the_local_machine(two_cpu_ray, monkeypatch):
+    from fiqa.cluster import local
+
+    # the local 2-CPU Ray: one CPU decodes, the other is the worker's
+    assert worker_threads(TrainConfig(num_workers=1, cpus_per_worker=1.0)) == 1
+    assert worker_threads(TrainConfig(num_workers=2, cpus_per_worker=0.5)) == 1
+    assert worker_threads(TrainConfig(torch_threads=3)) == 3
+    monkeypatch.setattr(local, "_may_grow", True)  # a cluster: Ray's convention
+    assert worker_threads(TrainConfig(num_workers=4, cpus_per_worker=6.0)) == 6
 
 
 @pytest.fixture(scope="module")

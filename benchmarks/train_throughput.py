@@ -17,7 +17,7 @@ epoch does include its per-epoch cost of restarting the streaming read. "Best
 epoch" is the fastest of those epochs: on a machine shared with other work it
 is the less disturbed figure. Every run uses the same torch threads
 (``--threads``; default: the engine's default for one worker on a local Ray,
-every CPU but the decode tasks' one: 1 on a 2-core machine).
+all its CPUs: 2 on a 2-core machine, sharing the cores with decoding).
 
     python benchmarks/train_throughput.py                       # small, CPU, minutes
     python benchmarks/train_throughput.py --rows 4096 --epochs 4 --image-size 64
@@ -236,8 +236,8 @@ def main() -> None:
             "train": write_table(f"{tmp}/train", "labeled_train", args.rows, args.draw, 8),
             "val": write_table(f"{tmp}/val", "labeled_val", 64, args.draw, 1),
         }
-        # the engine's default for one worker on a local Ray: every CPU but decoding's one
-        threads = args.threads or (1 if args.gpu else max(1, cpus - 1))
+        # the engine's default for one worker on a local Ray: all its CPUs
+        threads = args.threads or (1 if args.gpu else cpus)
         print(f"plain PyTorch loop ({args.loader_workers} loader workers, {threads} threads)")
         results = {"plain": {"epochs": plain_loop(args, tables["train"], threads)}}
         ray.init(

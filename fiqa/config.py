@@ -59,8 +59,8 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    # intra-op threads per worker; None: its cpus_per_worker (on the local Ray: the CPUs
-    # beyond decoding's one, shared among the workers, when that is more)
+    # intra-op threads per worker; None: its cpus_per_worker (on the local Ray: all its
+    # CPUs shared among the workers, when that is more)
     torch_threads: int | None = None
     init_from: str = "scratch"  # scratch | teacher (teacher_plus only)
     source_weights: dict[str, float] = field(default_factory=dict)  # per-source loss weights

@@ -434,8 +434,8 @@ def test_workers_that_would_starve_decoding_are_refused(two_cpu_ray):
 def test_worker_threads_follow_the_reserved_cpus_or_the_local_machine(two_cpu_ray, monkeypatch):
     from fiqa.cluster import local
 
-    # the local 2-CPU Ray: one CPU decodes, the other is the worker's
-    assert worker_threads(TrainConfig(num_workers=1, cpus_per_worker=1.0)) == 1
+    # the local 2-CPU Ray: the workers share both (the decode tasks share them too)
+    assert worker_threads(TrainConfig(num_workers=1, cpus_per_worker=1.0)) == 2
     assert worker_threads(TrainConfig(num_workers=2, cpus_per_worker=0.5)) == 1
     assert worker_threads(TrainConfig(torch_threads=3)) == 3
     monkeypatch.setattr(local, "_may_grow", True)  # a cluster: Ray's convention

@@ -169,7 +169,7 @@ class Scorer:
         ok = batch["reason"] == ""
         raw = np.full(len(ok), np.nan, dtype=np.float64)
         if ok.any():
-            x = torch.from_numpy(np.ascontiguousarray(pixels[ok])).to(
+            x = torch.from_numpy(np.ascontiguousarray(pixels if ok.all() else pixels[ok])).to(
                 self.device, non_blocking=True
             )
             cuda = self.device.type == "cuda"

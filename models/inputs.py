@@ -13,8 +13,10 @@ _STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
 
 def to_model_input(pixels: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """uint8 NHWC -> normalised float NCHW, on the tensor's device."""
-    x = pixels.permute(0, 3, 1, 2).float()
-    x = (x - _MEAN.to(x.device)) / _STD.to(x.device)
+    # In place on the fresh float copy: one pass less over the batch than (x - m) / s.
+    # The permuted view keeps NHWC memory (channels_last), which CPU convolutions prefer too.
+    x = pixels.permute(0, 3, 1, 2).to(torch.float32, copy=True)
+    x.sub_(_MEAN.to(x.device)).div_(_STD.to(x.device))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x

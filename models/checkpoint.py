@@ -3,7 +3,8 @@
 ``model.json`` says what built the weights (architecture, input size,
 normalisation), how to read its output (calibration to the MOS scale) and
 where it came from (training config fingerprint). Loading never unpickles:
-weights are safetensors, metadata is JSON.
+weights are safetensors, metadata is JSON. Reads go through `fiqa.storage`,
+so a checkpoint in object storage is read with its retries of transient errors.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from fiqa import storage
 from fiqa.metrics import Logistic4
 from fiqa.models.inputs import IMAGENET_MEAN, IMAGENET_STD
 from fiqa.models.regressor import QualityRegressor
@@ -65,10 +67,8 @@ def save_checkpoint(path: str, model: nn.Module, meta: dict[str, Any]) -> None:
 
 
 def read_meta(path: str) -> dict[str, Any]:
-    fs, root = fsspec.core.url_to_fs(path)
     try:
-        with fs.open(_join(root, "model.json")) as f:
-            return json.loads(f.read())
+        return storage.read_json(_join(path, "model.json"))
     except FileNotFoundError:
         raise FileNotFoundError(f"no checkpoint at {path!r} (model.json missing)") from None
 
@@ -83,9 +83,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Load
     """Rebuild the model a checkpoint describes and load its weights."""
     meta = read_meta(path)
     model = QualityRegressor(meta["arch"], image_size=int(meta["image_size"]))
-    fs, root = fsspec.core.url_to_fs(path)
-    with fs.open(_join(root, "model.safetensors"), "rb") as f:
-        state = load_safetensors(f.read())
+    state = load_safetensors(storage.read_bytes(_join(path, "model.safetensors")))
     model.load_state_dict(state)
     model.to(map_location).eval()
     return LoadedModel(model, meta)
@@ -97,9 +95,7 @@ def load_pretrained_backbone(model: QualityRegressor, path: str) -> None:
     Head and classifier weights in the file are ignored; a file that matches
     none of the backbone's parameters is an error rather than a silent no-op.
     """
-    fs, root = fsspec.core.url_to_fs(path)
-    with fs.open(root, "rb") as f:
-        blob = f.read()
+    blob = storage.read_bytes(path)
     if path.endswith(".safetensors"):
         state = load_safetensors(blob)
     else:

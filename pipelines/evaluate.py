@@ -56,7 +56,7 @@ def run(ctx: StageContext) -> dict:
     histories: dict[str, list] = {}
     for name, sub in MODELS.items():
         model_dir = storage.join(ctx.run_dir, sub, "model")
-        loaded = storage.retry(lambda d=model_dir: load_checkpoint(d), model_dir, "load model")
+        loaded = load_checkpoint(model_dir)
         out = ctx.dir() + f"/predictions/{name}"
         counts = run_score_job(
             ScoreJob(

@@ -18,20 +18,16 @@ def pseudo_label(ctx: StageContext, pool: str, model_stage: str, source: str) ->
     cfg = ctx.cfg
     model_dir = f"{ctx.dir(model_stage)}/model"
     shards = ctx.shards(pool)
-    job = storage.retry(  # reads the model's model.json, perhaps from object storage
-        lambda: job_for_model(
-            model_dir,
-            shards,
-            ctx.dir(),
-            source,
-            label=cfg.pseudo_label,
-            model_id=f"{model_stage}:{ctx.manifests[model_stage]['output_id'][:12]}",
-            label_field=cfg.data.label_field,
-            max_pixels=cfg.data.max_image_pixels,
-            min_side=cfg.data.min_image_side,
-            storage_options=storage.options(),  # explicit: Ray workers read the shards
-        ),
+    job = job_for_model(
         model_dir,
-        "read model",
+        shards,
+        ctx.dir(),
+        source,
+        label=cfg.pseudo_label,
+        model_id=f"{model_stage}:{ctx.manifests[model_stage]['output_id'][:12]}",
+        label_field=cfg.data.label_field,
+        max_pixels=cfg.data.max_image_pixels,
+        min_side=cfg.data.min_image_side,
+        storage_options=storage.options(),  # explicit: Ray workers read the shards
     )
     return run_score_job(job)

@@ -43,10 +43,12 @@ from typing import Any
 import braceexpand
 import numpy as np
 
+from fiqa import storage
 from fiqa.data.decode import RejectedSample, decode_image
 from fiqa.data.reader import read_shard
-from fiqa.data.shards import expand_shard_spec, filesystem_for, is_remote
+from fiqa.data.shards import expand_shard_spec
 from fiqa.data.transforms import center_crop
+from fiqa.storage import is_remote
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 OUTPUT_FORMATS = (".csv", ".parquet", ".json", ".jsonl")
@@ -107,10 +109,10 @@ def model_kind(path: str) -> str:
     if path.endswith(".onnx"):
         return "onnx"
     if is_remote(path):
-        fs = filesystem_for(path)
-        if fs.isdir(path):
+        fs, key = storage.filesystem(path)
+        if fs.isdir(key):
             return "checkpoint"
-        with fs.open(path, "rb") as f:
+        with fs.open(key, "rb") as f:
             head = f.read(4)
         return "torchscript" if head.startswith(b"PK") else "onnx"
     if os.path.isdir(path):
@@ -119,17 +121,9 @@ def model_kind(path: str) -> str:
     return "torchscript" if zipfile.is_zipfile(path) else "onnx"
 
 
-def _read_bytes(path: str) -> bytes:
-    if is_remote(path):
-        with filesystem_for(path).open(path, "rb") as f:
-            return f.read()
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def _sidecar(path: str) -> dict[str, Any] | None:
     try:
-        return json.loads(_read_bytes(path + ".json"))
+        return json.loads(storage.read_bytes(path + ".json"))
     except (FileNotFoundError, ValueError):
         return None
 
@@ -185,7 +179,7 @@ def _open_torchscript(path: str, device: str) -> Predictor:
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream
         try:
             module = torch.jit.load(
-                io.BytesIO(_read_bytes(path)), map_location=dev, _extra_files=extra
+                io.BytesIO(storage.read_bytes(path)), map_location=dev, _extra_files=extra
             )
         except RuntimeError as e:
             raise ValueError(f"{path}: not a TorchScript file ({str(e).splitlines()[0]})") from None
@@ -220,7 +214,7 @@ def _open_onnx(path: str, device: str) -> Predictor:
     opts.log_severity_level = 3  # errors only: ORT warns about unused initialisers otherwise
     # Decode threads share the cores: spinning pool threads starve them (2-5x slower on 2 cores).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    source = _read_bytes(path) if is_remote(path) else path
+    source = storage.read_bytes(path) if is_remote(path) else path
     try:
         session = ort.InferenceSession(source, sess_options=opts, providers=providers)
     except Exception as e:  # ORT raises its own error types on files that are not ONNX
@@ -274,7 +268,7 @@ def resolve_inputs(items: Iterable[str]) -> list[tuple[str, str]]:
     for item in items:
         if is_remote(item):
             if item.lower().endswith(IMAGE_EXTENSIONS):
-                if not filesystem_for(item).exists(item):
+                if not storage.exists(item):
                     raise FileNotFoundError(f"input {item!r} does not exist")
                 out.append(("file", item))
             else:
@@ -330,9 +324,10 @@ def prepare(
     data = rec["image"]
     if data is None:
         try:
-            data = _read_bytes(rec["path"])
-        except OSError as e:
-            return None, f"unreadable_file: {type(e).__name__}"
+            data = storage.read_bytes(rec["path"])
+        except OSError as e:  # named by the OS or store error, not by storage's wrapper
+            cause = e.__cause__ if isinstance(e, storage.StorageError) and e.__cause__ else e
+            return None, f"unreadable_file: {type(cause).__name__}"
     try:
         return center_crop(decode_image(data, resize, max_pixels, min_side), crop), None
     except RejectedSample as e:

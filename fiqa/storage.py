@@ -143,13 +143,23 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem holding ``url`` and the path of ``url`` on it."""
+def filesystem(
+    url: str, storage_options: dict[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem holding ``url`` and the path of ``url`` on it.
+
+    ``storage_options`` replaces the options of `configure` for a remote ``url``
+    (Ray tasks receive the driver's explicitly, e.g. ``ScoreJob.storage_options``);
+    without them, an ``s3://`` filesystem gets those of `configure` (in the driver)
+    or of ``FSSPEC_S3`` (in Ray workers, through fsspec's defaults).
+    """
     if not is_remote(url):
         path = url[len("file://") :] if url.startswith("file://") else url
         return LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
     protocol, path = url.split("://", 1)
-    return fsspec.filesystem(protocol, **_options), path
+    if storage_options is None:
+        storage_options = _options if protocol in ("s3", "s3a") else {}
+    return fsspec.filesystem(protocol, **storage_options), path
 
 
 def redact(text: str) -> str:

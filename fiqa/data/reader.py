@@ -16,7 +16,6 @@ from collections.abc import Iterator
 
 from fiqa import storage
 from fiqa.data.decode import RejectedSample, pick_image
-from fiqa.data.shards import filesystem_for
 from fiqa.data.tar_stream import TruncatedShard, iter_tar
 
 __all__ = ["TruncatedShard", "read_shard", "split_key"]
@@ -59,10 +58,10 @@ def _samples(url: str, storage_options: dict | None) -> Iterator[dict]:
     `iter_tar` makes truncation visible: a member shorter than its header
     says, or an archive without its end-of-archive blocks, raises.
     """
-    fs = filesystem_for(url, storage_options)
-    size = storage.retry(lambda: fs.size(url), url, "stat")
+    fs, path = storage.filesystem(url, storage_options)
+    size = storage.retry(lambda: fs.size(path), url, "stat")
     current: dict | None = None
-    with fs.open(url, "rb") as stream:
+    with fs.open(path, "rb") as stream:
         try:
             for name, data in iter_tar(stream, size):
                 key, ext = split_key(name)

@@ -14,7 +14,6 @@ import os
 from collections.abc import Sequence
 
 import braceexpand
-import fsspec
 
 from fiqa import storage
 from fiqa.storage import is_remote
@@ -26,28 +25,17 @@ class ShardSpecError(ValueError):
     """A shard spec names nothing, or names something that is not a shard."""
 
 
-def filesystem_for(url: str, storage_options: dict | None = None) -> fsspec.AbstractFileSystem:
-    """The fsspec filesystem for ``url`` (local or s3://).
-
-    Without ``storage_options``, those of `fiqa.storage.configure` (in the
-    driver) or of ``FSSPEC_S3`` (in Ray workers) apply.
-    """
-    protocol = url.split("://", 1)[0] if is_remote(url) else "file"
-    opts = storage_options if storage_options is not None else storage.options()
-    return fsspec.filesystem(protocol, **opts)
-
-
 def _expand_remote(item: str, storage_options: dict | None) -> list[str]:
-    fs = filesystem_for(item, storage_options)
+    fs, path = storage.filesystem(item, storage_options)
     scheme = item.split("://", 1)[0]
-    if _has_glob(item):
-        return [f"{scheme}://{p}" for p in fs.glob(item) if p.endswith(".tar")]
+    if _has_glob(path):
+        return [f"{scheme}://{p}" for p in fs.glob(path) if p.endswith(".tar")]
     try:
-        kind = fs.info(item)["type"]
+        kind = fs.info(path)["type"]
     except FileNotFoundError:
         raise ShardSpecError(f"shard {item!r} does not exist") from None
     if kind == "directory":
-        return [f"{scheme}://{p}" for p in fs.find(item) if p.endswith(".tar")]
+        return [f"{scheme}://{p}" for p in fs.find(path) if p.endswith(".tar")]
     return [item]
 
 

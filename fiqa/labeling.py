@@ -547,16 +547,17 @@ def label_shards(
 
     record_path = storage.join(out_dir, "label_job.json")
     keys = ("model_id", "calibration", "source")
-    if storage.exists(record_path):
+    try:
         before = storage.read_json(record_path)
+    except FileNotFoundError:
+        storage.write_json(record_path, record)
+    else:
         if {k: before.get(k) for k in keys} != {k: record[k] for k in keys}:
             raise ConfigError(
                 f"{out_dir} holds labels from {before.get('model_id')} "
                 f"(source {before.get('source')!r}); this job would write {job.model_id} "
                 f"(source {source!r}). Use another --output, or delete it to start over."
             )
-    else:
-        storage.write_json(record_path, record)
     stats = run_score_job(job, progress=progress, on_start=on_start)
     stats["model_id"] = job.model_id
     storage.write_json(storage.join(out_dir, "label_summary.json"), stats)

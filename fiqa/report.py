@@ -40,7 +40,7 @@ def _plots(out: str, predictions: dict, pools: dict, histories: dict) -> list[st
         ax.plot([lo, hi], [lo, hi], "k--", lw=1)
         ax.set(title=name, xlabel="MOS", ylabel="prediction (logistic-mapped)")
     fig.tight_layout()
-    files.append(os.path.join(out, "pred_vs_mos.png"))
+    files.append(storage.join(out, "pred_vs_mos.png"))
     _save(fig, files[-1])
     plt.close(fig)
 
@@ -55,7 +55,7 @@ def _plots(out: str, predictions: dict, pools: dict, histories: dict) -> list[st
         ax.set(title=f"{pool}: pseudo-labels", xlabel="score (MOS scale)", ylabel="count")
         ax.legend()
     fig.tight_layout()
-    files.append(os.path.join(out, "pseudo_label_hist.png"))
+    files.append(storage.join(out, "pseudo_label_hist.png"))
     _save(fig, files[-1])
     plt.close(fig)
 
@@ -85,7 +85,7 @@ def _plots(out: str, predictions: dict, pools: dict, histories: dict) -> list[st
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    files.append(os.path.join(out, "training_curves.png"))
+    files.append(storage.join(out, "training_curves.png"))
     _save(fig, files[-1])
     plt.close(fig)
     return files
@@ -151,9 +151,9 @@ def _markdown(report: dict, plots: list[str]) -> str:
 def write_report(
     out_dir: str, report: dict, predictions: dict, pools: dict, histories: dict
 ) -> dict:
-    plots = _plots(os.path.join(out_dir, "plots"), predictions, pools, histories)
-    json_path = os.path.join(out_dir, "report.json")
+    plots = _plots(storage.join(out_dir, "plots"), predictions, pools, histories)
+    json_path = storage.join(out_dir, "report.json")
     storage.write_text(json_path, json.dumps(report, indent=2, sort_keys=True))
-    md_path = os.path.join(out_dir, "report.md")
+    md_path = storage.join(out_dir, "report.md")
     storage.write_text(md_path, _markdown(report, plots))
     return {"json": json_path, "md": md_path, "plots": plots}

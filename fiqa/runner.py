@@ -68,11 +68,15 @@ class StageContext:
         return expand_shard_spec(getattr(self.cfg.data, data_key))
 
 
+def _stamp(info: dict) -> str:
+    """What changes when a file is rewritten: its ETag, else its modification time."""
+    return info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+
+
 def _shard_fingerprint(urls: list[str]) -> str:
     h = hashlib.sha256()
     for u, info in zip(urls, storage.infos(urls), strict=True):
-        stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
-        h.update(f"{u}|{info.get('size')}|{stamp}\n".encode())
+        h.update(f"{u}|{info.get('size')}|{_stamp(info)}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -83,8 +87,7 @@ def _file_fingerprint(path: str | None) -> str:
         info = storage.info(path)
     except FileNotFoundError:
         return "absent"
-    stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
-    return f"{info.get('size')}-{stamp}"
+    return f"{info.get('size')}-{_stamp(info)}"
 
 
 def stage_fingerprint(cfg: RunConfig, stage: Stage, manifests: dict[str, dict]) -> tuple[str, dict]:

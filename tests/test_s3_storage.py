@@ -203,6 +203,27 @@ def test_writes_survive_a_server_restart(s3, s3_server, caplog):
     assert retries and all(url in m and "EndpointConnectionError" in m for m in retries)
 
 
+def test_checkpoint_reads_survive_a_server_restart(s3, s3_server, caplog):
+    """A checkpoint's model.json is read with storage's retries (`fiqa label`, stages 2, 4, 6)."""
+    from fiqa.models.checkpoint import read_meta
+
+    storage.configure(StorageConfig(**s3_server.storage_config(), max_attempts=1))
+    model = f"{s3}/ckpt/model"
+    storage.write_json(f"{model}/model.json", {"arch": "resnet18", "image_size": 48})
+    with pytest.raises(FileNotFoundError, match="model.json missing"):
+        read_meta(f"{s3}/ckpt/nothing")
+    s3_server.stop()
+    restart = threading.Timer(3.0, s3_server.start)
+    restart.start()
+    try:
+        meta = read_meta(model)
+    finally:
+        restart.join()
+    assert meta["image_size"] == 48
+    retries = [r.getMessage() for r in caplog.records if r.name == "fiqa.storage"]
+    assert retries and all(f"{model}/model.json" in m for m in retries)
+
+
 def test_a_persistent_outage_fails_naming_the_object(s3, s3_server):
     storage.configure(StorageConfig(**s3_server.storage_config(), max_attempts=2, retry_seconds=3))
     url = f"{s3}/outage/never.json"

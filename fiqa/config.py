@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,6 +72,33 @@ class TrainConfig:
     lr_scaling: str = "fixed"  # fixed | linear | sqrt: lr follows batch_size / lr_reference_batch
     lr_reference_batch: int | None = None  # the global batch `lr` was tuned for (linear, sqrt)
     precision: str = "bf16"  # bf16: bf16 autocast on GPU (CPU always computes in fp32) | fp32
+
+
+def batch_plan(t: TrainConfig) -> tuple[int, int]:
+    """(rows per worker per micro-batch, accumulation steps) that make up the global batch.
+
+    The one rule, used both when a config is validated and when training starts: a
+    config that loads never fails here later.
+    """
+    micro = t.micro_batch_size or max(t.batch_size // t.num_workers, 1)
+    if micro < 1 or t.batch_size % (t.num_workers * micro):
+        raise ConfigError(
+            f"batch_size: the global batch {t.batch_size} must divide evenly into "
+            f"num_workers={t.num_workers} x micro_batch_size={micro} x accumulation steps"
+        )
+    return micro, t.batch_size // (t.num_workers * micro)
+
+
+def effective_lr(t: TrainConfig) -> float:
+    """``lr`` as configured (``fixed``), or scaled from ``lr_reference_batch`` to ``batch_size``."""
+    if t.lr_scaling not in ("fixed", "linear", "sqrt"):
+        raise ConfigError(f"lr_scaling: expected fixed, linear or sqrt, got {t.lr_scaling!r}")
+    if t.lr_scaling == "fixed":
+        return t.lr
+    if (t.lr_reference_batch or 0) < 1:
+        raise ConfigError(f"lr_reference_batch: required (>= 1) with lr_scaling {t.lr_scaling}")
+    ratio = t.batch_size / t.lr_reference_batch
+    return t.lr * (ratio if t.lr_scaling == "linear" else math.sqrt(ratio))
 
 
 @dataclass
@@ -230,20 +258,11 @@ def _validate(cfg: RunConfig) -> None:
         for k in ("epochs", "batch_size", "num_workers"):
             if getattr(t, k) < 1:
                 raise ConfigError(f"{name}.{k}: must be >= 1, got {getattr(t, k)}")
-        micro = t.micro_batch_size or max(t.batch_size // t.num_workers, 1)
-        if micro < 1 or t.batch_size % (t.num_workers * micro):
-            raise ConfigError(
-                f"{name}.batch_size: the global batch {t.batch_size} must divide evenly into "
-                f"num_workers={t.num_workers} x micro_batch_size={micro} x accumulation steps"
-            )
-        if t.lr_scaling not in ("fixed", "linear", "sqrt"):
-            raise ConfigError(
-                f"{name}.lr_scaling: expected fixed, linear or sqrt, got {t.lr_scaling!r}"
-            )
-        if t.lr_scaling != "fixed" and (t.lr_reference_batch or 0) < 1:
-            raise ConfigError(
-                f"{name}.lr_reference_batch: required (>= 1) with lr_scaling {t.lr_scaling}"
-            )
+        for check in (batch_plan, effective_lr):  # the checks training itself applies
+            try:
+                check(t)
+            except ConfigError as e:
+                raise ConfigError(f"{name}.{e}") from None
         if t.precision not in ("bf16", "fp32"):
             raise ConfigError(f"{name}.precision: expected bf16 or fp32, got {t.precision!r}")
         bad = sorted(set(t.source_weights) - {"labeled", "pseudo_u1", "pseudo_u2"})

@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -36,7 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fiqa.config import ConfigError, TrainConfig
+from fiqa.config import (  # batch_plan, effective_lr: re-exported, their home is the config
+    ConfigError,
+    TrainConfig,
+    batch_plan,
+    effective_lr,
+)
 from fiqa.data.decode import decode_image
 from fiqa.data.tables import list_parts
 from fiqa.data.transforms import center_crop, random_crop_flip
@@ -68,31 +72,6 @@ class TrainJob:
     config_fingerprint: str = ""
     max_pixels: int = 40_000_000
     extra_meta: dict = field(default_factory=dict)
-
-
-def batch_plan(t: TrainConfig) -> tuple[int, int]:
-    """(rows per worker per micro-batch, accumulation steps) that make up the global batch."""
-    micro = t.micro_batch_size or t.batch_size // t.num_workers
-    if micro < 1 or t.batch_size % (t.num_workers * micro):
-        raise ConfigError(
-            f"batch_size: the global batch {t.batch_size} must divide evenly into "
-            f"num_workers={t.num_workers} x micro_batch_size={micro} x accumulation steps"
-        )
-    return micro, t.batch_size // (t.num_workers * micro)
-
-
-def effective_lr(t: TrainConfig) -> float:
-    """``lr`` as configured (``fixed``), or scaled from ``lr_reference_batch`` to ``batch_size``."""
-    if t.lr_scaling == "fixed":
-        return t.lr
-    if not t.lr_reference_batch:
-        raise ConfigError(f"lr_reference_batch: required with lr_scaling {t.lr_scaling}")
-    ratio = t.batch_size / t.lr_reference_batch
-    if t.lr_scaling == "linear":
-        return t.lr * ratio
-    if t.lr_scaling == "sqrt":
-        return t.lr * math.sqrt(ratio)
-    raise ConfigError(f"lr_scaling: expected fixed, linear or sqrt, got {t.lr_scaling!r}")
 
 
 # ---------------------------------------------------------------------------------------------

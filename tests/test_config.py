@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fiqa.config import ConfigError, from_dict, load_config
+from fiqa.config import ConfigError, batch_plan, effective_lr, from_dict, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,6 +62,31 @@ def test_semantic_checks():
         from_dict(minimal(pseudo_label={"buffer_mb": 1}))
     with pytest.raises(ConfigError, match="pseudo_label.concurrency"):
         from_dict(minimal(pseudo_label={"concurrency": [4, 2]}))
+
+
+def test_the_batch_and_lr_checks_are_the_ones_training_applies():
+    from fiqa import training
+
+    assert training.batch_plan is batch_plan and training.effective_lr is effective_lr
+    # fewer rows than workers: no micro-batch of >= 1 row splits the global batch
+    with pytest.raises(
+        ConfigError, match=r"distill_student\.batch_size: .* num_workers=4 x micro_batch_size=1 "
+    ):
+        from_dict(minimal(distill_student={"batch_size": 2, "num_workers": 4}))
+    with pytest.raises(ConfigError, match=r"train_teacher_plus\.lr_reference_batch: required"):
+        from_dict(minimal(train_teacher_plus={"lr_scaling": "sqrt", "lr_reference_batch": 0}))
+    t = from_dict(
+        minimal(
+            train_teacher={
+                "batch_size": 48,
+                "num_workers": 2,
+                "lr": 1e-3,
+                "lr_scaling": "linear",
+                "lr_reference_batch": 24,
+            }
+        )
+    ).train_teacher
+    assert batch_plan(t) == (24, 1) and effective_lr(t) == pytest.approx(2e-3)
 
 
 def test_overrides_parse_yaml_values():

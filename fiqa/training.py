@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -294,6 +295,8 @@ def _flat_metrics(row: dict) -> dict:
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
+# A finished fit: its summary, the config fingerprint and the job's digest, written last.
+FIT_FILE = "fit.json"
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -583,6 +586,7 @@ class RunPaths:
     tensorboard: str
     model: str  # the exported best model
     history: str
+    fit: str  # FIT_FILE: the summary of a finished fit (its commit marker)
 
 
 def run_paths(job: TrainJob) -> RunPaths:
@@ -593,7 +597,44 @@ def run_paths(job: TrainJob) -> RunPaths:
         tensorboard=f"{storage}/tensorboard",
         model=f"{out}/model",
         history=f"{out}/{HISTORY_FILE}",
+        fit=f"{out}/{FIT_FILE}",
     )
+
+
+def job_digest(job: TrainJob) -> str:
+    """A hash of everything that defines ``job``: tables, output, training config, seed, ..."""
+    text = json.dumps(asdict(job), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fit_marks(job: TrainJob) -> dict:
+    """What ``fit.json`` records besides the summary, to tell which job finished."""
+    return {"config_fingerprint": job.config_fingerprint, "job_digest": job_digest(job)}
+
+
+def finished_fit(job: TrainJob, paths: RunPaths) -> dict | None:
+    """The summary of a fit of this very job that already finished, or None.
+
+    A finished fit left ``fit.json`` after exporting its model. It counts only when it
+    records this job's config fingerprint and digest (a rerun with another config, or
+    other epochs, tables or seed, trains) and the exported model is still there.
+    """
+    from fiqa import storage
+
+    try:
+        done = storage.read_json(paths.fit)
+    except (FileNotFoundError, ValueError):  # absent, or not JSON: not finished
+        return None
+    if not isinstance(done, dict):
+        return None
+    marks = {k: done.pop(k, None) for k in fit_marks(job)}
+    if marks != fit_marks(job):
+        log.info("%s: %s is from another config or job %s; training", job.name, paths.fit, marks)
+        return None
+    if not storage.exists(storage.join(paths.model, "model.json")):
+        log.info("%s: %s found but no model in %s; training", job.name, paths.fit, paths.model)
+        return None
+    return done
 
 
 def check_pretrained(path: str | None) -> None:
@@ -664,12 +705,31 @@ def read_parts(parts: list[str], **kwargs: Any) -> Any:
 
 
 def fit(job: TrainJob) -> dict:
-    """Train ``job`` with Ray Train; export the best model to ``out_dir/model``; return its summary."""
+    """Train ``job`` with Ray Train; export the best model to ``out_dir/model``; return its summary.
+
+    The summary is also written, last, to ``out_dir/fit.json`` with the job's config
+    fingerprint and digest: a fit of the same job that finds it (and the model) returns
+    it without starting Ray Train, so a rerun of an interrupted stage does not train again
+    a model that finished.
+    """
+    paths = run_paths(job)
+    done = finished_fit(job, paths)
+    if done is not None:
+        log.info(
+            "%s: already trained (%s, model %s); not training again",
+            job.name,
+            paths.fit,
+            paths.model,
+        )
+        return done
+    marks = fit_marks(job)  # of the job as given, before its arch is resolved
+
     import ray
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from fiqa import storage
     from fiqa.models.registry import resolve_spec
     from fiqa.storage import ray_storage
 
@@ -678,7 +738,6 @@ def fit(job: TrainJob) -> dict:
     micro, accum = batch_plan(t)
     check_pretrained(job.pretrained_weights)
     check_train_resources(t)
-    paths = run_paths(job)
     check_resumable(paths, job)
 
     parts = [p for d in job.train_tables for p in list_parts(d)]
@@ -772,11 +831,13 @@ def fit(job: TrainJob) -> dict:
             datasets_to_split=["train"] if t.num_workers > 1 else []
         ),
     )
+    # A marker of another job must not outlive the model this run is about to replace.
+    storage.rm(paths.fit, recursive=False)
     result = trainer.fit()
     if result.error:
         raise result.error
     meta, history = export_best(result, paths)
-    return {
+    summary = {
         "model": paths.model,
         "best_epoch": meta["epoch"],
         "val": meta["val"],
@@ -785,3 +846,5 @@ def fit(job: TrainJob) -> dict:
         "train_parts": len(parts),
         "rows_by_source": stats.rows_by_source,
     }
+    storage.write_json(paths.fit, {**summary, **marks})  # the commit: this job finished
+    return summary

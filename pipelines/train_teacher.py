@@ -6,7 +6,8 @@ Recipe:
 2. train ``teacher`` with Ray Train on the labeled table (loss MSE + PLCC),
    validating every epoch on labeled_val;
 3. export the best epoch by (SRCC + PLCC) / 2, with the logistic that maps its
-   raw outputs to the MOS scale (fitted on labeled_val), to ``model/``.
+   raw outputs to the MOS scale (fitted on labeled_val), to ``model/``, and then its
+   summary to ``fit.json``: a rerun of an interrupted stage does not train it again.
 """
 
 from __future__ import annotations

@@ -166,6 +166,60 @@ def test_learning_rate_is_fixed_or_scaled_explicitly():
 
 
 # ---------------------------------------------------------------------------------------------
+# fit.json: a finished fit is not trained again
+
+
+class WouldTrain(Exception):
+    """Raised by the first step `fit` takes towards training (the tests stop it there)."""
+
+
+def _stop_before_training(*_args, **_kwargs):
+    raise WouldTrain
+
+
+def test_a_finished_fit_returns_its_summary_without_training(tmp_path, monkeypatch):
+    import fiqa.training as training
+
+    monkeypatch.setattr(training, "check_pretrained", _stop_before_training)
+    job = job_for({"labeled": "t/l", "pseudo_u1": "t/p", "val": "t/v"}, tmp_path)
+    paths = training.run_paths(job)
+    assert paths.fit == f"{tmp_path}/fit.json"
+    summary = {
+        "model": paths.model,
+        "best_epoch": 2,
+        "val": {"srcc": 0.91, "plcc": 0.9, "n": 48},
+        "epochs": 2,
+        "restarts": 0,
+        "train_parts": 4,
+        "rows_by_source": {"labeled": 160, "pseudo_u1": 96},
+    }
+    with pytest.raises(WouldTrain):  # nothing finished yet
+        fit(job)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.json").write_text("{}")
+    with pytest.raises(WouldTrain):  # a model, but no fit.json: its fit did not finish
+        fit(job)
+    (tmp_path / "fit.json").write_text(json.dumps({**summary, **training.fit_marks(job)}))
+    assert fit(job) == summary  # the stored summary, the markers left out; Ray not started
+
+    # another config fingerprint, or another job under the same one: trained again
+    with pytest.raises(WouldTrain):
+        fit(dataclasses.replace(job, config_fingerprint="another"))
+    with pytest.raises(WouldTrain):
+        fit(dataclasses.replace(job, train=dataclasses.replace(job.train, epochs=3)))
+    # a fit.json without markers (written before fit recorded them): trained again
+    (tmp_path / "fit.json").write_text(json.dumps(summary))
+    with pytest.raises(WouldTrain):
+        fit(job)
+    # the exported model gone: trained again
+    (tmp_path / "fit.json").write_text(json.dumps({**summary, **training.fit_marks(job)}))
+    assert fit(job) == summary
+    (tmp_path / "model" / "model.json").unlink()
+    with pytest.raises(WouldTrain):
+        fit(job)
+
+
+# ---------------------------------------------------------------------------------------------
 # the loop's pieces
 
 
@@ -490,6 +544,18 @@ def test_one_and_two_workers_with_the_same_global_batch_agree(parity_runs):
         for w, run in parity_runs.items()
     }
     assert abs(srcc[1] - srcc[2]) < 0.06, (srcc, curves)
+
+
+@pytest.mark.slow
+def test_a_finished_fit_commits_its_summary_and_is_not_trained_again(parity_runs, monkeypatch):
+    import fiqa.training as training
+
+    run = parity_runs[2]
+    marker = json.loads((run["out"] / "fit.json").read_text())
+    assert marker == {**run["result"], **training.fit_marks(run["job"])}
+    assert marker["config_fingerprint"] == "test"
+    monkeypatch.setattr(training, "check_pretrained", _stop_before_training)
+    assert fit(run["job"]) == run["result"]
 
 
 @pytest.mark.slow

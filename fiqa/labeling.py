@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -169,9 +170,12 @@ class Scorer:
         ok = batch["reason"] == ""
         raw = np.full(len(ok), np.nan, dtype=np.float64)
         if ok.any():
-            x = torch.from_numpy(np.ascontiguousarray(pixels if ok.all() else pixels[ok])).to(
-                self.device, non_blocking=True
-            )
+            # A whole batch is a read-only view of the object store: no copy is made here,
+            # and none is needed, since to_model_input writes only to its own float copy.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                x = torch.from_numpy(np.ascontiguousarray(pixels if ok.all() else pixels[ok]))
+            x = x.to(self.device, non_blocking=True)
             cuda = self.device.type == "cuda"
             with (
                 torch.inference_mode(),

@@ -9,11 +9,9 @@ so a checkpoint in object storage is read with its retries of transient errors.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -57,13 +55,10 @@ def save_checkpoint(path: str, model: nn.Module, meta: dict[str, Any]) -> None:
         if k not in meta:
             raise ValueError(f"checkpoint metadata needs {k!r}")
     meta = {"format_version": FORMAT_VERSION, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, **meta}
-    fs, root = fsspec.core.url_to_fs(path)
-    fs.makedirs(root, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with fs.open(_join(root, "model.safetensors"), "wb") as f:
-        f.write(save_safetensors(state))
-    with fs.open(_join(root, "model.json"), "w") as f:
-        f.write(json.dumps(meta, indent=2, sort_keys=True))
+    # Each object is written whole (with retries on object storage), model.json last.
+    storage.write_bytes(_join(path, "model.safetensors"), save_safetensors(state))
+    storage.write_json(_join(path, "model.json"), meta)
 
 
 def read_meta(path: str) -> dict[str, Any]:
@@ -71,12 +66,6 @@ def read_meta(path: str) -> dict[str, Any]:
         return storage.read_json(_join(path, "model.json"))
     except FileNotFoundError:
         raise FileNotFoundError(f"no checkpoint at {path!r} (model.json missing)") from None
-
-
-def write_meta(path: str, meta: dict[str, Any]) -> None:
-    fs, root = fsspec.core.url_to_fs(path)
-    with fs.open(_join(root, "model.json"), "w") as f:
-        f.write(json.dumps(meta, indent=2, sort_keys=True))
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> LoadedModel:

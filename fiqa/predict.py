@@ -110,10 +110,9 @@ def model_kind(path: str) -> str:
         return "onnx"
     if is_remote(path):
         fs, key = storage.filesystem(path)
-        if fs.isdir(key):
+        if storage.retry(lambda: fs.isdir(key), path, "stat"):
             return "checkpoint"
-        with fs.open(key, "rb") as f:
-            head = f.read(4)
+        head = storage.retry(lambda: fs.cat_file(key, start=0, end=4), path, "read")
         return "torchscript" if head.startswith(b"PK") else "onnx"
     if os.path.isdir(path):
         return "checkpoint"

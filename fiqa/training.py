@@ -641,10 +641,9 @@ def check_pretrained(path: str | None) -> None:
     """Fail before Ray starts when the pretrained weights file is missing."""
     if not path or path == TIMM_HUB_WEIGHTS:
         return
-    import fsspec
+    from fiqa import storage
 
-    fs, root = fsspec.core.url_to_fs(path)
-    if not fs.exists(root):
+    if not storage.exists(path):
         raise FileNotFoundError(f"pretrained_weights {path!r} not found")
 
 
@@ -655,12 +654,14 @@ def check_resumable(paths: RunPaths, job: TrainJob) -> None:
     (after a crash of the driver, the stage's rerun continues training); they
     must come from the same training config.
     """
-    import fsspec
+    from fiqa import storage
 
-    fs, root = fsspec.core.url_to_fs(f"{paths.storage}/{job.name}")
-    for meta_path in fs.glob(f"{root}/checkpoint_*/model.json"):
-        with fs.open(meta_path) as f:
-            found = json.load(f).get("config_fingerprint")
+    base = f"{paths.storage}/{job.name}"
+    fs, root = storage.filesystem(base)
+    scheme = base.split("://", 1)[0] + "://" if storage.is_remote(base) else ""
+    metas = storage.retry(lambda: fs.glob(f"{root}/checkpoint_*/model.json"), base, "list")
+    for meta_path in metas:
+        found = storage.read_json(scheme + meta_path).get("config_fingerprint")
         if found != job.config_fingerprint:
             raise RuntimeError(
                 f"{job.name}: {paths.storage} holds checkpoints of another config "

@@ -224,6 +224,32 @@ def test_checkpoint_reads_survive_a_server_restart(s3, s3_server, caplog):
     assert retries and all(f"{model}/model.json" in m for m in retries)
 
 
+def test_training_refuses_checkpoints_of_another_config(root):
+    """check_resumable reads the run's checkpoints where they are, local or in a bucket."""
+    from fiqa.config import TrainConfig
+    from fiqa.training import TrainJob, check_resumable, run_paths
+
+    job = TrainJob(
+        name="teacher",
+        arch="resnet10t",
+        image_size=32,
+        resize=36,
+        train_tables=[],
+        val_table="",
+        out_dir=f"{root}/train_teacher",
+        train=TrainConfig(),
+        config_fingerprint="now",
+    )
+    paths = run_paths(job)
+    check_resumable(paths, job)  # nothing there yet
+    ckpt = storage.join(paths.storage, "teacher", "checkpoint_2026-01-01_00-00-00.000000")
+    storage.write_json(storage.join(ckpt, "model.json"), {"config_fingerprint": "now"})
+    check_resumable(paths, job)  # same config: resumes
+    storage.write_json(storage.join(ckpt, "model.json"), {"config_fingerprint": "before"})
+    with pytest.raises(RuntimeError, match="checkpoints of another config"):
+        check_resumable(paths, job)
+
+
 def test_a_persistent_outage_fails_naming_the_object(s3, s3_server):
     storage.configure(StorageConfig(**s3_server.storage_config(), max_attempts=2, retry_seconds=3))
     url = f"{s3}/outage/never.json"

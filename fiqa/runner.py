@@ -55,17 +55,27 @@ class Stage:
 class StageContext:
     """What a stage gets: the config and the locations of its own and upstream outputs."""
 
-    def __init__(self, cfg: RunConfig, stage: Stage, manifests: dict[str, dict]):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        stage: Stage,
+        manifests: dict[str, dict],
+        shards: dict[str, list[str]] | None = None,
+    ):
         self.cfg = cfg
         self.stage = stage
         self.run_dir = cfg.run_dir
         self.manifests = manifests
+        self._shards = shards if shards is not None else {}
 
     def dir(self, stage: str | None = None) -> str:
         return storage.join(self.run_dir, stage or self.stage.name)
 
     def shards(self, data_key: str) -> list[str]:
-        return expand_shard_spec(getattr(self.cfg.data, data_key))
+        """The shards of ``data.<data_key>``, as listed when the run started (and fingerprinted)."""
+        if data_key not in self._shards:
+            self._shards[data_key] = expand_shard_spec(getattr(self.cfg.data, data_key))
+        return self._shards[data_key]
 
 
 def _stamp(info: dict) -> str:
@@ -90,11 +100,24 @@ def _file_fingerprint(path: str | None) -> str:
     return f"{info.get('size')}-{_stamp(info)}"
 
 
-def stage_fingerprint(cfg: RunConfig, stage: Stage, manifests: dict[str, dict]) -> tuple[str, dict]:
+def list_stage_shards(cfg: RunConfig, stages: list[Stage]) -> dict[str, list[str]]:
+    """Each shard spec ``stages`` read, listed once: a missing or empty spec fails here, and
+    a stage reads exactly the shards its fingerprint covers (a shard written to the bucket
+    meanwhile waits for the next run instead of being labeled unfingerprinted)."""
+    keys = dict.fromkeys(k for stage in stages for k in stage.data)
+    return {k: expand_shard_spec(getattr(cfg.data, k)) for k in keys}
+
+
+def stage_fingerprint(
+    cfg: RunConfig,
+    stage: Stage,
+    manifests: dict[str, dict],
+    shards: dict[str, list[str]] | None = None,
+) -> tuple[str, dict]:
     """The stage's fingerprint and the input fingerprints it was made from."""
-    inputs = {
-        f"data.{k}": _shard_fingerprint(expand_shard_spec(getattr(cfg.data, k))) for k in stage.data
-    }
+    if shards is None:
+        shards = list_stage_shards(cfg, [stage])
+    inputs = {f"data.{k}": _shard_fingerprint(shards[k]) for k in stage.data}
     inputs.update({f"data.{k}": _file_fingerprint(getattr(cfg.data, k)) for k in stage.files})
     for up in stage.after:
         if up not in manifests:
@@ -163,17 +186,14 @@ def run_stages(
     save_run_config(cfg)
     # Fail fast: every shard spec a selected stage reads must name shards now,
     # not after an hour of training.
-    for stage in stages:
-        if only is None or stage.name == only:
-            for key in stage.data:
-                expand_shard_spec(getattr(cfg.data, key))
+    shards = list_stage_shards(cfg, [s for s in stages if only is None or s.name == only])
     manifests = {s.name: m for s in stages if (m := read_manifest(cfg.run_dir, s.name))}
     outcome: dict[str, str] = {}
     started = False
     for i, stage in enumerate(stages):
         if only is not None and stage.name != only:
             continue
-        fp, inputs = stage_fingerprint(cfg, stage, manifests)
+        fp, inputs = stage_fingerprint(cfg, stage, manifests, shards)
         current = manifests.get(stage.name)
         if current and current.get("fingerprint") == fp and not (force and only):
             log.info("[%d/%d] %s: up to date, skipped", i + 1, len(stages), stage.name)
@@ -187,7 +207,7 @@ def run_stages(
         finished = bool(current) and current.get("fingerprint") == fp
         _prepare_stage_dir(path, fp, fresh=finished)  # (only a forced rerun gets here finished)
         t0 = time.time()
-        counts = stage.run(StageContext(cfg, stage, manifests))
+        counts = stage.run(StageContext(cfg, stage, manifests, shards))
         seconds = time.time() - t0
         manifest = {
             "stage": stage.name,

@@ -65,3 +65,31 @@ def test_a_stage_alone_needs_its_upstream(setup):
         run_stages(from_dict(raw), stages, only="b")
     run_stages(from_dict(raw), stages)
     assert run_stages(from_dict(raw), stages, only="b", force=True) == {"b": "ran"}
+
+
+def test_a_stage_reads_the_shards_listed_and_fingerprinted_at_the_start(setup, tmp_path):
+    """A run lists each shard spec once, when it starts; its stages read and fingerprint
+    exactly those shards, and one that lands in the pool meanwhile waits for the next run."""
+    raw, _, _ = setup
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    write_tar(pool / "p0.tar", labeled_members(2))
+    raw["data"]["unlabeled_1"] = str(pool / "*.tar")
+    seen = []
+
+    def grow_pool(ctx):  # the first stage: meanwhile a producer adds a shard
+        write_tar(pool / "p1.tar", labeled_members(2))
+        return {}
+
+    def label_pool(ctx):
+        seen.append([u.rsplit("/", 1)[-1] for u in ctx.shards("unlabeled_1")])
+        return {}
+
+    stages = [
+        Stage("a", grow_pool, ("train_teacher",)),
+        Stage("b", label_pool, ("pseudo_label",), ("unlabeled_1",), (), ("a",)),
+    ]
+    assert run_stages(from_dict(raw), stages) == {"a": "ran", "b": "ran"}
+    # the next run sees the new shard, so b's inputs changed and it runs again
+    assert run_stages(from_dict(raw), stages) == {"a": "skipped", "b": "ran"}
+    assert seen == [["p0.tar"], ["p0.tar", "p1.tar"]]

@@ -27,6 +27,7 @@ tasks with the rest.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import platform
@@ -37,6 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -183,8 +185,6 @@ class PeakRSS:
         self.every, self.peak, self._stop = every, 0, threading.Event()
 
     def _sample(self) -> int:
-        import psutil
-
         me = psutil.Process()
         total = 0
         for p in [me, *me.children(recursive=True)]:
@@ -209,8 +209,14 @@ class PeakRSS:
         self._thread.join()
 
 
-def pipeline(ckpt: str, shards: list[str], out: Path, batch: int, threads: int) -> dict:
-    """One fresh local Ray per run (so the two pool sizes are measured alike)."""
+def pipeline(
+    ckpt: str, shards: list[str], out: Path, batch: int, threads: int, memory: bool = False
+) -> dict:
+    """One fresh local Ray per run (so the two pool sizes are measured alike).
+
+    With ``memory``, the peak RSS is sampled meanwhile; the throughput runs go without it,
+    since walking /proc for every Ray process four times a second takes CPU from the run.
+    """
     import ray
 
     from fiqa.cluster.local import ensure_ray, shutdown_ray
@@ -229,7 +235,7 @@ def pipeline(ckpt: str, shards: list[str], out: Path, batch: int, threads: int) 
     engine_log = logging.getLogger("fiqa.labeling")
     engine_log.addHandler(commits)
     engine_log.setLevel(logging.INFO)
-    with PeakRSS() as mem:
+    with PeakRSS() if memory else contextlib.nullcontext() as mem:
         ensure_ray(RayConfig(num_cpus=cpus))
         t0 = time.perf_counter()
         stats = label_shards(ckpt, shards, str(out), label, progress=False)
@@ -249,7 +255,7 @@ def pipeline(ckpt: str, shards: list[str], out: Path, batch: int, threads: int) 
         "images_per_s": n / seconds,
         "first_shard_s": first,
         "steady_images_per_s": steady,
-        "peak_gb": mem.peak / 1e9,
+        "peak_gb": mem.peak / 1e9 if memory else None,
     }
 
 
@@ -306,8 +312,8 @@ def main() -> None:
         d = pipeline(ckpt, base, work / f"out-{role}-full", args.batch_size, args.threads)
         r["d"] = d["images_per_s"]
         r["d_steady"], r["d_first"] = d["steady_images_per_s"], d["first_shard_s"]
-        m1 = pipeline(ckpt, small, work / f"out-{role}-1x", args.batch_size, args.threads)
-        m10 = pipeline(ckpt, big, work / f"out-{role}-10x", args.batch_size, args.threads)
+        m1 = pipeline(ckpt, small, work / f"out-{role}-1x", args.batch_size, args.threads, True)
+        m10 = pipeline(ckpt, big, work / f"out-{role}-10x", args.batch_size, args.threads, True)
         r["mem"] = (m1, m10)
         rows[role] = r
         print(

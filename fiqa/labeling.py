@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from fiqa.cluster.local import cluster_may_grow
 from fiqa.config import ConfigError, LabelConfig
@@ -161,20 +162,20 @@ class Scorer:
             # Batches vary in size (a shard's last one), hence dynamic shapes.
             self.model = torch.compile(self.model, dynamic=True)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Arrow in, Arrow out: the pixels are a zero-copy view of the object store, and the
+        other columns (keys, encoded images) pass through without becoming Python objects."""
         import torch
 
         from fiqa.models.inputs import to_model_input
 
-        pixels = batch.pop("pixels")
-        ok = batch["reason"] == ""
+        ok = pc.equal(batch.column("reason"), "").to_numpy(zero_copy_only=False)
         raw = np.full(len(ok), np.nan, dtype=np.float64)
         if ok.any():
-            # A whole batch is a read-only view of the object store: no copy is made here,
-            # and none is needed, since to_model_input writes only to its own float copy.
-            with warnings.catch_warnings():
+            pixels = _tensor_column(batch.column("pixels"))
+            with warnings.catch_warnings():  # never written: to_model_input makes its own copy
                 warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-                x = torch.from_numpy(np.ascontiguousarray(pixels if ok.all() else pixels[ok]))
+                x = torch.from_numpy(pixels if ok.all() else pixels[ok])
             x = x.to(self.device, non_blocking=True)
             cuda = self.device.type == "cuda"
             with (
@@ -182,8 +183,13 @@ class Scorer:
                 torch.autocast(self.device.type, torch.bfloat16, enabled=cuda),
             ):
                 raw[ok] = self.model(to_model_input(x, channels_last=cuda)).float().cpu().numpy()
-        batch["raw_score"] = raw
-        return batch
+        return batch.drop_columns(["pixels"]).append_column("raw_score", pa.array(raw))
+
+
+def _tensor_column(col: pa.ChunkedArray) -> np.ndarray:
+    """A column of fixed-shape tensors as one contiguous array (a view when it is one chunk)."""
+    chunks = [c.to_numpy() for c in col.chunks]
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
 
 class KeyIndex:
@@ -471,6 +477,8 @@ def run_score_job(
                 "compile": label_cfg.compile,
             },
             batch_size=label_cfg.batch_size,
+            batch_format="pyarrow",
+            zero_copy_batch=True,
             compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
             num_cpus=label_cfg.num_cpus,
             num_gpus=label_cfg.num_gpus or None,

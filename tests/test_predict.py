@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from ray.data.block import BlockAccessor
 
 from fiqa.labeling import ScoreJob, Scorer, read_and_decode
 from fiqa.metrics import Logistic4
@@ -83,6 +84,39 @@ def test_calibration_round_trip(models):
     assert np.ptp(score) > 1e-3 and np.all((score > 1.1) & (score < 4.6))
 
 
+def test_scorer_on_arrow_batches_of_several_blocks_with_rejected_rows(models):
+    """The actor gets Arrow slices that may span decode blocks (several chunks) and hold
+    rejected rows: each scored row gets its own score, rejects none, other columns pass."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(1)
+    scorer = Scorer(models["checkpoint"])
+
+    def block(n, first):
+        return BlockAccessor.batch_to_block(
+            {
+                "key": np.array([f"k{first + i}" for i in range(n)], dtype=object),
+                "image": np.array([bytes([i]) * 3 for i in range(n)], dtype=object),
+                "reason": np.array(["" if (first + i) % 3 else "too_small" for i in range(n)]),
+                "pixels": rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8),
+            }
+        )
+
+    table = pa.concat_tables([block(4, 0), block(5, 4)])
+    assert table.column("pixels").num_chunks == 2
+    out = scorer(table)
+    assert "pixels" not in out.column_names
+    assert out.column("key").to_pylist() == [f"k{i}" for i in range(9)]
+    assert out.column("image").to_pylist() == table.column("image").to_pylist()
+    raw = out.column("raw_score").to_numpy()
+    alone = [scorer(table.slice(i, 1)).column("raw_score")[0].as_py() for i in range(9)]
+    for i in range(9):
+        if i % 3 == 0:
+            assert np.isnan(raw[i]) and np.isnan(alone[i])
+        else:
+            assert abs(raw[i] - alone[i]) < 1e-4
+
+
 @pytest.mark.parametrize("kind", ["checkpoint", "onnx", "torchscript"])
 def test_predict_scores_files_folders_and_shards_like_the_engine(models, inputs, kind):
     p = open_predictor(models[kind], device="cpu")
@@ -106,7 +140,7 @@ def test_predict_scores_files_folders_and_shards_like_the_engine(models, inputs,
         shards=[], out_dir="", source="x", model_path=models["checkpoint"], resize=RESIZE, crop=SIZE
     )
     (batch,) = read_and_decode({"shard": [f"{inputs['shards']}/part-0.tar"]}, job)
-    engine = Scorer(models["checkpoint"])(batch)
+    engine = Scorer(models["checkpoint"])(BlockAccessor.batch_to_block(batch)).to_pydict()
     for key, reason, raw in zip(engine["key"], engine["reason"], engine["raw_score"], strict=True):
         if not reason:
             r = got[("part-0.tar", key)]

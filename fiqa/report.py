@@ -27,7 +27,6 @@ def _plots(out: str, predictions: dict, pools: dict, histories: dict) -> list[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    storage.makedirs(out)
     files = []
 
     names = [n for n in MODEL_ORDER if n in predictions]

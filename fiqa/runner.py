@@ -152,14 +152,13 @@ def _prepare_stage_dir(path: str, fingerprint: str, fresh: bool = False) -> None
         why = "forced rerun" if fresh else "an earlier attempt with another fingerprint"
         log.info("removing the outputs of %s: %s", why, path)
         storage.rm(path)
-    storage.makedirs(path)
+    # (this write creates a local stage directory)
     storage.write_json(
         storage.join(path, "attempt.json"), {"fingerprint": fingerprint, "started_at": time.time()}
     )
 
 
 def save_run_config(cfg: RunConfig) -> None:
-    storage.makedirs(cfg.run_dir)
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     storage.write_text(storage.join(cfg.run_dir, "config.yaml"), text)
 

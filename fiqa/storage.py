@@ -395,13 +395,6 @@ def rm(url: str, recursive: bool = True) -> None:
     retry(remove, url, "delete")
 
 
-def makedirs(url: str) -> None:
-    """Create a local directory; object stores have no directories to create."""
-    fs, path = filesystem(url)
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(path, exist_ok=True)
-
-
 def listdir(url: str) -> list[str]:
     """Full paths / URLs of the entries directly under ``url``, sorted; [] if it is absent."""
     fs, path = filesystem(url)
@@ -427,7 +420,6 @@ def publish(local_dir: str, url: str, files: list[str]) -> None:
     """
     rm(join(url, files[-1]), recursive=False)
     rm(url)
-    makedirs(url)
     for name in files:
         put_file(os.path.join(local_dir, name), join(url, name))
 

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fiqa import storage
 from fiqa.cluster.local import cluster_may_grow
 from fiqa.config import ConfigError, LabelConfig
 from fiqa.data.decode import RejectedSample, decode_image
@@ -66,7 +67,9 @@ class ScoreJob:
     max_pixels: int = 40_000_000
     min_side: int = 16
     label: LabelConfig = field(default_factory=LabelConfig)
-    storage_options: dict | None = None
+    # The driver's object-storage settings (`fiqa.storage.configure`), travelling with the
+    # job to the Ray tasks that read its shards, whatever environment their workers have.
+    storage_options: dict = field(default_factory=lambda: storage.options())
 
 
 def read_and_decode(batch: dict, job: ScoreJob) -> Iterator[dict]:
@@ -353,7 +356,6 @@ def job_for_model(
     label_field: str = "mos",
     max_pixels: int = 40_000_000,
     min_side: int = 16,
-    storage_options: dict | None = None,
 ) -> ScoreJob:
     """A scoring job for a trained checkpoint: input size and calibration come from its model.json.
 
@@ -382,7 +384,6 @@ def job_for_model(
         max_pixels=max_pixels,
         min_side=min_side,
         label=label,
-        storage_options=storage_options,
     )
 
 
@@ -523,7 +524,6 @@ def label_shards(
     label_field: str = "mos",
     max_pixels: int = 40_000_000,
     min_side: int = 16,
-    storage_options: dict | None = None,
     progress: bool = True,
     on_start: Callable[[], None] | None = None,
 ) -> dict:
@@ -536,7 +536,7 @@ def label_shards(
     """
     from fiqa.data.shards import expand_shard_spec
 
-    shards = expand_shard_spec(shard_spec, storage_options)
+    shards = expand_shard_spec(shard_spec)
     job = job_for_model(
         model_path,
         shards,
@@ -547,7 +547,6 @@ def label_shards(
         label_field=label_field,
         max_pixels=max_pixels,
         min_side=min_side,
-        storage_options=storage_options,
     )
     record = {
         "model": model_path,
@@ -555,8 +554,6 @@ def label_shards(
         "calibration": job.calibration.to_dict() if job.calibration else None,
         "source": source,
     }
-    from fiqa import storage
-
     record_path = storage.join(out_dir, "label_job.json")
     keys = ("model_id", "calibration", "source")
     try:

@@ -72,7 +72,6 @@ def run(ctx: StageContext) -> dict:
                 max_pixels=cfg.data.max_image_pixels,
                 min_side=cfg.data.min_image_side,
                 label=cfg.pseudo_label,
-                storage_options=storage.options(),
             )
         )
         table = read_table(out + "/labels", columns=["raw_score", "label"])

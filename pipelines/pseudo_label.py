@@ -9,7 +9,6 @@ travels in the model's ``model.json``); one Parquet part per shard goes to
 
 from __future__ import annotations
 
-from fiqa import storage
 from fiqa.labeling import job_for_model, run_score_job
 from fiqa.runner import StageContext
 
@@ -28,6 +27,5 @@ def pseudo_label(ctx: StageContext, pool: str, model_stage: str, source: str) ->
         label_field=cfg.data.label_field,
         max_pixels=cfg.data.max_image_pixels,
         min_side=cfg.data.min_image_side,
-        storage_options=storage.options(),  # explicit: Ray workers read the shards
     )
     return run_score_job(job)

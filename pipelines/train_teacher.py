@@ -12,7 +12,6 @@ Recipe:
 
 from __future__ import annotations
 
-from fiqa import storage
 from fiqa.labeling import ScoreJob, run_score_job
 from fiqa.runner import Stage, StageContext
 from fiqa.training import TrainJob, fit
@@ -30,7 +29,6 @@ def ingest_labeled(ctx: StageContext, split: str) -> dict:
         max_pixels=d.max_image_pixels,
         min_side=d.min_image_side,
         label=ctx.cfg.pseudo_label,
-        storage_options=storage.options(),  # explicit: Ray workers read the shards
     )
     return run_score_job(job)
 

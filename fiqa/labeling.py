@@ -69,7 +69,7 @@ class ScoreJob:
     label: LabelConfig = field(default_factory=LabelConfig)
     # The driver's object-storage settings (`fiqa.storage.configure`), travelling with the
     # job to the Ray tasks that read its shards, whatever environment their workers have.
-    storage_options: dict = field(default_factory=lambda: storage.options())
+    storage_options: dict = field(default_factory=storage.options)
 
 
 def read_and_decode(batch: dict, job: ScoreJob) -> Iterator[dict]:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fiqa import storage
 from fiqa.config import (  # batch_plan, effective_lr: re-exported, their home is the config
     ConfigError,
     TrainConfig,
@@ -591,10 +592,10 @@ class RunPaths:
 
 def run_paths(job: TrainJob) -> RunPaths:
     out = job.out_dir.rstrip("/")
-    storage = out if "://" in out else os.path.abspath(out)
+    root = out if "://" in out else os.path.abspath(out)
     return RunPaths(
-        storage=f"{storage}/ray_train",
-        tensorboard=f"{storage}/tensorboard",
+        storage=f"{root}/ray_train",
+        tensorboard=f"{root}/tensorboard",
         model=f"{out}/model",
         history=f"{out}/{HISTORY_FILE}",
         fit=f"{out}/{FIT_FILE}",
@@ -619,8 +620,6 @@ def finished_fit(job: TrainJob, paths: RunPaths) -> dict | None:
     records this job's config fingerprint and digest (a rerun with another config, or
     other epochs, tables or seed, trains) and the exported model is still there.
     """
-    from fiqa import storage
-
     try:
         done = storage.read_json(paths.fit)
     except (FileNotFoundError, ValueError):  # absent, or not JSON: not finished
@@ -641,8 +640,6 @@ def check_pretrained(path: str | None) -> None:
     """Fail before Ray starts when the pretrained weights file is missing."""
     if not path or path == TIMM_HUB_WEIGHTS:
         return
-    from fiqa import storage
-
     if not storage.exists(path):
         raise FileNotFoundError(f"pretrained_weights {path!r} not found")
 
@@ -654,8 +651,6 @@ def check_resumable(paths: RunPaths, job: TrainJob) -> None:
     (after a crash of the driver, the stage's rerun continues training); they
     must come from the same training config.
     """
-    from fiqa import storage
-
     base = f"{paths.storage}/{job.name}"
     fs, root = storage.filesystem(base)
     scheme = base.split("://", 1)[0] + "://" if storage.is_remote(base) else ""
@@ -671,8 +666,6 @@ def check_resumable(paths: RunPaths, job: TrainJob) -> None:
 
 def export_best(result: Any, paths: RunPaths) -> tuple[dict, list[dict]]:
     """Copy the best checkpoint's model to ``paths.model`` and the history to ``paths.history``."""
-    from fiqa import storage
-
     best_ckpt, _ = max(result.best_checkpoints, key=lambda cm: cm[1]["score"])
     with best_ckpt.as_directory() as d:
         # weights first, model.json last (and removed first): the JSON marks a complete model
@@ -730,9 +723,7 @@ def fit(job: TrainJob) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from fiqa import storage
     from fiqa.models.registry import resolve_spec
-    from fiqa.storage import ray_storage
 
     job = dataclasses.replace(job, arch=resolve_spec(job.arch).arch)  # registry name -> timm name
     t = job.train
@@ -801,6 +792,7 @@ def fit(job: TrainJob) -> dict:
     cuts = [round(n_val * i / t.num_workers) for i in range(1, t.num_workers)]
     val_slices = val_ds.split_at_indices(cuts) if cuts else [val_ds]
 
+    train_path, train_fs = storage.ray_storage(paths.storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -819,8 +811,8 @@ def fit(job: TrainJob) -> dict:
         run_config=RunConfig(
             name=job.name,
             # local path, or bucket path + filesystem: checkpoints go to the run directory
-            storage_path=ray_storage(paths.storage)[0],
-            storage_filesystem=ray_storage(paths.storage)[1],
+            storage_path=train_path,
+            storage_filesystem=train_fs,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="score", checkpoint_score_order="max"
             ),

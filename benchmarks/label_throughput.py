@@ -19,6 +19,9 @@ pages included) of the pipeline on the pool and on a pool 10 times larger.
     python benchmarks/label_throughput.py             # ../shared/data/real-faces if present
     python benchmarks/label_throughput.py --synthetic 4096
 
+Every method runs the model with the same C heap settings: the scoring actor's
+(`fiqa.models.allocator`), applied to this process too.
+
 Threads: the model gets ``--threads`` (default: all cores but one); the one
 left decodes (Ray's decode task, the DataLoader's worker). Ray's logical CPUs
 are planned the same way: one scoring actor with ``--threads`` CPUs, decode
@@ -274,6 +277,7 @@ class CommitTimes(logging.Handler):
 
 def main() -> None:
     from fiqa.models import load_checkpoint
+    from fiqa.models.allocator import retain_freed_memory
 
     cpus = os.cpu_count() or 2
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -287,6 +291,9 @@ def main() -> None:
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
+    # The scoring actor keeps freed activation memory for the next batch (fiqa.models.allocator);
+    # (a), (b) and (c) run in this process, so they get the same heap settings.
+    heap = "retains freed memory" if retain_freed_memory() else "default"
     work = Path(args.work or tempfile.mkdtemp(prefix="fiqa-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     base = pool_shards(args, work)
@@ -298,7 +305,7 @@ def main() -> None:
     )
     print(
         f"# {platform.machine()} {cpus} cores, torch {torch.__version__} threads={args.threads}, "
-        f"batch={args.batch_size}, input {SIZE} px (resize {RESIZE}), pool: {source}, "
+        f"batch={args.batch_size}, input {SIZE} px (resize {RESIZE}), malloc {heap}, pool: {source}, "
         f"{len(base)} shards, {len(images)} images"
     )
     rows = {}

@@ -153,9 +153,11 @@ class Scorer:
         import torch
 
         from fiqa.models import load_checkpoint
+        from fiqa.models.allocator import retain_freed_memory
 
         if threads:
             torch.set_num_threads(threads)
+        retain_freed_memory()  # batch after batch reuses the same activation memory
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.loaded = load_checkpoint(model_path, map_location=self.device)
         self.model = self.loaded.model

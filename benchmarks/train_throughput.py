@@ -81,6 +81,7 @@ def plain_loop(args: argparse.Namespace, table: str, threads: int) -> list[dict]
     import torch
     from torch.utils.data import DataLoader
 
+    from fiqa.models.allocator import retain_freed_memory
     from fiqa.models.regressor import QualityRegressor
 
     rows = pq.read_table(list_parts(table), columns=["image", "score", "source"]).to_pydict()
@@ -98,6 +99,7 @@ def plain_loop(args: argparse.Namespace, table: str, threads: int) -> list[dict]
     micro, accum = batch_plan(t)
     device = torch.device("cuda" if args.gpu else "cpu")
     torch.set_num_threads(threads)
+    retain_freed_memory()  # as the Ray Train workers do
     torch.manual_seed(0)
     model = QualityRegressor(args.arch, image_size=args.image_size).to(device)
     if args.gpu:

@@ -309,6 +309,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from fiqa.metrics import fit_logistic, quality_metrics
     from fiqa.models import load_checkpoint, save_checkpoint
+    from fiqa.models.allocator import retain_freed_memory
     from fiqa.models.inputs import to_model_input
 
     job = TrainJob(**{**config["job"], "train": TrainConfig(**config["job"]["train"])})
@@ -317,6 +318,7 @@ def train_loop_per_worker(config: dict) -> None:
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     torch.manual_seed(job.seed)
     torch.set_num_threads(config["torch_threads"])
+    retain_freed_memory()  # step after step reuses the same activation and gradient memory
     device = get_device()
     cuda = device.type == "cuda"
     micro, accum = batch_plan(t)

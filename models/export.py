@@ -86,8 +86,11 @@ class ScoringModule(nn.Module):
     ):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+        m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        # (x - 255 mean) / (255 std) as x * scale + shift, as fiqa.models.inputs computes it.
+        self.register_buffer("scale", 1.0 / (s * 255.0))
+        self.register_buffer("shift", -m / s)
         self.calibrated = calibration is not None
         c = calibration or Logistic4(1.0, 0.0, 0.0, 1.0)
         self.register_buffer(
@@ -96,7 +99,7 @@ class ScoringModule(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The same arithmetic as fiqa.models.inputs.to_model_input, so scores match the engine's.
-        x = (pixels.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        x = pixels.permute(0, 3, 1, 2).float() * self.scale + self.shift
         raw = self.model(x)
         if not self.calibrated:
             return raw, raw.clone()

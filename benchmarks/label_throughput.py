@@ -4,7 +4,8 @@ For the demo teacher and student (random weights, the same model, torch
 threads and batch size in every method), on the same pool of WebDataset shards:
 
   (a) model-only: forward passes over tensors already decoded in memory, the bound
-      (measured before and after the others, since the machine's speed drifts: the mean);
+      (measured before and after each round of (c) and (d), since the machine's speed
+      drifts: the mean of the two);
   (b) naive: the paper's own loop, per image PIL open -> transform -> batch-of-one forward;
   (c) DataLoader: a plain PyTorch DataLoader whose workers read the shards and decode;
   (d) pipeline: `fiqa label`'s engine end to end, shards in, committed Parquet out
@@ -19,6 +20,7 @@ pages included) of the pipeline on the pool and on a pool 10 times larger.
     python benchmarks/label_throughput.py             # ../shared/data/real-faces if present
     python benchmarks/label_throughput.py --synthetic 4096
     python benchmarks/label_throughput.py --models student --repeat 5   # (c), (d) on 5x the pool
+    python benchmarks/label_throughput.py --models student --rounds 3   # median of 3 rounds
 
 Every method runs the model with the same C heap settings: the scoring actor's
 (`fiqa.models.allocator`), applied to this process too.
@@ -37,6 +39,7 @@ import logging
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import threading
 import time
@@ -295,6 +298,12 @@ def main() -> None:
         help="(c) and (d) read the pool N times over (distinct shards): a larger pool, over "
         "which (d)'s fixed start-up is amortised as it is on a web-scale pool",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure (c) and (d) N times, each between two (a), and print the median ratios",
+    )
     p.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     args = p.parse_args()
 
@@ -318,44 +327,58 @@ def main() -> None:
         f"{len(base)} shards, {len(images)} images"
         + (f", (c) and (d) read it {args.repeat} times over" if args.repeat > 1 else "")
     )
-    rows = {}
     for role in args.models:
         arch = MODELS[role]
         ckpt = make_checkpoint(arch, work / f"model-{role}")
         model = load_checkpoint(ckpt).model.eval()
-        r = {"arch": arch}
-        # (a) before and after the others: the machine's speed drifts (by up to 20 % within
-        # minutes on a shared 2-vCPU VM), so the bound is the mean of the two, drift printed.
-        a_before = model_only(model, images, args.batch_size)
-        r["b"] = naive(model, images[: args.naive_images], work)
-        r["c"] = dataloader(model, pool, args.batch_size, workers=max(1, cpus - args.threads))
-        d = pipeline(ckpt, pool, work / f"out-{role}-full", args.batch_size, args.threads)
-        a_after = model_only(model, images, args.batch_size)
-        r["a"] = (a_before + a_after) / 2
-        r["a_drift"] = a_after / a_before - 1
-        r["d"] = d["images_per_s"]
-        r["d_steady"], r["d_first"] = d["steady_images_per_s"], d["first_shard_s"]
+        # (a) before and after every round of (c) and (d): the machine's speed drifts (by up to
+        # 20 % within minutes on a shared 2-vCPU VM), so each round's bound is the mean of the
+        # (a) on either side of it; with several rounds the median ratio is the figure.
+        naive_rate = naive(model, images[: args.naive_images], work)
+        a = [model_only(model, images, args.batch_size)]
+        rounds = []
+        for i in range(args.rounds):
+            c = dataloader(model, pool, args.batch_size, workers=max(1, cpus - args.threads))
+            out = work / f"out-{role}-full-{i}"
+            d = pipeline(ckpt, pool, out, args.batch_size, args.threads)
+            shutil.rmtree(out, ignore_errors=True)
+            a.append(model_only(model, images, args.batch_size))
+            rounds.append({"a": (a[-2] + a[-1]) / 2, "c": c, **d})
+        for i, r in enumerate(rounds):
+            print(
+                f"{role:<8} {arch:<22} (a) model-only {r['a']:7.1f}  (b) naive {naive_rate:6.1f}  "
+                f"(c) DataLoader {r['c']:6.1f}  (d) pipeline {r['images_per_s']:6.1f} img/s   "
+                f"d/a {r['images_per_s'] / r['a']:.2f}  d/b {r['images_per_s'] / naive_rate:.1f}  "
+                f"d/c {r['images_per_s'] / r['c']:.2f}"
+                + (f"   [round {i + 1}/{len(rounds)}]" if len(rounds) > 1 else ""),
+                flush=True,
+            )
+            print(
+                f"{'':<8} (a) {a[i]:.1f} before, {a[i + 1]:.1f} after "
+                f"({100 * (a[i + 1] / a[i] - 1):+.0f} %): the bound above is their mean",
+                flush=True,
+            )
+            print(
+                f"{'':<8} (d) steady state, after the first shard ({r['first_shard_s']:.1f} s): "
+                f"{r['steady_images_per_s']:6.1f} img/s   d/a {r['steady_images_per_s'] / r['a']:.2f}  "
+                f"d/c {r['steady_images_per_s'] / r['c']:.2f}",
+                flush=True,
+            )
+        if len(rounds) > 1:
+            med = {
+                f"{'steady ' if k.startswith('steady') else ''}d/{b}": statistics.median(
+                    r[k] / r[b] for r in rounds
+                )
+                for k in ("images_per_s", "steady_images_per_s")
+                for b in ("a", "c")
+            }
+            print(
+                f"{role:<8} median of {len(rounds)} rounds: "
+                + "  ".join(f"{k} {v:.2f}" for k, v in med.items()),
+                flush=True,
+            )
         m1 = pipeline(ckpt, small, work / f"out-{role}-1x", args.batch_size, args.threads, True)
         m10 = pipeline(ckpt, big, work / f"out-{role}-10x", args.batch_size, args.threads, True)
-        r["mem"] = (m1, m10)
-        rows[role] = r
-        print(
-            f"{role:<8} {arch:<22} (a) model-only {r['a']:7.1f}  (b) naive {r['b']:6.1f}  "
-            f"(c) DataLoader {r['c']:6.1f}  (d) pipeline {r['d']:6.1f} img/s   "
-            f"d/a {r['d'] / r['a']:.2f}  d/b {r['d'] / r['b']:.1f}  d/c {r['d'] / r['c']:.2f}",
-            flush=True,
-        )
-        print(
-            f"{'':<8} (a) {a_before:.1f} before the others, {a_after:.1f} after "
-            f"({100 * r['a_drift']:+.0f} %): the bound above is their mean",
-            flush=True,
-        )
-        print(
-            f"{'':<8} (d) steady state, after the first shard ({r['d_first']:.1f} s): "
-            f"{r['d_steady']:6.1f} img/s   d/a {r['d_steady'] / r['a']:.2f}  "
-            f"d/c {r['d_steady'] / r['c']:.2f}",
-            flush=True,
-        )
         print(
             f"{'':<8} peak memory: {m1['images']} images {m1['peak_gb']:.2f} GB, "
             f"{m10['images']} images {m10['peak_gb']:.2f} GB "

@@ -4,11 +4,13 @@ A forward pass allocates and frees the same large activation buffers every
 batch. With glibc's default malloc settings those buffers are handed back to
 the kernel when freed (unmapped, or trimmed off the top of the heap), so the
 next batch touches fresh pages: each 4 KiB page costs a page fault and the
-kernel zeroes it. For a small CNN on CPU that is most of the gap to the
-model's own speed. Measured on the demo student (mobilenetv3_small_100,
-112 px, batch 64, one thread) in a Ray Data scoring actor: about 9,000 faults
-per batch and 0.64 to 0.78 of the model-only speed in steady state; with
-`retain_freed_memory`, no faults and 0.91 to 0.98 (benchmarks/RESULTS.md).
+kernel zeroes it. For a small CNN on CPU that is a large part of the gap to
+the model's own speed. Measured on the demo student (mobilenetv3_small_100,
+112 px, batch 64, one thread): 9,000 to 18,000 faults per batch with glibc's
+defaults, none in a `Scorer` (`tests/test_allocator.py` counts them). With
+the arena setting below and one-pass input normalisation on top, the scoring
+pipeline's steady state went from 0.74 to 0.87 of the model-only speed
+(benchmarks/RESULTS.md, runs 7 and 8).
 
 The settings are those of glibc's ``mallopt`` (also reachable as the
 ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` environment variables,

@@ -21,16 +21,15 @@ becomes an actor):
   would reach): blocks up to that size come from the heap, not from mmap;
 - ``M_TRIM_THRESHOLD`` at 256 MiB: free memory at the top of the heap is kept
   up to that amount instead of being returned after every batch;
-- ``M_ARENA_MAX`` at 1: threads that allocate for the first time afterwards
-  share the main heap. Ray Data calls a scoring actor on a thread of its own,
-  and glibc gives such a thread a heap of its own (an arena), which it deletes
-  or shrinks whenever it empties, whatever the two settings above say:
-  measured in a scoring actor of the demo student, 13,000 to 26,000 page faults
-  a second in steady state, about 1,500 to 2,500 with one arena (the rest are
-  the object store's pages). A model process has one thread that allocates
-  much, so the single heap's lock is not contended. A thread that has already
-  allocated keeps its arena (so for a Ray Train loop, which calls this on its
-  own thread, only the first two settings count).
+- ``M_ARENA_MAX`` at 1: every thread allocates from the main heap. With
+  glibc's defaults a thread that finds the heap's lock taken (Ray's own
+  threads allocate all the time, and Ray Data calls the actor on a thread of
+  its own) gets a heap of its own (an arena), which glibc deletes or shrinks
+  whenever it empties, whatever the two settings above say: measured in a
+  scoring actor of the demo student, 13,000 to 26,000 page faults a second in
+  steady state, about 70 with one arena. A model process has one thread that
+  allocates much, so the single heap's lock is not contended for long. A thread
+  that already has a heap of its own when this is called keeps it.
 
 The cost is that a process keeps up to 256 MiB of freed heap it could have
 returned, which is what a process that runs batch after batch wants. Other C

@@ -65,16 +65,21 @@ print(sorted(faults)[len(faults) // 2])  # the median: one batch's one-off heap 
 """
 
 
-def faults_per_batch(tmp_path, how: str) -> float:
+def last_line(script: str, *args: str) -> str:
+    """What ``script`` printed last, run in a fresh interpreter (the settings are process-wide)."""
     out = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(tmp_path / how), how],
+        [sys.executable, "-c", script, *args],
         capture_output=True,
         text=True,
         env=subprocess_env(),
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    return float(out.stdout.strip().splitlines()[-1])
+    return out.stdout.strip().splitlines()[-1]
+
+
+def faults_per_batch(tmp_path, how: str) -> float:
+    return float(last_line(MEASURE, str(tmp_path / how), how))
 
 
 def test_scoring_batches_reuse_their_memory(tmp_path):
@@ -119,15 +124,7 @@ print(len(re.findall("<heap nr=", open(path).read())))
 
 
 def arenas(settings: str) -> int:
-    out = subprocess.run(
-        [sys.executable, "-c", ARENAS, settings],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return int(out.stdout.strip().splitlines()[-1])
+    return int(last_line(ARENAS, settings))
 
 
 def test_threads_share_one_heap():

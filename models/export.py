@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from fiqa.metrics import Logistic4
-from fiqa.models.inputs import IMAGENET_MEAN, IMAGENET_STD
+from fiqa.models.inputs import IMAGENET_MEAN, IMAGENET_STD, normalisation
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,9 @@ class ScoringModule(nn.Module):
     ):
         super().__init__()
         self.model = model
-        m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        # (x - 255 mean) / (255 std) as x * scale + shift, as fiqa.models.inputs computes it.
-        self.register_buffer("scale", 1.0 / (s * 255.0))
-        self.register_buffer("shift", -m / s)
+        scale, shift = normalisation(mean, std)  # as fiqa.models.inputs.to_model_input does
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
         self.calibrated = calibration is not None
         c = calibration or Logistic4(1.0, 0.0, 0.0, 1.0)
         self.register_buffer(

@@ -7,9 +7,18 @@ import torch
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# (x - 255 mean) / (255 std) as x * SCALE + SHIFT: one multiply-add per element.
-SCALE = 1.0 / (torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0)
-SHIFT = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+def normalisation(
+    mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` of shape (1, 3, 1, 1): (x - 255 mean) / (255 std) as x * scale + shift,
+    one multiply-add per uint8 pixel value."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return 1.0 / (s * 255.0), -m / s
+
+
+SCALE, SHIFT = normalisation(IMAGENET_MEAN, IMAGENET_STD)
 
 
 def to_model_input(pixels: torch.Tensor, channels_last: bool = False) -> torch.Tensor:

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.skipif(
 
 # Builds a checkpoint; then scores the same Arrow batch 9 times, either through a `Scorer`
 # (as the Ray Data actor does) or through the bare model, and prints the median faults
-# per batch (now and then one batch grows the heap
-# once, by a few thousand pages: steady state is what counts).
+# per batch (now and then one batch grows the heap once, by a few thousand pages: steady
+# state is what counts).
 MEASURE = """
 import resource, sys
 import numpy as np, torch
@@ -97,7 +97,7 @@ def test_scoring_batches_reuse_their_memory(tmp_path):
 # heap's lock, as Ray's threads and the one Ray Data calls the actor on do); prints how many
 # heaps (arenas) glibc's malloc_info then reports.
 ARENAS = """
-import ctypes, re, sys, tempfile, threading
+import ctypes, os, re, sys, tempfile, threading
 
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
@@ -115,11 +115,14 @@ for t in threads:
     t.start()
 for t in threads:
     t.join()
-path = tempfile.mktemp()
+fd, path = tempfile.mkstemp()
+os.close(fd)
 f = libc.fopen(path.encode(), b"w")
 libc.malloc_info(0, ctypes.c_void_p(f))
 libc.fclose(ctypes.c_void_p(f))
-print(len(re.findall("<heap nr=", open(path).read())))
+with open(path) as report:
+    print(len(re.findall("<heap nr=", report.read())))
+os.remove(path)
 """
 
 

@@ -125,3 +125,14 @@ def test_numbers_in_octal_and_base_256():
     assert _number(bytes([0x80]) + big.to_bytes(11, "big")) == big
     with pytest.raises(TarFormatError):
         _number(b"12x4\0")
+
+
+def test_a_checksum_summed_as_signed_chars_is_accepted():
+    """Some old tar programs sum the header as signed chars; tarfile accepts that, and so do we."""
+    raw = bytearray(make_tar(tarfile.USTAR_FORMAT, [("é/ü.jpg", b"x" * 10)], extra=False))
+    header = raw[:512]
+    assert any(b > 127 for b in header)  # the UTF-8 name: bytes that sum differently signed
+    signed = sum(b - 256 if b > 127 else b for b in header[:148] + header[156:]) + 8 * 32
+    raw[148:156] = b"%06o\0 " % signed
+    assert by_tarfile(bytes(raw)) == [("é/ü.jpg", b"x" * 10)]
+    assert list(iter_tar(io.BytesIO(bytes(raw)), len(raw))) == [("é/ü.jpg", b"x" * 10)]

@@ -106,9 +106,8 @@ def read_images(shards: list[str]) -> list[bytes]:
 
 def decode(data: bytes) -> np.ndarray:
     from fiqa.data.decode import decode_image
-    from fiqa.data.transforms import center_crop
 
-    return center_crop(decode_image(data, RESIZE), SIZE)
+    return decode_image(data, RESIZE, crop=SIZE)
 
 
 # (a) ---------------------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ from fiqa.data.tables import (
     read_table,
     write_part,
 )
-from fiqa.data.transforms import center_crop
 from fiqa.metrics import Logistic4
 
 log = logging.getLogger(__name__)
@@ -89,8 +88,10 @@ def read_and_decode(batch: dict, job: ScoreJob) -> Iterator[dict]:
             pix = None
             if rec["reason"] is None:
                 try:
-                    arr = decode_image(rec["image"], job.resize, job.max_pixels, job.min_side)
-                    pix = center_crop(arr, job.crop) if want_pixels else None
+                    arr = decode_image(
+                        rec["image"], job.resize, job.max_pixels, job.min_side, crop=job.crop
+                    )
+                    pix = arr if want_pixels else None
                 except RejectedSample as e:
                     rec["reason"] = e.reason
             rec["pixels"] = pix

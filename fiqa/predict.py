@@ -11,8 +11,8 @@ thread pool (PIL releases the GIL) while the model scores the previous batch.
   ``.tar`` shards), and shard specs (a tar path, glob, brace pattern or
   ``s3://`` URL, as in the run config).
 - Images are prepared exactly as the scoring engine prepares them
-  (`fiqa.data.decode.decode_image` to ``resize`` px, then
-  `fiqa.data.transforms.center_crop` to ``image_size``), so a checkpoint scores
+  (`fiqa.data.decode.decode_image`: ``resize`` px, center crop of
+  ``image_size``), so a checkpoint scores
   an image here as it did when it pseudo-labeled it (in float32; the engine
   uses bfloat16 on GPU).
 - An input that cannot be used (not an image, truncated, too small, a bad
@@ -47,7 +47,6 @@ from fiqa import storage
 from fiqa.data.decode import RejectedSample, decode_image
 from fiqa.data.reader import read_shard
 from fiqa.data.shards import expand_shard_spec
-from fiqa.data.transforms import center_crop
 from fiqa.storage import is_remote
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -328,7 +327,7 @@ def prepare(
             cause = e.__cause__ if isinstance(e, storage.StorageError) and e.__cause__ else e
             return None, f"unreadable_file: {type(cause).__name__}"
     try:
-        return center_crop(decode_image(data, resize, max_pixels, min_side), crop), None
+        return decode_image(data, resize, max_pixels, min_side, crop=crop), None
     except RejectedSample as e:
         return None, e.reason
 

@@ -45,7 +45,7 @@ from fiqa.config import (  # batch_plan, effective_lr: re-exported, their home i
 )
 from fiqa.data.decode import decode_image
 from fiqa.data.tables import list_parts
-from fiqa.data.transforms import center_crop, random_crop_flip
+from fiqa.data.transforms import random_crop_flip
 
 if TYPE_CHECKING:  # the module stays importable by data workers without torch
     import torch
@@ -102,7 +102,7 @@ def decode_eval_batch(batch: dict, resize: int, crop: int) -> dict:
     n = len(batch["image"])
     pixels = np.empty((n, crop, crop, 3), dtype=np.uint8)
     for i, data in enumerate(batch["image"]):
-        pixels[i] = center_crop(decode_image(data, resize), crop)
+        pixels[i] = decode_image(data, resize, crop=crop)
     return {"pixels": pixels, "target": batch["score"].astype(np.float32)}
 
 

@@ -79,3 +79,48 @@ def test_non_square_photos_are_not_stretched():
     out = decode_image(encode(img, "PNG"), 32)
     assert out.shape == (32, 32, 3)
     assert out[:, :, 0].mean() > 250 and out[:, :, 2].mean() < 5  # only the centre is kept
+
+
+def _crop_of(arr, crop):
+    top, left = (arr.shape[0] - crop) // 2, (arr.shape[1] - crop) // 2
+    return arr[top : top + crop, left : left + crop]
+
+
+@pytest.mark.parametrize(
+    "size,resize,crop,tolerance",
+    [
+        ((112, 112), 128, 112, 0),  # the demo: upscale, then crop
+        ((250, 250), 128, 112, 0),  # downscale
+        ((112, 112), 112, 100, 0),  # no resampling: only the crop
+        ((40, 40), 40, 40, 0),
+        # Not square: the scale is not a round number, and the filter weights round a level
+        # differently here and there.
+        ((200, 131), 64, 56, 1),
+        ((97, 131), 64, 57, 1),  # and odd margins
+    ],
+)
+def test_crop_is_the_center_of_the_resized_square(size, resize, crop, tolerance):
+    """One resampling pass straight to the crop gives the pixels of resize-then-crop."""
+    rng = np.random.default_rng(0)
+    smooth = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(
+        size, Image.BICUBIC
+    )
+    data = encode(smooth, "PNG")
+    out = decode_image(data, resize, crop=crop)
+    assert out.shape == (crop, crop, 3)
+    diff = np.abs(out.astype(int) - _crop_of(decode_image(data, resize), crop))
+    assert diff.max() <= tolerance and diff.mean() < 0.05
+
+
+def test_crop_after_a_reducing_pass_is_within_a_level():
+    """A large photo is first reduced by an integer factor: within one level of resize-then-crop."""
+    img = Image.linear_gradient("L").resize((2000, 1400)).convert("RGB")
+    data = encode(img, "PNG")
+    out = decode_image(data, 128, crop=112).astype(int)
+    assert np.abs(out - _crop_of(decode_image(data, 128), 112)).max() <= 1
+
+
+@pytest.mark.parametrize("crop", [0, 65])
+def test_crop_larger_than_the_square_is_refused(crop):
+    with pytest.raises(ValueError, match="crop"):
+        decode_image(jpeg_bytes((100, 100)), 64, crop=crop)

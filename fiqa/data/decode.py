@@ -3,7 +3,9 @@
 `decode_image` turns encoded bytes into an upright RGB uint8 array of
 ``resize`` x ``resize``: the shorter side is resized to ``resize`` (aspect
 ratio kept) and the central square kept, so aligned square face crops are
-simply resized and other photos are not stretched. Anything that cannot be decoded raises
+simply resized and other photos are not stretched. With ``crop``, only the
+central ``crop`` x ``crop`` of that square is made (the evaluation transform:
+resize, then center crop), in one resampling pass. Anything that cannot be decoded raises
 `RejectedSample` with a short machine-readable reason that ends up in the
 rejects table.
 """
@@ -46,8 +48,14 @@ def decode_image(
     resize: int,
     max_pixels: int = 40_000_000,
     min_side: int = 16,
+    crop: int | None = None,
 ) -> np.ndarray:
-    """Decode ``data`` to an upright RGB array of shape (resize, resize, 3), dtype uint8."""
+    """Decode ``data`` to an upright RGB array of shape (resize, resize, 3), dtype uint8.
+
+    With ``crop`` (at most ``resize``): the central (crop, crop, 3) of that array.
+    """
+    if crop is not None and not 0 < crop <= resize:
+        raise ValueError(f"crop {crop} must be between 1 and resize {resize}")
     if not data:
         raise RejectedSample("empty_image")
     try:
@@ -68,7 +76,7 @@ def decode_image(
             img.load()
             img = ImageOps.exif_transpose(img)
             img = _to_rgb(img)
-            img = _resize_square(img, resize)
+            img = _resize_square(img, resize, crop or resize)
     except RejectedSample:
         raise
     except Exception as e:
@@ -83,14 +91,27 @@ def decode_image(
     return np.asarray(img, dtype=np.uint8)
 
 
-def _resize_square(img: Image.Image, size: int) -> Image.Image:
-    """Shorter side to ``size``, keeping the aspect ratio, then the central square."""
+def _resize_square(img: Image.Image, size: int, crop: int) -> Image.Image:
+    """Shorter side to ``size``, keeping the aspect ratio; of that, the central ``crop`` square.
+
+    Resampling only the source region that lands in the crop, straight to
+    ``crop`` x ``crop``, samples the same source positions as resizing the whole
+    image and cropping afterwards (the same pixels for a square image; a level off
+    here and there where the filter weights round differently, after a reducing
+    pass or at a scale that is not a round number) at the cost of the crop alone:
+    about a quarter less work for the usual 128 -> 112 px.
+    """
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=2.0)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size)) if (nw, nh) != (size, size) else img
+    # The crop's corner in the resized image: the square's, then the crop's within it.
+    left = (nw - size) // 2 + (size - crop) // 2
+    top = (nh - size) // 2 + (size - crop) // 2
+    if (nw, nh) == (w, h):  # already the size: only the crop
+        return img if (w, h) == (crop, crop) else img.crop((left, top, left + crop, top + crop))
+    sx, sy = w / nw, h / nh
+    box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+    return img.resize((crop, crop), Image.BILINEAR, box=box, reducing_gap=2.0)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

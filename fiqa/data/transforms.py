@@ -1,7 +1,8 @@
 """Image transforms of the paper: resize + random crop + flip (train), resize + center crop (eval).
 
-Images are decoded and resized to ``resize`` px on CPU tasks (`fiqa.data.decode`);
-the crop happens here, on uint8 arrays (numpy only: data workers never import
+Images are decoded and resized to ``resize`` px on CPU tasks (`fiqa.data.decode`,
+which also makes the evaluation's center crop, in the same resampling pass); the
+training crop happens here, on uint8 arrays (numpy only: data workers never import
 torch), and normalisation happens on the device that runs the model
 (`fiqa.models.inputs.to_model_input`).
 """
@@ -9,12 +10,6 @@ torch), and normalisation happens on the device that runs the model
 from __future__ import annotations
 
 import numpy as np
-
-
-def center_crop(img: np.ndarray, size: int) -> np.ndarray:
-    h, w = img.shape[:2]
-    top, left = (h - size) // 2, (w - size) // 2
-    return img[top : top + size, left : left + size]
 
 
 def random_crop_flip(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -339,6 +339,7 @@ def main() -> None:
         for i in range(args.rounds):
             c = dataloader(model, pool, args.batch_size, workers=max(1, cpus - args.threads))
             out = work / f"out-{role}-full-{i}"
+            shutil.rmtree(out, ignore_errors=True)
             d = pipeline(ckpt, pool, out, args.batch_size, args.threads)
             shutil.rmtree(out, ignore_errors=True)
             a.append(model_only(model, images, args.batch_size))
@@ -376,8 +377,13 @@ def main() -> None:
                 + "  ".join(f"{k} {v:.2f}" for k, v in med.items()),
                 flush=True,
             )
-        m1 = pipeline(ckpt, small, work / f"out-{role}-1x", args.batch_size, args.threads, True)
-        m10 = pipeline(ckpt, big, work / f"out-{role}-10x", args.batch_size, args.threads, True)
+        mem = {}
+        for name, shards in (("1x", small), ("10x", big)):
+            out = work / f"out-{role}-{name}"
+            shutil.rmtree(out, ignore_errors=True)  # a reused --work: score it all again
+            mem[name] = pipeline(ckpt, shards, out, args.batch_size, args.threads, True)
+            shutil.rmtree(out, ignore_errors=True)
+        m1, m10 = mem["1x"], mem["10x"]
         print(
             f"{'':<8} peak memory: {m1['images']} images {m1['peak_gb']:.2f} GB, "
             f"{m10['images']} images {m10['peak_gb']:.2f} GB "

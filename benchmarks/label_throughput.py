@@ -219,7 +219,8 @@ class PeakRSS:
 def pipeline(
     ckpt: str, shards: list[str], out: Path, batch: int, threads: int, memory: bool = False
 ) -> dict:
-    """One fresh local Ray per run (so the two pool sizes are measured alike).
+    """One fresh local Ray per run (so the two pool sizes are measured alike), scoring into an
+    empty ``out`` (a reused ``--work`` must not find its shards committed), removed afterwards.
 
     With ``memory``, the peak RSS is sampled meanwhile; the throughput runs go without it,
     since walking /proc for every Ray process four times a second takes CPU from the run.
@@ -238,6 +239,7 @@ def pipeline(
         torch_threads=threads,
         decode_cpus=max(1, cpus - threads),
     )
+    shutil.rmtree(out, ignore_errors=True)
     commits = CommitTimes()
     engine_log = logging.getLogger("fiqa.labeling")
     engine_log.addHandler(commits)
@@ -248,6 +250,7 @@ def pipeline(
         stats = label_shards(ckpt, shards, str(out), label, progress=False)
         seconds = time.perf_counter() - t0
         shutdown_ray()
+    shutil.rmtree(out, ignore_errors=True)
     engine_log.removeHandler(commits)
     assert not ray.is_initialized()
     n = stats["scored"] + stats["rejected"]
@@ -336,12 +339,9 @@ def main() -> None:
         naive_rate = naive(model, images[: args.naive_images], work)
         a = [model_only(model, images, args.batch_size)]
         rounds = []
-        for i in range(args.rounds):
+        for _ in range(args.rounds):
             c = dataloader(model, pool, args.batch_size, workers=max(1, cpus - args.threads))
-            out = work / f"out-{role}-full-{i}"
-            shutil.rmtree(out, ignore_errors=True)
-            d = pipeline(ckpt, pool, out, args.batch_size, args.threads)
-            shutil.rmtree(out, ignore_errors=True)
+            d = pipeline(ckpt, pool, work / f"out-{role}-full", args.batch_size, args.threads)
             a.append(model_only(model, images, args.batch_size))
             rounds.append({"a": (a[-2] + a[-1]) / 2, "c": c, **d})
         for i, r in enumerate(rounds):
@@ -377,13 +377,8 @@ def main() -> None:
                 + "  ".join(f"{k} {v:.2f}" for k, v in med.items()),
                 flush=True,
             )
-        mem = {}
-        for name, shards in (("1x", small), ("10x", big)):
-            out = work / f"out-{role}-{name}"
-            shutil.rmtree(out, ignore_errors=True)  # a reused --work: score it all again
-            mem[name] = pipeline(ckpt, shards, out, args.batch_size, args.threads, True)
-            shutil.rmtree(out, ignore_errors=True)
-        m1, m10 = mem["1x"], mem["10x"]
+        m1 = pipeline(ckpt, small, work / f"out-{role}-1x", args.batch_size, args.threads, True)
+        m10 = pipeline(ckpt, big, work / f"out-{role}-10x", args.batch_size, args.threads, True)
         print(
             f"{'':<8} peak memory: {m1['images']} images {m1['peak_gb']:.2f} GB, "
             f"{m10['images']} images {m10['peak_gb']:.2f} GB "

@@ -88,13 +88,14 @@ def read_and_decode(batch: dict, job: ScoreJob) -> Iterator[dict]:
             pix = None
             if rec["reason"] is None:
                 try:
-                    arr = decode_image(
-                        rec["image"], job.resize, job.max_pixels, job.min_side, crop=job.crop
+                    # Decoded even when no model runs: a sample that cannot be is a reject.
+                    crop = job.crop if want_pixels else None
+                    pix = decode_image(
+                        rec["image"], job.resize, job.max_pixels, job.min_side, crop=crop
                     )
-                    pix = arr if want_pixels else None
                 except RejectedSample as e:
                     rec["reason"] = e.reason
-            rec["pixels"] = pix
+            rec["pixels"] = pix if want_pixels else None
             rows.append(rec)
             total += 1
             if len(rows) == ROWS_PER_BATCH:

@@ -1,4 +1,4 @@
-"""Image transforms of the paper: resize + random crop + flip (train), resize + center crop (eval).
+"""The paper's training transform: random crop + flip of the resized image (eval: `fiqa.data.decode`).
 
 Images are decoded and resized to ``resize`` px on CPU tasks (`fiqa.data.decode`,
 which also makes the evaluation's center crop, in the same resampling pass); the

@@ -18,7 +18,7 @@ model load, which a pool of millions amortises, and without the final drain); th
 pages included) of the pipeline on the pool and on a pool 10 times larger.
 
     python benchmarks/label_throughput.py             # ../shared/data/real-faces if present
-    python benchmarks/label_throughput.py --synthetic 4096
+    python benchmarks/label_throughput.py --synthetic 10240   # 20 synthetic shards of 512
     python benchmarks/label_throughput.py --models student --repeat 5   # (c), (d) on 5x the pool
     python benchmarks/label_throughput.py --models student --rounds 3   # median of 3 rounds
 
@@ -68,7 +68,7 @@ def pool_shards(args: argparse.Namespace, work: Path) -> list[str]:
     if args.synthetic or not REAL_FACES.is_dir():
         from fiqa.data.synthetic import make_demo_data
 
-        n = args.synthetic or 4096
+        n = args.synthetic or 10_240  # the real pool's shape: 20 shards of 512
         sizes = {
             "labeled_train": 0,
             "labeled_val": 0,
@@ -265,20 +265,24 @@ def pipeline(
         "images_per_s": n / seconds,
         "first_shard_s": first,
         "after_first_images_per_s": after_first,
-        "steady_images_per_s": steady_rate(commits.times, per_shard) or n / seconds,
+        "steady_images_per_s": steady_rate(commits.times, per_shard),
         "peak_gb": mem.peak / 1e9 if memory else None,
     }
 
 
+MIN_STEADY_SHARDS = 16
+
+
 def steady_rate(commit_times: list[float], per_shard: float) -> float | None:
-    """Images/s over the middle half of the shards' commits (None under 4 shards).
+    """Images/s over the middle half of the shards' commits; None under 16 shards, where
+    the stream's buffer (about 6 shards of 512 faces) leaves no steady middle.
 
     Clear of the start-up, when decoding fills the stream's buffer while the actor starts,
     and of the end, when decoding has finished and the model has the machine to itself: over
     the last quarter of a 20-shard pool the student ran 1.4 to 1.8 times its middle-half rate.
     """
     n = len(commit_times)
-    if n < 4:
+    if n < MIN_STEADY_SHARDS:
         return None
     a, b = n // 4, (3 * n) // 4
     return per_shard * (b - a) / max(1e-9, commit_times[b] - commit_times[a])
@@ -376,9 +380,13 @@ def main() -> None:
             steady = r["steady_images_per_s"]
             after = r["after_first_images_per_s"]
             print(
-                f"{'':<8} (d) steady state, the middle half of the shards: {steady:6.1f} img/s   "
-                f"d/a {steady / r['a']:.2f}  d/c {steady / r['c']:.2f}   (first shard at "
-                f"{r['first_shard_s']:.1f} s"
+                f"{'':<8} (d) steady state, the middle half of the shards: "
+                + (
+                    f"{steady:6.1f} img/s   d/a {steady / r['a']:.2f}  d/c {steady / r['c']:.2f}"
+                    if steady
+                    else f"n/a ({len(pool)} shards; it needs {MIN_STEADY_SHARDS} or more)"
+                )
+                + f"   (first shard at {r['first_shard_s']:.1f} s"
                 + (f"; everything after it: {after:.1f} img/s)" if after else ")"),
                 flush=True,
             )
@@ -389,6 +397,7 @@ def main() -> None:
                 )
                 for k in ("images_per_s", "steady_images_per_s")
                 for b in ("a", "c")
+                if all(r[k] for r in rounds)
             }
             print(
                 f"{role:<8} median of {len(rounds)} rounds: "

@@ -133,6 +133,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus,
         decode_cpus=args.decode_cpus,
         compile=args.compile,
+        pin_cores={"auto": None, "yes": True, "no": False}[args.pin_cores],
         buffer_mb=args.buffer_mb,
     )
     check_label_config(label, "label")
@@ -242,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-cpus", type=float, default=1.0, help="per actor")
     s.add_argument("--decode-cpus", type=float, default=1.0, help="per decode task")
     s.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    s.add_argument(
+        "--pin-cores",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="CPU actors on cores of their own, decoding on the rest (auto: where a node's "
+        "cores are all its processes may use)",
+    )
     s.add_argument(
         "--buffer-mb",
         type=int,

@@ -112,6 +112,9 @@ class LabelConfig:
     decode_cpus: float = 1.0  # per decode task
     decode_memory_mb: int = 512  # reserved (Ray's logical memory) per decode task
     compile: bool = False  # torch.compile the model in each actor (pays off on GPUs, long jobs)
+    # CPU actors on cores of their own, decode tasks on the others (fiqa.cluster.cores):
+    # true, false, or null: where a node's cores are all its processes may use.
+    pin_cores: bool | None = None
     # Object store the stream may fill with decoded batches waiting for the actors. It bounds
     # memory whatever the pool's size; None: 4 decoded blocks per actor, at least 128 MB.
     buffer_mb: int | None = None

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fiqa import storage
+from fiqa.cluster import cores
 from fiqa.cluster.local import cluster_may_grow
 from fiqa.config import ConfigError, LabelConfig
 from fiqa.data.decode import RejectedSample, decode_image
@@ -79,8 +80,13 @@ def read_and_decode(batch: dict, job: ScoreJob) -> Iterator[dict]:
     to know when a shard is complete. The last batch is held back so that it
     is never empty.
     """
+    with cores.off_claimed_cores():  # those of the scoring actors on this machine (if any)
+        yield from _read_and_decode(batch["shard"], job)
+
+
+def _read_and_decode(urls, job: ScoreJob) -> Iterator[dict]:
     want_pixels = job.model_path is not None
-    for url in batch["shard"]:
+    for url in urls:
         rows: list[dict] = []
         pending: list[dict] | None = None
         total = 0
@@ -149,9 +155,20 @@ def _to_batch(rows: list[dict], total: int, crop: int, want_pixels: bool) -> dic
 
 
 class Scorer:
-    """Ray Data actor: holds the model and scores pixel batches (rows with a reason are skipped)."""
+    """Ray Data actor: holds the model and scores pixel batches (rows with a reason are skipped).
 
-    def __init__(self, model_path: str, threads: int | None = None, compile: bool = False):
+    As a Ray actor on CPU it claims ``threads`` cores of its own (`fiqa.cluster.cores`):
+    always with ``pin_cores`` True, never with False, and with None where this node's
+    cores are all this process may use (a machine, or a pod with a cpuset of its own).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        threads: int | None = None,
+        compile: bool = False,
+        pin_cores: bool | None = None,
+    ):
         import torch
 
         from fiqa.models import load_checkpoint
@@ -161,6 +178,9 @@ class Scorer:
             torch.set_num_threads(threads)
         retain_freed_memory()  # batch after batch reuses the same activation memory
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.cores = None
+        if self.device.type == "cpu" and pin_cores is not False:
+            self.cores = _claim_cores(threads or torch.get_num_threads(), pin_cores is True)
         self.loaded = load_checkpoint(model_path, map_location=self.device)
         self.model = self.loaded.model
         if self.device.type == "cuda":
@@ -191,6 +211,26 @@ class Scorer:
             ):
                 raw[ok] = self.model(to_model_input(x, channels_last=cuda)).float().cpu().numpy()
         return batch.drop_columns(["pixels"]).append_column("raw_score", pa.array(raw))
+
+
+def _claim_cores(n: int, always: bool) -> list[int] | None:
+    """Claim ``n`` cores for this actor (see `Scorer`); logs the outcome."""
+    import ray
+
+    if not (ray.is_initialized() and ray.get_runtime_context().get_actor_id()):
+        return None  # not a Ray actor (a test, an in-process check): never pin the caller
+    if not always:
+        node = ray.get_runtime_context().get_node_id()
+        cpus = next((x["Resources"].get("CPU", 0) for x in ray.nodes() if x["NodeID"] == node), 0)
+        if not cores.cores_are_ours(cpus):
+            log.info("scoring actor not pinned: this node's %g CPUs are not all its cores", cpus)
+            return None
+    got = cores.claim(n)
+    if got is None:
+        log.info("scoring actor not pinned: fewer than %d of this node's cores are free", n)
+    else:
+        log.info("scoring actor pinned to cores %s", got)
+    return got
 
 
 def _tensor_column(col: pa.ChunkedArray) -> np.ndarray:
@@ -480,6 +520,7 @@ def run_score_job(
                 "model_path": job.model_path,
                 "threads": label_cfg.torch_threads or max(1, int(label_cfg.num_cpus)),
                 "compile": label_cfg.compile,
+                "pin_cores": label_cfg.pin_cores,
             },
             batch_size=label_cfg.batch_size,
             batch_format="pyarrow",

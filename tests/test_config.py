@@ -44,6 +44,9 @@ def test_wrong_type_is_named():
         from_dict(minimal(train_teacher={"epochs": "many"}))
     with pytest.raises(ConfigError, match=r"train_teacher\.use_gpu"):
         from_dict(minimal(train_teacher={"use_gpu": "yes"}))
+    with pytest.raises(ConfigError, match=r"pseudo_label\.pin_cores"):
+        from_dict(minimal(pseudo_label={"pin_cores": "auto"}))  # true, false or null
+    assert from_dict(minimal(pseudo_label={"pin_cores": False})).pseudo_label.pin_cores is False
 
 
 def test_required_keys():

@@ -29,6 +29,9 @@ Threads: the model gets ``--threads`` (default: all cores but one); the one
 left decodes (Ray's decode task, the DataLoader's worker). Ray's logical CPUs
 are planned the same way: one scoring actor with ``--threads`` CPUs, decode
 tasks with the rest.
+On a machine of one's own, (d)'s scoring actor also claims ``--threads`` cores and its
+decode tasks keep off them (`fiqa.cluster.cores`, `pseudo_label.pin_cores`); (c) is a
+plain DataLoader and is left to the kernel's scheduler.
 """
 
 from __future__ import annotations

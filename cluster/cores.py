@@ -26,17 +26,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
+import functools
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-log = logging.getLogger(__name__)
-
 _held: dict[int, int] = {}  # core -> file descriptor of its lock, kept open while claimed
 
 
+@functools.cache
 def claims_dir() -> Path:
     """Where the lock files live: shared memory when there is some (one per machine or pod)."""
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())

@@ -162,9 +162,8 @@ def test_a_cpu_scoring_actor_claims_a_core_and_decoding_keeps_off_it(ray_on_ever
     assert cores_and_mask(pinned) == ([everything[-1]], [everything[-1]])
     assert cores_and_mask(unpinned) == (None, everything)
     decode = ray.remote(num_cpus=1)(masks_while_decoding)
-    assert ray.get(decode.remote(), timeout=120) == [
-        everything[:-1]
-    ]  # one batch, off the claimed core
+    # One batch, decoded off the claimed core.
+    assert ray.get(decode.remote(), timeout=120) == [everything[:-1]]
 
     ray.kill(pinned)
     deadline = time.monotonic() + 30

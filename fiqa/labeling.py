@@ -536,7 +536,9 @@ def run_score_job(
     )
     collector = ShardCollector(job, scored_keys_of(job.out_dir) if done else None)
     bar = tqdm(total=len(todo), unit="shard", desc=f"score {job.source}", disable=not progress)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    # No prefetch: Ray Data's prefetcher hands a block over only once the next one is ready,
+    # so with its default a finished shard waits a whole shard's scoring to be committed.
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
         finished = collector.add(batch)
         for url in finished:
             log.info("committed %s", url)

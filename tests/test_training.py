@@ -8,6 +8,7 @@ mid-epoch.
 
 import contextlib
 import dataclasses
+import gc
 import io
 import json
 import math
@@ -283,6 +284,12 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         done, grads, stats = accumulate(model, mine, accum=len(mine))
         if rank == 0:
             torch.save({"done": done, "grads": grads, "stats": stats}, f"{out_dir}/ddp_{micro}.pt")
+        del model  # its reducer holds the process group and the last all-reduce's work
+    # Both ranks tear gloo down together and with no DDP left alive: a rank that
+    # destroyed its group while the other still ran aborted once in CI
+    # ("terminate called without an active exception", SIGABRT).
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -47,7 +47,20 @@ from fiqa.metrics import Logistic4
 
 log = logging.getLogger(__name__)
 
-ROWS_PER_BATCH = 256
+# One decoded block (pixels plus the encoded images they travel with) holds about this much.
+# Larger blocks cost the scoring actor less Ray Data overhead per image (on 2 cores its thread
+# waited 7-12 % of the time for its next 256-row block of 112 px faces, 5.6 % for 512 rows:
+# benchmarks/RESULTS.md); sized in bytes, not rows, so that a block of 448 px images is not
+# 16x one of 112 px images (256 rows at 448 px are 158 MB).
+BLOCK_BYTES = 32 * 2**20
+MEAN_IMAGE_BYTES = 16_384  # an encoded face, for sizing blocks before any is read
+
+
+def rows_per_block(crop: int | None, batch_size: int) -> int:
+    """Rows of one decoded block: whole scoring batches, as many as fit in ``BLOCK_BYTES``
+    and at least one (``crop`` None or 0: no pixels, the encoded images only)."""
+    row = (crop or 0) ** 2 * 3 + MEAN_IMAGE_BYTES
+    return max(1, BLOCK_BYTES // (row * batch_size)) * batch_size
 
 
 @dataclass
@@ -86,6 +99,7 @@ def read_and_decode(batch: dict, job: ScoreJob) -> Iterator[dict]:
 
 def _read_and_decode(urls, job: ScoreJob) -> Iterator[dict]:
     want_pixels = job.model_path is not None
+    block_rows = rows_per_block(job.crop if want_pixels else None, job.label.batch_size)
     for url in urls:
         rows: list[dict] = []
         pending: list[dict] | None = None
@@ -104,7 +118,7 @@ def _read_and_decode(urls, job: ScoreJob) -> Iterator[dict]:
             rec["pixels"] = pix if want_pixels else None
             rows.append(rec)
             total += 1
-            if len(rows) == ROWS_PER_BATCH:
+            if len(rows) == block_rows:
                 if pending is not None:
                     yield _to_batch(pending, -1, job.crop, want_pixels)
                 pending = rows
@@ -472,12 +486,12 @@ def resolve_resources(cfg: LabelConfig, with_model: bool) -> LabelConfig:
     return cfg
 
 
-def stream_buffer_bytes(cfg: LabelConfig, crop: int, mean_image_bytes: int = 16_384) -> int:
+def stream_buffer_bytes(cfg: LabelConfig, crop: int) -> int:
     """Object store bytes a scoring stream may hold: ``cfg.buffer_mb``, or 4 decoded blocks
     per actor (pixels plus the encoded images they travel with), at least 128 MB."""
     if cfg.buffer_mb is not None:
         return cfg.buffer_mb * 2**20
-    block = ROWS_PER_BATCH * (crop * crop * 3 + mean_image_bytes)
+    block = rows_per_block(crop, cfg.batch_size) * (crop * crop * 3 + MEAN_IMAGE_BYTES)
     return max(128 * 2**20, 4 * cfg.actor_range()[1] * block)
 
 

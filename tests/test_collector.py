@@ -2,28 +2,49 @@
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
+from fiqa import labeling
 from fiqa.config import LabelConfig
 from fiqa.data.tables import list_parts, part_name
 from fiqa.labeling import (
-    ROWS_PER_BATCH,
     ScoreJob,
     ShardCollector,
     committed_shards,
     read_and_decode,
+    rows_per_block,
     stream_buffer_bytes,
 )
 from fiqa.metrics import Logistic4
 
 from conftest import labeled_members, write_tar
 
+ROWS = 8  # rows per decoded block in these tests: one scoring batch of 8
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of one 8-row batch, so that a shard of a dozen samples spans several."""
+    monkeypatch.setattr(labeling, "BLOCK_BYTES", 1)
+    return LabelConfig(batch_size=ROWS)
+
 
 def batches_for(shard, job):
     return list(read_and_decode({"shard": np.array([shard], dtype=object)}, job))
 
 
-def test_read_and_decode_marks_the_last_batch_with_the_shard_total(tmp_path):
-    n = ROWS_PER_BATCH + 3
+def test_blocks_hold_whole_batches_within_their_byte_budget():
+    face = 112 * 112 * 3 + labeling.MEAN_IMAGE_BYTES
+    assert rows_per_block(112, 64) == 576  # 9 batches of 64: 31 MB, the 10th would pass 32 MB
+    assert 576 * face <= labeling.BLOCK_BYTES < 640 * face
+    assert rows_per_block(448, 64) == 64  # one batch is 40 MB already: a block is one batch
+    assert rows_per_block(448, 16) == 48
+    assert rows_per_block(None, 64) == 2048  # no pixels (ingest): the encoded images only
+    assert rows_per_block(112, 1) == 621
+
+
+def test_read_and_decode_marks_the_last_batch_with_the_shard_total(tmp_path, small_blocks):
+    n = ROWS + 3
     shard = write_tar(tmp_path / "a.tar", labeled_members(n))
     job = ScoreJob(
         shards=[shard],
@@ -32,24 +53,23 @@ def test_read_and_decode_marks_the_last_batch_with_the_shard_total(tmp_path):
         model_path="m",
         crop=32,
         resize=40,
+        label=small_blocks,
     )
     batches = batches_for(shard, job)
-    assert [len(b["key"]) for b in batches] == [ROWS_PER_BATCH, 3]
+    assert [len(b["key"]) for b in batches] == [ROWS, 3]
     assert batches[0]["shard_total"][0] == -1 and batches[-1]["shard_total"][0] == n
-    assert batches[0]["pixels"].shape == (ROWS_PER_BATCH, 32, 32, 3)
+    assert batches[0]["pixels"].shape == (ROWS, 32, 32, 3)
 
 
-def test_last_batch_is_never_empty(tmp_path):
-    shard = write_tar(tmp_path / "a.tar", labeled_members(ROWS_PER_BATCH))
-    job = ScoreJob(shards=[shard], out_dir=str(tmp_path / "o"), source="x")
+def test_last_batch_is_never_empty(tmp_path, small_blocks):
+    shard = write_tar(tmp_path / "a.tar", labeled_members(ROWS))
+    job = ScoreJob(shards=[shard], out_dir=str(tmp_path / "o"), source="x", label=small_blocks)
     (batch,) = batches_for(shard, job)
-    assert (
-        batch["shard_total"][0] == ROWS_PER_BATCH and "pixels" not in batch
-    )  # no model: no pixels
+    assert batch["shard_total"][0] == ROWS and "pixels" not in batch  # no model: no pixels
 
 
-def test_collector_commits_each_shard_once_complete(tmp_path):
-    a = write_tar(tmp_path / "a.tar", labeled_members(ROWS_PER_BATCH + 5) + [("bad.jpg", b"junk")])
+def test_collector_commits_each_shard_once_complete(tmp_path, small_blocks):
+    a = write_tar(tmp_path / "a.tar", labeled_members(ROWS + 5) + [("bad.jpg", b"junk")])
     b = write_tar(tmp_path / "b.tar", labeled_members(4, prefix="b"))
     out = str(tmp_path / "out")
     job = ScoreJob(
@@ -60,6 +80,7 @@ def test_collector_commits_each_shard_once_complete(tmp_path):
         calibration=Logistic4(5, 1, 0, 1),
         require_label=False,
         model_path="unused",
+        label=small_blocks,
     )
     col = ShardCollector(job)
     stream = batches_for(a, job) + batches_for(b, job)
@@ -72,7 +93,7 @@ def test_collector_commits_each_shard_once_complete(tmp_path):
     assert done == [b, a]
     assert committed_shards(out) == {part_name(a), part_name(b)}
     t = pq.read_table(list_parts(out + "/labels"))
-    assert t.num_rows == ROWS_PER_BATCH + 5 + 4
+    assert t.num_rows == ROWS + 5 + 4
     np.testing.assert_allclose(
         t.column("score").to_numpy(), Logistic4(5, 1, 0, 1)(np.array([0.5]))[0], rtol=1e-6
     )
@@ -81,7 +102,7 @@ def test_collector_commits_each_shard_once_complete(tmp_path):
     assert r.column("key").to_pylist() == ["bad"] and r.column("reason").to_pylist() == [
         "not_an_image"
     ]
-    assert col.stats["scored"] + col.stats["rejected"] == ROWS_PER_BATCH + 6 + 4
+    assert col.stats["scored"] + col.stats["rejected"] == ROWS + 6 + 4
 
 
 def test_labeled_rows_keep_their_label_as_score(tmp_path):
@@ -98,6 +119,6 @@ def test_labeled_rows_keep_their_label_as_score(tmp_path):
 def test_stream_buffer_is_bounded_by_the_actors_not_the_pool():
     small = stream_buffer_bytes(LabelConfig(concurrency=1), crop=112)
     assert small == 128 * 2**20  # the floor: a few blocks of 112 px images fit in it
-    block = ROWS_PER_BATCH * (448 * 448 * 3 + 16_384)
+    block = 64 * (448 * 448 * 3 + labeling.MEAN_IMAGE_BYTES)  # one batch of 64 (40 MB)
     assert stream_buffer_bytes(LabelConfig(concurrency=[2, 8]), crop=448) == 4 * 8 * block
     assert stream_buffer_bytes(LabelConfig(buffer_mb=64), crop=448) == 64 * 2**20

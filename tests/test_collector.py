@@ -119,6 +119,11 @@ def test_labeled_rows_keep_their_label_as_score(tmp_path):
 def test_stream_buffer_is_bounded_by_the_actors_not_the_pool():
     small = stream_buffer_bytes(LabelConfig(concurrency=1), crop=112)
     assert small == 128 * 2**20  # the floor: a few blocks of 112 px images fit in it
-    block = 64 * (448 * 448 * 3 + labeling.MEAN_IMAGE_BYTES)  # one batch of 64 (40 MB)
-    assert stream_buffer_bytes(LabelConfig(concurrency=[2, 8]), crop=448) == 4 * 8 * block
+    face = 448 * 448 * 3 + labeling.MEAN_IMAGE_BYTES
+    # blocks of one 64-image batch: 1,024 images per actor (633 MB) rather than 4 blocks
+    assert stream_buffer_bytes(LabelConfig(concurrency=[2, 8]), crop=448) == 8 * 1024 * face
+    # blocks of 576 images of 112 px: 4 blocks per actor (124 MB) rather than 1,024 images
+    assert stream_buffer_bytes(LabelConfig(concurrency=4), crop=112) == 4 * 4 * 576 * (
+        112 * 112 * 3 + labeling.MEAN_IMAGE_BYTES
+    )
     assert stream_buffer_bytes(LabelConfig(buffer_mb=64), crop=448) == 64 * 2**20

@@ -1,0 +1,107 @@
+"""The benchmarks still run against the code they measure: each script once, on a tiny pool.
+
+What they print is checked for shape and bookkeeping (every method reports a rate, the
+pipeline accounts for every image of both memory pools), never for speed: timings belong
+in the benchmarks' own output (`benchmarks/RESULTS.md`), not in a test on a shared machine.
+"""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import subprocess_env
+
+pytestmark = pytest.mark.slow
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+RATE = r"([0-9]+\.[0-9])"
+
+
+def run_benchmark(script: str, *args: str) -> str:
+    env = subprocess_env()
+    env.pop("RAY_ADDRESS", None)  # each script starts a local Ray of its own
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=420,
+        env=env,
+        cwd=BENCHMARKS.parent,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_label_throughput_runs_every_method_and_accounts_for_both_pools(tmp_path):
+    out = run_benchmark(
+        "label_throughput.py",
+        "--models", "student",
+        "--synthetic", "1024",  # 2 shards of 512
+        "--naive-images", "16",
+        "--memory-scale", "2",
+        "--batch-size", "32",
+        "--work", str(tmp_path),
+    )  # fmt: skip
+    assert "pool: synthetic, 2 shards, 1024 images" in out
+    line = re.search(
+        rf"\(a\) model-only +{RATE} +\(b\) naive +{RATE} +\(c\) DataLoader +{RATE} +"
+        rf"\(d\) pipeline +{RATE} img/s +d/a ([0-9.]+) +d/b ([0-9.]+) +d/c ([0-9.]+)",
+        out,
+    )
+    assert line, out
+    a, b, c, d, d_a, d_b, d_c = map(float, line.groups())
+    assert min(a, b, c, d) > 0
+    assert d_a == pytest.approx(d / a, abs=0.006)
+    assert d_c == pytest.approx(d / c, abs=0.006)
+    assert d_b == pytest.approx(d / b, abs=0.06)
+    # Under 16 shards there is no steady middle, and the script says so rather than guess.
+    assert "n/a (2 shards; it needs 16 or more)" in out
+    # The memory runs label the 1x pool (one shard) and the pool twice over, every image.
+    assert re.search(r"peak memory: 512 images [0-9.]+ GB, 1024 images [0-9.]+ GB", out), out
+
+
+def test_label_startup_times_a_run_to_its_last_commit():
+    out = run_benchmark("label_startup.py", "--synthetic", "1024")
+    assert "2 shards, 1024 images" in out
+    events = {}
+    for name in ("first decode task starts", "first shard committed", "last shard committed"):
+        m = re.search(rf"([0-9.]+) s +{name}", out)
+        assert m, out
+        events[name] = float(m.group(1))
+    assert 0 < events["first shard committed"] <= events["last shard committed"]
+    assert "last shard committed (2 shards)" in out
+
+
+def test_model_cost_reports_both_demo_models():
+    from fiqa.models import create_model
+
+    out = run_benchmark("model_cost.py", "--repeats", "1")
+    row = r"^(teacher|student) +(\S+) +(\d+) +([0-9.]+)"
+    rows = {m.group(1): m for m in re.finditer(row, out, re.M)}
+    assert set(rows) == {"teacher", "student"}, out
+    for m in rows.values():
+        arch, px, params = m.group(2), int(m.group(3)), float(m.group(4))
+        counted = sum(p.numel() for p in create_model(arch, px).parameters()) / 1e6
+        assert params == pytest.approx(counted, abs=0.006)
+    assert "student/teacher: params" in out
+
+
+def test_train_throughput_times_every_epoch_of_each_loop(tmp_path):
+    figures = tmp_path / "train.json"
+    out = run_benchmark(
+        "train_throughput.py",
+        "--rows", "128",
+        "--epochs", "2",
+        "--workers", "1",
+        "--batch-size", "16",
+        "--json", str(figures),
+    )  # fmt: skip
+    assert "| Ray Train, 1 worker(s) |" in out
+    result = json.loads(figures.read_text())
+    assert result["steady_images_per_s"]["plain"] > 0
+    assert result["steady_images_per_s"]["ray_1"] > 0
+    assert len(result["runs"]["ray_1"]["epochs"]) == 2

@@ -105,3 +105,54 @@ def test_train_throughput_times_every_epoch_of_each_loop(tmp_path):
     assert result["steady_images_per_s"]["plain"] > 0
     assert result["steady_images_per_s"]["ray_1"] > 0
     assert len(result["runs"]["ray_1"]["epochs"]) == 2
+
+
+def test_label_gpu_refuses_a_machine_without_a_gpu_and_runs_on_cpu_when_allowed(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        env = subprocess_env()
+        proc = subprocess.run(
+            [sys.executable, str(BENCHMARKS / "label_gpu.py")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=BENCHMARKS.parent,
+        )
+        assert proc.returncode != 0
+        assert "no CUDA GPU here" in proc.stderr
+    out = run_benchmark(
+        "label_gpu.py",
+        "--allow-cpu",
+        "--model", "resnet10t",
+        "--image-size", "64",
+        "--source-size", "96",
+        "--images", "512",
+        "--copies", "2",  # 2 shards, the second with its keys prefixed
+        "--batch-sizes", "16", "32",
+        "--gpus-per-actor", "1",
+        "--seconds", "0.2",
+        "--work", str(tmp_path),
+    )  # fmt: skip
+    assert "pool: 2 shards, 1024 synthetic 96 px JPEGs" in out
+    bound = dict(re.findall(rf"\(a\) +model-only, batch +(\d+): +{RATE} img/s", out))
+    assert set(bound) == {"16", "32"}, out
+    best = max(bound, key=lambda b: float(bound[b]))
+    actor = re.search(
+        rf"\(a'\) actor-only, batch +{best}: +{RATE} img/s per GPU +a'/a ([0-9.]+)", out
+    )
+    assert actor, out  # (a') and (d) run at (a)'s fastest batch size
+    assert float(actor.group(2)) == pytest.approx(
+        float(actor.group(1)) / float(bound[best]), abs=0.006
+    )
+    d = re.search(
+        rf"\(d\) +pipeline, 1 actor\(s\) x 1 GPU, batch {best}: +{RATE} img/s per GPU +"
+        rf"d/a ([0-9.]+) .*\((\d+) images in [0-9.]+ s, first shard at [0-9.]+ s, (\d+) rejected\)",
+        out,
+    )
+    assert d, out
+    assert float(d.group(2)) == pytest.approx(float(d.group(1)) / float(bound[best]), abs=0.006)
+    # Every image of both copies is scored: the copy's keys are distinct, none is a duplicate.
+    assert (int(d.group(3)), int(d.group(4))) == (1024, 0)
+    assert "n/a (2 shards; it needs 16 or more)" in out

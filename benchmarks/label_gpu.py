@@ -353,15 +353,14 @@ def main() -> None:
             model = model.to(memory_format=torch.channels_last)
         if args.compile:
             model = torch.compile(model, dynamic=True)
-        pixels = decoded(shards, max(args.batch_sizes + [args.batch_size or 0]), resize, crop)
-
-        bound = {b: model_only(model, pixels, b, device, args.seconds) for b in args.batch_sizes}
-        for b, rate in bound.items():
-            print(f"(a)  model-only, batch {b:>4}: {rate / gpus:8.1f} img/s per GPU", flush=True)
+        sizes = sorted(set(args.batch_sizes) | ({args.batch_size} if args.batch_size else set()))
+        pixels = decoded(shards, sizes[-1], resize, crop)
+        bound = {}
+        for b in sizes:
+            bound[b] = model_only(model, pixels, b, device, args.seconds)
+            print(f"(a)  model-only, batch {b:>4}: {bound[b]:8.1f} img/s per GPU", flush=True)
         batch = args.batch_size or max(bound, key=bound.get)
-        if batch not in bound:
-            bound[batch] = model_only(model, pixels, batch, device, args.seconds)
-        a = bound[batch] / gpus  # (a) ran on one GPU (cuda:0), as does (a')
+        a = bound[batch]  # (a) and (a') run on one GPU (cuda:0); (d) on all, divided by their count
         del model
         a1 = actor_only(ckpt, pixels, batch, args.compile, args.seconds)
         if device.type == "cuda":

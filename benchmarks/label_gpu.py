@@ -16,7 +16,9 @@ every method), on a pool of synthetic faces as large as the crop (``--source-siz
   (d)  pipeline: `fiqa label`'s engine end to end, shards in, committed Parquet out (decode
        tasks on every CPU the actors leave, actors on the GPUs, the driver's writer), once for
        each ``--gpus-per-actor`` (1: one actor per GPU; 0.5: two per GPU, one's copy and
-       bookkeeping overlapping the other's compute).
+       bookkeeping overlapping the other's compute) and each ``--buffer-mb`` (the stream's
+       object-store budget: the engine's default, then 8 GB, since with 448 px blocks the
+       default may admit too few decode tasks at a time to keep a fast GPU fed).
 
 It prints images/s per GPU of each, d/a and d/a', end to end and in steady state (the middle
 half of the shards' commits), and each GPU's mean utilisation over that middle half
@@ -231,11 +233,14 @@ class GpuUtilisation:
         return np.mean(rows, axis=0).tolist() if rows else None
 
 
-def pipeline(ckpt, shards, out: Path, batch, gpus_per_actor, actors, compile, buffer_mb) -> dict:
-    """`fiqa label`'s engine on a fresh local Ray (every CPU, every GPU), into an empty ``out``."""
+def pipeline(ckpt, shards, out: Path, crop, batch, gpus_per_actor, actors, compile, buffer_mb):
+    """`fiqa label`'s engine on a fresh local Ray (every CPU, every GPU), into an empty ``out``;
+    ``buffer_mb`` 0: the engine's own stream buffer (`fiqa.labeling.stream_buffer_bytes`)."""
+    import ray
+
     from fiqa.cluster.local import ensure_ray, shutdown_ray
     from fiqa.config import LabelConfig, RayConfig
-    from fiqa.labeling import label_shards
+    from fiqa.labeling import label_shards, rows_per_block, stream_buffer_bytes
 
     cpus = os.cpu_count() or 2
     label = LabelConfig(
@@ -246,7 +251,7 @@ def pipeline(ckpt, shards, out: Path, batch, gpus_per_actor, actors, compile, bu
         torch_threads=1 if gpus_per_actor else max(1, cpus - 1),
         decode_cpus=1.0,
         compile=compile,
-        buffer_mb=buffer_mb,
+        buffer_mb=buffer_mb or None,
     )
     shutil.rmtree(out, ignore_errors=True)
     commits = CommitTimes()
@@ -256,6 +261,13 @@ def pipeline(ckpt, shards, out: Path, batch, gpus_per_actor, actors, compile, bu
     try:
         with GpuUtilisation() as util:
             ensure_ray(RayConfig(num_cpus=cpus))
+            seen = ray.cluster_resources().get("GPU", 0.0)
+            if actors * gpus_per_actor > seen + 1e-9:  # the actors would wait for ever
+                shutdown_ray()
+                sys.exit(
+                    f"label_gpu.py: Ray sees {seen:g} GPU(s) but torch sees "
+                    f"{torch.cuda.device_count()} (Ray counts them with NVML, libnvidia-ml)"
+                )
             t0 = time.perf_counter()
             stats = label_shards(ckpt, shards, str(out), label, progress=False)
             seconds = time.perf_counter() - t0
@@ -268,6 +280,8 @@ def pipeline(ckpt, shards, out: Path, batch, gpus_per_actor, actors, compile, bu
     a, b = len(times) // 4, (3 * len(times)) // 4
     return {
         "images": n,
+        "buffer_mb": stream_buffer_bytes(label, crop) / 2**20,
+        "block_rows": rows_per_block(crop, batch),
         "rejected": stats["rejected"],
         "seconds": seconds,
         "images_per_s": n / seconds,
@@ -303,13 +317,19 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=None, help="crop (default: the model's)")
     p.add_argument("--source-size", type=int, default=512, help="side of the pool's JPEGs")
     p.add_argument("--images", type=int, default=4096, help="distinct synthetic images")
-    p.add_argument("--copies", type=int, default=10, help="the pool is these many copies")
+    p.add_argument("--copies", type=int, default=6, help="the pool is these many copies")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128, 256])
     p.add_argument("--batch-size", type=int, default=None, help="(d)'s (default: (a)'s fastest)")
-    p.add_argument("--gpus-per-actor", type=float, nargs="+", default=[1.0, 0.5])
-    p.add_argument("--buffer-mb", type=int, default=None, help="pseudo_label.buffer_mb of (d)")
+    p.add_argument("--gpus-per-actor", type=float, nargs="+", default=[1.0])
+    p.add_argument(
+        "--buffer-mb",
+        type=int,
+        nargs="+",
+        default=[0, 8192],
+        help="pseudo_label.buffer_mb of each (d) (0: the engine's default)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile in (a), (a') and (d)")
-    p.add_argument("--seconds", type=float, default=5.0, help="each (a), (a'), decode timing")
+    p.add_argument("--seconds", type=float, default=3.0, help="each (a), (a'), decode timing")
     p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (a smoke run)")
     p.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     args = p.parse_args()
@@ -321,7 +341,9 @@ def main() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # (d)'s actor's threads
     else:
         sys.exit(
-            "label_gpu.py: no CUDA GPU here, and its figures would not be a GPU's. "
+            f"label_gpu.py: no CUDA GPU here (torch {torch.__version__}, built for CUDA "
+            f"{torch.version.cuda}: an older NVIDIA driver also hides the GPU), and its "
+            "figures would not be a GPU's. "
             "benchmarks/label_throughput.py measures CPU scoring; --allow-cpu runs this "
             "script on the CPU anyway, to check it."
         )
@@ -372,25 +394,29 @@ def main() -> None:
             f"decode: {one_core:.1f} img/s on one core",
             flush=True,
         )
-        for frac in args.gpus_per_actor:
-            per_gpu = round(1 / frac) if device.type == "cuda" else 1
+        runs = [(f, m) for f in args.gpus_per_actor for m in args.buffer_mb]
+        for frac, buffer_mb in runs:
+            per_gpu = int(1 / frac + 1e-9) if device.type == "cuda" else 1
             actors = max(1, gpus * per_gpu) if device.type == "cuda" else 1
             decoders = (os.cpu_count() or 2) - actors
             d = pipeline(
                 ckpt,
                 shards,
                 work / "out",
+                crop,
                 batch,
                 frac if device.type == "cuda" else 0.0,
                 actors,
                 args.compile,
-                args.buffer_mb,
+                buffer_mb,
             )
             e2e, steady = d["images_per_s"] / gpus, d["steady_images_per_s"]
             steady = steady / gpus if steady else None
             util = d["steady_utilisation"]
             print(
-                f"(d)  pipeline, {actors} actor(s) x {frac:g} GPU, batch {batch}: "
+                f"(d)  pipeline, {actors} actor(s) x {frac:g} GPU, batch {batch}, stream buffer "
+                f"{d['buffer_mb']:.0f} MB{' (default)' if not buffer_mb else ''} in blocks of "
+                f"{d['block_rows']}: "
                 f"{e2e:8.1f} img/s per GPU   d/a {e2e / a:.2f}  d/a' {e2e / a1:.2f}   "
                 f"({d['images']} images in {d['seconds']:.1f} s, first shard at "
                 f"{d['first_shard_s']:.1f} s, {d['rejected']} rejected)\n"
@@ -400,9 +426,13 @@ def main() -> None:
                     if steady
                     else f"n/a ({len(shards)} shards; it needs 16 or more)"
                 )
-                + (f"   GPU utilisation {', '.join(f'{u:.0f} %' for u in util)}" if util else "")
-                + f"\n     decode: {decoders} CPU(s) x {one_core:.1f} = "
-                f"{decoders * one_core / gpus:.1f} img/s per GPU at most",
+                + (
+                    f"   GPU utilisation {', '.join(f'{u:.0f} %' for u in util)}"
+                    if util
+                    else ("   GPU utilisation n/a" if device.type == "cuda" else "")
+                )
+                + f"\n     decode bound, were all {decoders} free CPU(s) decoding: "
+                f"{decoders * one_core / gpus:.1f} img/s per GPU",
                 flush=True,
             )
     finally:

@@ -132,6 +132,7 @@ def test_label_gpu_refuses_a_machine_without_a_gpu_and_runs_on_cpu_when_allowed(
         "--copies", "2",  # 2 shards, the second with its keys prefixed
         "--batch-sizes", "16", "32",
         "--gpus-per-actor", "1",
+        "--buffer-mb", "0", "256",
         "--seconds", "0.2",
         "--work", str(tmp_path),
     )  # fmt: skip
@@ -147,7 +148,8 @@ def test_label_gpu_refuses_a_machine_without_a_gpu_and_runs_on_cpu_when_allowed(
         float(actor.group(1)) / float(bound[best]), abs=0.006
     )
     d = re.search(
-        rf"\(d\) +pipeline, 1 actor\(s\) x 1 GPU, batch {best}: +{RATE} img/s per GPU +"
+        rf"\(d\) +pipeline, 1 actor\(s\) x 1 GPU, batch {best}, stream buffer \d+ MB \(default\) "
+        rf"in blocks of \d+: +{RATE} img/s per GPU +"
         rf"d/a ([0-9.]+) .*\((\d+) images in [0-9.]+ s, first shard at [0-9.]+ s, (\d+) rejected\)",
         out,
     )
@@ -156,3 +158,5 @@ def test_label_gpu_refuses_a_machine_without_a_gpu_and_runs_on_cpu_when_allowed(
     # Every image of both copies is scored: the copy's keys are distinct, none is a duplicate.
     assert (int(d.group(3)), int(d.group(4))) == (1024, 0)
     assert "n/a (2 shards; it needs 16 or more)" in out
+    # Then the same with a buffer of its own: one (d) line per --buffer-mb.
+    assert re.search(rf"batch {best}, stream buffer 256 MB in blocks of \d+: +{RATE} img/s", out)

@@ -451,7 +451,9 @@ def resolve_resources(cfg: LabelConfig, with_model: bool) -> LabelConfig:
 
     On a small machine an actor pool that takes every CPU leaves none for the
     tasks that feed it, and the job hangs; that is refused here, with advice.
-    GPUs the cluster does not have yet only warn: an autoscaler may add them.
+    So is a pool whose smallest size needs more GPUs than a fixed cluster has (it
+    would wait for ever); on a cluster that may grow (KubeRay's autoscaler) GPUs it
+    does not have yet only warn.
     """
     import dataclasses
 
@@ -477,13 +479,32 @@ def resolve_resources(cfg: LabelConfig, with_model: bool) -> LabelConfig:
                 f"autoscales, set ray.autoscaling: true)."
             )
     if with_model and cfg.num_gpus and max_actors * cfg.num_gpus > total_gpu + 1e-9:
-        log.warning(
-            "scoring asks for up to %d actor(s) x %g GPU but the cluster has %g GPU now; "
-            "actors start as an autoscaler adds GPUs",
-            max_actors,
-            cfg.num_gpus,
-            total_gpu,
-        )
+        min_actors = cfg.actor_range()[0]
+        if cluster_may_grow():
+            log.warning(
+                "scoring asks for up to %d actor(s) x %g GPU but the cluster has %g GPU now; "
+                "actors start as an autoscaler adds GPUs",
+                max_actors,
+                cfg.num_gpus,
+                total_gpu,
+            )
+        elif min_actors * cfg.num_gpus > total_gpu + 1e-9:
+            # The pool would wait for ever for GPUs a fixed cluster does not have.
+            raise ConfigError(
+                f"pseudo_label: {min_actors} actor(s) x {cfg.num_gpus:g} GPU exceeds the "
+                f"cluster's {total_gpu:g} GPU(s), and this Ray cannot add nodes. Lower "
+                f"pseudo_label.num_gpus (0 scores on the CPU) or pseudo_label.concurrency; "
+                f"on a cluster that autoscales, set ray.autoscaling: true."
+            )
+        else:
+            log.warning(
+                "scoring asks for up to %d actor(s) x %g GPU but the cluster has %g GPU: "
+                "the pool runs %d actor(s)",
+                max_actors,
+                cfg.num_gpus,
+                total_gpu,
+                int(total_gpu / cfg.num_gpus + 1e-9),
+            )
     return cfg
 
 

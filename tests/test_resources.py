@@ -9,7 +9,8 @@ from fiqa.labeling import resolve_resources
 
 @pytest.fixture(scope="module")
 def two_cpu_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
+    # One logical GPU (Ray schedules by declared resources; no device is touched here).
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)
     yield
     ray.shutdown()
 
@@ -19,9 +20,31 @@ def test_a_pool_that_would_starve_decoding_is_refused(two_cpu_ray):
         resolve_resources(LabelConfig(concurrency=2, num_cpus=1, decode_cpus=1), with_model=True)
 
 
-def test_gpus_per_actor_follow_the_cluster(two_cpu_ray, caplog):
-    assert resolve_resources(LabelConfig(), with_model=True).num_gpus == 0.0
-    # GPUs the cluster lacks now only warn: an autoscaler (KubeRay) may add GPU nodes.
+def test_gpus_per_actor_follow_the_cluster(two_cpu_ray):
+    assert resolve_resources(LabelConfig(), with_model=True).num_gpus == 1.0
+    cfg = resolve_resources(LabelConfig(num_gpus=0.0, num_cpus=1), with_model=True)
+    assert cfg.num_gpus == 0.0
+
+
+def test_gpus_a_fixed_cluster_lacks_are_refused(two_cpu_ray):
+    """A local Ray cannot add a GPU: the actors would wait for ever, so say so up front."""
+    with pytest.raises(ConfigError, match=r"2 actor\(s\) x 1 GPU exceeds the cluster's 1 GPU"):
+        resolve_resources(LabelConfig(num_gpus=1, num_cpus=0.25, concurrency=2), with_model=True)
+
+
+def test_a_pool_that_fits_at_its_minimum_runs_with_the_gpus_there_are(two_cpu_ray, caplog):
+    with caplog.at_level("WARNING", logger="fiqa.labeling"):
+        cfg = resolve_resources(
+            LabelConfig(num_gpus=0.5, num_cpus=0.25, concurrency=[1, 4]), with_model=True
+        )
+    assert cfg.concurrency == [1, 4] and "the pool runs 2 actor(s)" in caplog.text
+
+
+def test_gpus_the_cluster_lacks_now_only_warn_where_it_may_grow(two_cpu_ray, monkeypatch, caplog):
+    """KubeRay: an autoscaler may add GPU nodes."""
+    from fiqa.cluster import local
+
+    monkeypatch.setattr(local, "_may_grow", True)
     with caplog.at_level("WARNING", logger="fiqa.labeling"):
         cfg = resolve_resources(
             LabelConfig(num_gpus=1.0, num_cpus=0.25, concurrency=[1, 4]), with_model=True

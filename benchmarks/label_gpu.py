@@ -17,12 +17,13 @@ every method), on a pool of synthetic faces as large as the crop (``--source-siz
        tasks on every CPU the actors leave, actors on the GPUs, the driver's writer), once for
        each ``--gpus-per-actor`` (1: one actor per GPU; 0.5: two per GPU, one's copy and
        bookkeeping overlapping the other's compute) and each ``--buffer-mb`` (the stream's
-       object-store budget: the engine's default, then 8 GB, since with 448 px blocks the
-       default may admit too few decode tasks at a time to keep a fast GPU fed).
+       object-store budget: the engine's default, sized for the decode tasks the CPUs run,
+       then 8 GB, a check that more buffer gains nothing).
 
 It prints images/s per GPU of each, d/a and d/a', end to end and in steady state (the middle
-half of the shards' commits), and each GPU's mean utilisation over that middle half
-(nvidia-smi, when present).
+half of the shards' commits), each GPU's mean utilisation over that middle half
+(nvidia-smi, when present) and how many decode tasks ran at once (Ray workers' process
+titles): whether the CPUs kept the GPUs fed.
 
     python benchmarks/label_gpu.py                              # Swin-B 448 px on every GPU
     python benchmarks/label_gpu.py --gpus-per-actor 1 0.5 0.25 --compile
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import logging
 import os
 import platform
 import shutil
@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from label_throughput import CommitTimes, steady_rate
+from label_throughput import RunningTasks, label_run, steady_rate, steady_window
 
 from fiqa.data.decode import decode_image
 from fiqa.data.reader import read_shard
@@ -236,58 +236,42 @@ class GpuUtilisation:
 def pipeline(ckpt, shards, out: Path, crop, batch, gpus_per_actor, actors, compile, buffer_mb):
     """`fiqa label`'s engine on a fresh local Ray (every CPU, every GPU), into an empty ``out``;
     ``buffer_mb`` 0: the engine's own stream buffer (`fiqa.labeling.stream_buffer_bytes`)."""
-    import ray
+    from fiqa.config import ConfigError, LabelConfig
+    from fiqa.labeling import rows_per_block, stream_buffer_bytes
 
-    from fiqa.cluster.local import ensure_ray, shutdown_ray
-    from fiqa.config import LabelConfig, RayConfig
-    from fiqa.labeling import label_shards, rows_per_block, stream_buffer_bytes
-
-    cpus = os.cpu_count() or 2
     label = LabelConfig(
         batch_size=batch,
         concurrency=actors,
         num_gpus=gpus_per_actor,
         num_cpus=1.0,
-        torch_threads=1 if gpus_per_actor else max(1, cpus - 1),
+        torch_threads=1 if gpus_per_actor else max(1, (os.cpu_count() or 2) - 1),
         decode_cpus=1.0,
         compile=compile,
         buffer_mb=buffer_mb or None,
     )
-    shutil.rmtree(out, ignore_errors=True)
-    commits = CommitTimes()
-    engine_log = logging.getLogger("fiqa.labeling")
-    engine_log.addHandler(commits)
-    engine_log.setLevel(logging.INFO)
+    util, decoding = GpuUtilisation(), RunningTasks()
     try:
-        with GpuUtilisation() as util:
-            ensure_ray(RayConfig(num_cpus=cpus))
-            seen = ray.cluster_resources().get("GPU", 0.0)
-            if actors * gpus_per_actor > seen + 1e-9:  # the actors would wait for ever
-                shutdown_ray()
-                sys.exit(
-                    f"label_gpu.py: Ray sees {seen:g} GPU(s) but torch sees "
-                    f"{torch.cuda.device_count()} (Ray counts them with NVML, libnvidia-ml)"
-                )
-            t0 = time.perf_counter()
-            stats = label_shards(ckpt, shards, str(out), label, progress=False)
-            seconds = time.perf_counter() - t0
-            shutdown_ray()
-    finally:
-        engine_log.removeHandler(commits)
-        shutil.rmtree(out, ignore_errors=True)
-    n = stats["scored"] + stats["rejected"]
-    times = commits.times
-    a, b = len(times) // 4, (3 * len(times)) // 4
+        run = label_run(ckpt, shards, out, label, [util, decoding])
+    except ConfigError as e:  # e.g. Ray sees fewer GPUs than torch: the actors cannot start
+        sys.exit(
+            f"label_gpu.py: {e}\n(torch sees {torch.cuda.device_count()} GPU(s); Ray counts "
+            f"them with NVML, libnvidia-ml)"
+        )
+    n, times = run.images, run.commit_times
+    window = steady_window(times)
+    steady = (times[window[0]], times[window[1]]) if window else None
     return {
         "images": n,
         "buffer_mb": stream_buffer_bytes(label, crop) / 2**20,
         "block_rows": rows_per_block(crop, batch),
-        "rejected": stats["rejected"],
-        "seconds": seconds,
-        "images_per_s": n / seconds,
-        "first_shard_s": (times[0] - t0) if times else seconds,
+        "rejected": run.stats["rejected"],
+        "seconds": run.seconds,
+        "images_per_s": n / run.seconds,
+        "first_shard_s": run.first_shard_s,
         "steady_images_per_s": steady_rate(times, n / max(1, len(shards))),
-        "steady_utilisation": util.mean_between(times[a], times[b]) if times else None,
+        "steady_utilisation": util.mean_between(*steady) if steady else None,
+        "steady_decode_tasks": np.mean(decoding.between(*steady)) if steady else None,
+        "max_decode_tasks": max((n for _, n in decoding.samples), default=0),
     }
 
 
@@ -432,7 +416,10 @@ def main() -> None:
                     else ("   GPU utilisation n/a" if device.type == "cuda" else "")
                 )
                 + f"\n     decode bound, were all {decoders} free CPU(s) decoding: "
-                f"{decoders * one_core / gpus:.1f} img/s per GPU",
+                f"{decoders * one_core / gpus:.1f} img/s per GPU; decode tasks running at "
+                f"once: "
+                + (f"{d['steady_decode_tasks']:.1f} in steady state, " if steady else "")
+                + f"at most {d['max_decode_tasks']} (of {decoders} CPUs)",
                 flush=True,
             )
     finally:

@@ -46,6 +46,7 @@ import statistics
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -188,11 +189,36 @@ def dataloader(model, shards: list[str], batch: int, workers: int) -> float:
 
 
 # (d) ---------------------------------------------------------------------------------------------
-class PeakRSS:
-    """Peak of RSS summed over this process and all its descendants, sampled in a thread."""
+class Sampler:
+    """Samples ``_sample()`` every ``every`` seconds in a thread while in its ``with`` block,
+    keeping (time.perf_counter(), value) pairs."""
 
     def __init__(self, every: float = 0.25):
-        self.every, self.peak, self._stop = every, 0, threading.Event()
+        self.every, self.samples, self._stop = every, [], threading.Event()
+
+    def _sample(self):
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), self._sample()))
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def between(self, t0: float, t1: float) -> list:
+        return [v for t, v in self.samples if t0 <= t <= t1]
+
+
+class PeakRSS(Sampler):
+    """Peak of RSS summed over this process and all its descendants."""
 
     def _sample(self) -> int:
         me = psutil.Process()
@@ -204,35 +230,90 @@ class PeakRSS:
                 pass
         return total
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            self._stop.wait(self.every)
+    @property
+    def peak(self) -> int:
+        return max((v for _, v in self.samples), default=0)
 
-    def __enter__(self) -> PeakRSS:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+class RunningTasks(Sampler):
+    """How many Ray tasks named ``task`` run at once on this machine: a Ray worker's process
+    title is ``ray::<task name>`` while it runs one (``ray::IDLE`` between tasks)."""
+
+    def __init__(self, task: str = "MapBatches(read_and_decode)", every: float = 0.1):
+        super().__init__(every)
+        self.title = f"ray::{task}"
+
+    def _sample(self) -> int:
+        n = 0
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"]
+            n += bool(cmd) and cmd[0].startswith(self.title)
+        return n
+
+
+@dataclass
+class LabelRun:
+    """One `fiqa label` run: the engine's counts, its duration, when each shard committed."""
+
+    stats: dict
+    t0: float  # time.perf_counter() when labeling started (after Ray's start)
+    seconds: float
+    commit_times: list[float]
+
+    @property
+    def images(self) -> int:
+        return self.stats["scored"] + self.stats["rejected"]
+
+    @property
+    def first_shard_s(self) -> float:
+        return self.commit_times[0] - self.t0 if self.commit_times else self.seconds
+
+
+def label_run(
+    ckpt: str, shards: list[str], out: Path, label, monitors=(), cpus: int | None = None
+) -> LabelRun:
+    """`fiqa label`'s engine on a fresh local Ray of ``cpus`` CPUs (default: every CPU), so
+    that runs are measured alike, into an empty ``out`` (a reused ``--work`` must not find its
+    shards committed), removed afterwards. ``monitors``, context managers (peak RSS, GPU
+    utilisation, running tasks), span the run."""
+    import ray
+
+    from fiqa.cluster.local import ensure_ray, shutdown_ray
+    from fiqa.config import RayConfig
+    from fiqa.labeling import label_shards
+
+    shutil.rmtree(out, ignore_errors=True)
+    commits = CommitTimes()
+    engine_log = logging.getLogger("fiqa.labeling")
+    engine_log.addHandler(commits)
+    engine_log.setLevel(logging.INFO)
+    try:
+        with contextlib.ExitStack() as stack:
+            for m in monitors:
+                stack.enter_context(m)
+            ensure_ray(RayConfig(num_cpus=cpus or os.cpu_count() or 2))
+            try:
+                t0 = time.perf_counter()
+                stats = label_shards(ckpt, shards, str(out), label, progress=False)
+                seconds = time.perf_counter() - t0
+            finally:
+                shutdown_ray()
+    finally:
+        engine_log.removeHandler(commits)
+        shutil.rmtree(out, ignore_errors=True)
+    assert not ray.is_initialized()
+    return LabelRun(stats, t0, seconds, commits.times)
 
 
 def pipeline(
     ckpt: str, shards: list[str], out: Path, batch: int, threads: int, memory: bool = False
 ) -> dict:
-    """One fresh local Ray per run (so the two pool sizes are measured alike), scoring into an
-    empty ``out`` (a reused ``--work`` must not find its shards committed), removed afterwards.
+    """(d) with ``threads`` torch threads in one actor and the other CPUs decoding.
 
     With ``memory``, the peak RSS is sampled meanwhile; the throughput runs go without it,
     since walking /proc for every Ray process four times a second takes CPU from the run.
     """
-    import ray
-
-    from fiqa.cluster.local import ensure_ray, shutdown_ray
-    from fiqa.config import LabelConfig, RayConfig
-    from fiqa.labeling import label_shards
+    from fiqa.config import LabelConfig
 
     cpus = os.cpu_count() or 2
     label = LabelConfig(
@@ -242,22 +323,9 @@ def pipeline(
         torch_threads=threads,
         decode_cpus=max(1, cpus - threads),
     )
-    shutil.rmtree(out, ignore_errors=True)
-    commits = CommitTimes()
-    engine_log = logging.getLogger("fiqa.labeling")
-    engine_log.addHandler(commits)
-    engine_log.setLevel(logging.INFO)
-    with PeakRSS() if memory else contextlib.nullcontext() as mem:
-        ensure_ray(RayConfig(num_cpus=cpus))
-        t0 = time.perf_counter()
-        stats = label_shards(ckpt, shards, str(out), label, progress=False)
-        seconds = time.perf_counter() - t0
-        shutdown_ray()
-    shutil.rmtree(out, ignore_errors=True)
-    engine_log.removeHandler(commits)
-    assert not ray.is_initialized()
-    n = stats["scored"] + stats["rejected"]
-    first = commits.times[0] - t0 if commits.times else seconds
+    mem = PeakRSS() if memory else None
+    run = label_run(ckpt, shards, out, label, [mem] if mem else [])
+    n, seconds, first = run.images, run.seconds, run.first_shard_s
     per_shard = n / max(1, len(shards))
     # After the first shard (as runs 1 to 13 of RESULTS.md measured the steady state): the
     # actor's start and model load excluded, but not the final drain, which flatters it.
@@ -268,7 +336,7 @@ def pipeline(
         "images_per_s": n / seconds,
         "first_shard_s": first,
         "after_first_images_per_s": after_first,
-        "steady_images_per_s": steady_rate(commits.times, per_shard),
+        "steady_images_per_s": steady_rate(run.commit_times, per_shard),
         "peak_gb": mem.peak / 1e9 if memory else None,
     }
 
@@ -284,11 +352,17 @@ def steady_rate(commit_times: list[float], per_shard: float) -> float | None:
     and of the end, when decoding has finished and the model has the machine to itself: over
     the last quarter of a 20-shard pool the student ran 1.4 to 1.8 times its middle-half rate.
     """
-    n = len(commit_times)
-    if n < MIN_STEADY_SHARDS:
+    window = steady_window(commit_times)
+    if window is None:
         return None
-    a, b = n // 4, (3 * n) // 4
+    a, b = window
     return per_shard * (b - a) / max(1e-9, commit_times[b] - commit_times[a])
+
+
+def steady_window(commit_times: list[float]) -> tuple[int, int] | None:
+    """The middle half of the commits (indices), None under ``MIN_STEADY_SHARDS``."""
+    n = len(commit_times)
+    return None if n < MIN_STEADY_SHARDS else (n // 4, (3 * n) // 4)
 
 
 class CommitTimes(logging.Handler):

@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--buffer-mb",
         type=int,
-        help="object store for decoded batches awaiting the actors (default: 4 blocks or 1,024 images per actor, at least 128 MB)",
+        help="object store for decoded batches awaiting the actors (default: what the actors, 4 blocks or 1,024 images each, or the decode tasks, 16/3 blocks each, need, whichever is more)",
     )
     s.add_argument("--max-pixels", type=int, default=40_000_000)
     s.add_argument("--min-side", type=int, default=16)

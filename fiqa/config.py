@@ -116,8 +116,9 @@ class LabelConfig:
     # true, false, or null: where a node's cores are all its processes may use.
     pin_cores: bool | None = None
     # Object store the stream may fill with decoded batches waiting for the actors. It bounds
-    # memory whatever the pool's size; None: per actor 4 decoded blocks or 1,024 images,
-    # whichever is more, at least 128 MB (fiqa.labeling.stream_buffer_bytes).
+    # memory whatever the pool's size; None: what the actors (4 decoded blocks or 1,024
+    # images each) or the decode tasks the CPUs run beside them need, whichever is more
+    # (fiqa.labeling.stream_buffer_bytes).
     buffer_mb: int | None = None
 
     def actor_range(self) -> tuple[int, int]:

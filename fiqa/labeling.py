@@ -64,6 +64,22 @@ def rows_per_block(crop: int | None, batch_size: int) -> int:
     return max(1, BLOCK_BYTES // (row * batch_size)) * batch_size
 
 
+def ray_block_target(crop: int | None, batch_size: int) -> int | None:
+    """Ray Data's ``target_max_block_size`` for a scoring stream, so that every block a
+    decode task yields travels as it is (None without pixels: Ray Data's default).
+
+    Ray Data merges the batches a task yields until they exceed the target and slices a
+    block of 1.5 times the target. At its default (128 MB) it merged four 64-image blocks
+    of 448 px into one of 155 MB, and since a running task is counted as holding two of its
+    blocks, a stream buffer admitted about one decode task at a time
+    (benchmarks/decode_admission.py). 90 % of a block's pixels is exceeded by every block
+    (pixels plus encoded images) and sliced only if its encoded images outweigh a third of
+    its pixels (at 448 px, 200 KB an image)."""
+    if not crop:
+        return None
+    return int(0.9 * rows_per_block(crop, batch_size) * crop * crop * 3)
+
+
 @dataclass
 class ScoreJob:
     """What to score and where to write it."""
@@ -508,20 +524,40 @@ def resolve_resources(cfg: LabelConfig, with_model: bool) -> LabelConfig:
     return cfg
 
 
-def stream_buffer_bytes(cfg: LabelConfig, crop: int) -> int:
-    """Object store bytes a scoring stream may hold: ``cfg.buffer_mb``, or per actor 4 decoded
-    blocks or 1,024 images, whichever is more (pixels plus the encoded images they travel
-    with), at least 128 MB.
+def stream_buffer_bytes(cfg: LabelConfig, crop: int, decode_tasks: int = 1) -> int:
+    """Object store bytes a scoring stream may hold: ``cfg.buffer_mb``, or what the actors
+    or the decode tasks need to run at full speed, whichever is more.
 
-    The 1,024 images keep a fast actor's slack when its blocks are a single batch of large
-    images (448 px: 4 blocks of 64 would be 0.2 s of a GPU's work); it is what 4 blocks of
-    256 rows held before blocks were sized in bytes.
+    The actors: per actor 4 decoded blocks or 1,024 images, whichever is more (pixels plus
+    the encoded images they travel with). The 1,024 images keep a fast actor's slack when its
+    blocks are a single batch of large images (448 px: 4 blocks of 64 would be 0.2 s of a
+    GPU's work).
+
+    The decode tasks: Ray Data admits a task only while its operator's share of the budget
+    covers what its running tasks hold, two blocks each (Ray's streaming-generator buffer),
+    and before it holds anything an operator's share is 3/8 of the budget (Ray 2.60: half of
+    its reservation, itself half the budget split between the stream's two operators, plus
+    half of the unreserved rest). Sized for the actors alone, the default admitted 2 decode
+    tasks at a time at 448 px, whatever the CPUs (benchmarks/decode_admission.py). Not added
+    to the actors' share: on 2 cores at 112 px the sum (277 MB against 128) raised the peak
+    memory of a 10x pool by 11 % instead of 3 % and gained nothing.
     """
     if cfg.buffer_mb is not None:
         return cfg.buffer_mb * 2**20
     row = crop * crop * 3 + MEAN_IMAGE_BYTES
+    block = rows_per_block(crop, cfg.batch_size) * row
     per_actor = max(4 * rows_per_block(crop, cfg.batch_size), BUFFER_ROWS_PER_ACTOR) * row
-    return max(128 * 2**20, cfg.actor_range()[1] * per_actor)
+    decoding = 8 * max(1, decode_tasks) * 2 * block // 3
+    return max(cfg.actor_range()[1] * per_actor, decoding)
+
+
+def decode_task_slots(cfg: LabelConfig, with_model: bool) -> int:
+    """How many decode tasks the cluster's CPUs run beside the actors (at least 1)."""
+    import ray
+
+    total_cpu = ray.cluster_resources().get("CPU", 0.0)
+    actors_cpu = cfg.actor_range()[1] * cfg.num_cpus if with_model else 0.0
+    return max(1, int((total_cpu - actors_cpu) / cfg.decode_cpus + 1e-9))
 
 
 def run_score_job(
@@ -574,8 +610,13 @@ def run_score_job(
         )
     # Without a bound, decoding runs ahead of slow actors until Ray Data's share of the object
     # store is full, so memory grows with the pool up to that share; bounded, it stays flat.
+    target = ray_block_target(job.crop if with_model else None, label_cfg.batch_size)
+    if target is not None:
+        ds.context.target_max_block_size = target
     ds.context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
-        object_store_memory=stream_buffer_bytes(label_cfg, job.crop if with_model else 0)
+        object_store_memory=stream_buffer_bytes(
+            label_cfg, job.crop if with_model else 0, decode_task_slots(label_cfg, with_model)
+        )
     )
     collector = ShardCollector(job, scored_keys_of(job.out_dir) if done else None)
     bar = tqdm(total=len(todo), unit="shard", desc=f"score {job.source}", disable=not progress)

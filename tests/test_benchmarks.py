@@ -160,3 +160,33 @@ def test_label_gpu_refuses_a_machine_without_a_gpu_and_runs_on_cpu_when_allowed(
     assert "n/a (2 shards; it needs 16 or more)" in out
     # Then the same with a buffer of its own: one (d) line per --buffer-mb.
     assert re.search(rf"batch {best}, stream buffer 256 MB in blocks of \d+: +{RATE} img/s", out)
+
+
+def test_decode_admission_counts_the_decode_tasks_of_each_buffer(tmp_path):
+    out = run_benchmark(
+        "decode_admission.py",
+        "--crop", "224",
+        "--batch-size", "256",  # one batch per block, as at 448 px with 64
+        "--cpus", "4",
+        "--rate", "4000",
+        "--images", "512",
+        "--copies", "2",
+        "--source-size", "64",
+        "--buffer-mb", "0", "256",
+        "--work", str(tmp_path),
+    )  # fmt: skip
+    assert "a local Ray of 4 logical CPUs: 1 stand-in actor at 4000 img/s, 3 CPUs" in out
+    assert "2 shards, 1024 JPEGs of 64 px decoded to 224 px, blocks of 256 rows" in out
+    lines = re.findall(
+        r"stream buffer +(\d+) MB( \(default\))? *: decode tasks at once n/a in steady state "
+        r"\(2 shards; it needs 16 or more\), at most (\d+) of 3 .* (\d+) images in [0-9.]+ s, "
+        r"(\d+) rejected",
+        out,
+    )
+    assert len(lines) == 2, out
+    (default_mb, default, peak, n, rejected), (mb, plain, *_) = lines
+    assert default and not plain and mb == "256"
+    # The engine's own default for 3 decode tasks of two 39 MB blocks over 3/8 of the budget.
+    assert int(default_mb) == round(8 * 3 * 2 * 256 * (224 * 224 * 3 + 16_384) / 3 / 2**20)
+    assert 1 <= int(peak) <= 3  # the decode tasks were seen running, never more than the CPUs
+    assert (int(n), int(rejected)) == (1024, 0)

@@ -116,14 +116,34 @@ def test_labeled_rows_keep_their_label_as_score(tmp_path):
     assert t.column("raw_score").null_count == 3
 
 
-def test_stream_buffer_is_bounded_by_the_actors_not_the_pool():
-    small = stream_buffer_bytes(LabelConfig(concurrency=1), crop=112)
-    assert small == 128 * 2**20  # the floor: a few blocks of 112 px images fit in it
+def test_stream_buffer_is_bounded_by_the_actors_and_the_cpus_not_the_pool():
     face = 448 * 448 * 3 + labeling.MEAN_IMAGE_BYTES
-    # blocks of one 64-image batch: 1,024 images per actor (633 MB) rather than 4 blocks
-    assert stream_buffer_bytes(LabelConfig(concurrency=[2, 8]), crop=448) == 8 * 1024 * face
-    # blocks of 576 images of 112 px: 4 blocks per actor (124 MB) rather than 1,024 images
-    assert stream_buffer_bytes(LabelConfig(concurrency=4), crop=112) == 4 * 4 * 576 * (
-        112 * 112 * 3 + labeling.MEAN_IMAGE_BYTES
-    )
-    assert stream_buffer_bytes(LabelConfig(buffer_mb=64), crop=448) == 64 * 2**20
+    block = 64 * face  # at 448 px a block is one batch of 64
+    # The actors' slack: 1,024 images per actor (633 MB) rather than 4 blocks.
+    actors = stream_buffer_bytes(LabelConfig(concurrency=[2, 8]), crop=448, decode_tasks=1)
+    assert actors == 8 * 1024 * face
+    # The decode tasks: two blocks each, over the 3/8 of the budget Ray Data gives an
+    # operator. One H200 node, 15 decode tasks beside one actor: 3.2 GB (a 128 GB node's
+    # object store holds 38 GB). The pool's size appears nowhere.
+    h200 = stream_buffer_bytes(LabelConfig(concurrency=1), crop=448, decode_tasks=15)
+    assert h200 == 8 * 15 * 2 * block // 3
+    assert 3.1e9 < h200 < 3.3e9
+    # 112 px: blocks of 576 faces, 4 of them per actor (124 MB) rather than 1,024 faces;
+    # one decode task's share (166 MB) is more than one actor's.
+    small = 576 * (112 * 112 * 3 + labeling.MEAN_IMAGE_BYTES)
+    assert stream_buffer_bytes(LabelConfig(concurrency=4), crop=112) == 4 * 4 * small
+    assert stream_buffer_bytes(LabelConfig(concurrency=1), crop=112) == 8 * 2 * small // 3
+    assert stream_buffer_bytes(LabelConfig(buffer_mb=64), crop=448, decode_tasks=15) == 64 * 2**20
+
+
+def test_ray_keeps_each_decoded_block_whole_and_alone():
+    """Ray Data merges a task's yields up to its target block size and slices at 1.5 times it.
+
+    At its default (128 MB) four 448 px blocks became one of 155 MB, and a running decode
+    task, counted as holding two such blocks, left the stream's budget room for one task."""
+    for crop, batch in ((448, 64), (112, 64), (224, 256), (352, 32)):
+        target = labeling.ray_block_target(crop, batch)
+        pixels = rows_per_block(crop, batch) * crop * crop * 3
+        assert target < pixels  # every yield (pixels + encoded images) is emitted alone
+        assert 1.5 * target > pixels * 1.3  # not sliced unless its JPEGs pass 30 % of pixels
+    assert labeling.ray_block_target(None, 64) is None  # no pixels: Ray Data's default

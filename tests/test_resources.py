@@ -4,7 +4,7 @@ import pytest
 import ray
 
 from fiqa.config import ConfigError, LabelConfig
-from fiqa.labeling import resolve_resources
+from fiqa.labeling import decode_task_slots, resolve_resources
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,13 @@ def test_an_autoscaling_pool_is_planned_by_its_maximum(two_cpu_ray):
         resolve_resources(LabelConfig(concurrency=[1, 2], num_cpus=1), with_model=True)
 
 
+def test_the_stream_buffer_is_sized_for_the_decode_tasks_the_cpus_run(two_cpu_ray):
+    assert decode_task_slots(LabelConfig(num_cpus=1), with_model=True) == 1
+    assert decode_task_slots(LabelConfig(num_cpus=1, decode_cpus=0.5), with_model=True) == 2
+    assert decode_task_slots(LabelConfig(num_cpus=1), with_model=False) == 2  # no actors
+    assert decode_task_slots(LabelConfig(num_cpus=2), with_model=True) == 1  # at least one
+
+
 def test_without_a_model_only_decoding_needs_cpus(two_cpu_ray):
     cfg = resolve_resources(LabelConfig(concurrency=4, num_cpus=1, decode_cpus=2), with_model=False)
     assert cfg.decode_cpus == 2
@@ -85,3 +92,32 @@ def test_a_joined_cluster_may_grow_unless_the_config_says_otherwise():
     assert not may_grow(RayConfig(autoscaling=False), address="ray://head:10001")
     assert not may_grow(RayConfig(), address=None)  # the local Ray fiqa starts
     assert may_grow(RayConfig(autoscaling=True), address=None)
+
+
+@pytest.mark.slow
+def test_decoded_blocks_reach_the_actor_as_the_engine_yields_them(
+    two_cpu_ray, tmp_path, monkeypatch
+):
+    """Not merged into Ray Data's 128 MB blocks: at 224 px a batch of 256 (39 MB) is a block
+    of its own, so a shard of 512 travels as two, each scored in one actor call."""
+    from fiqa.labeling import ShardCollector, label_shards
+    from fiqa.models import create_model, save_checkpoint
+
+    from conftest import jpeg_bytes, write_tar
+
+    shard = write_tar(tmp_path / "pool.tar", [(f"f{i:03d}.jpg", jpeg_bytes()) for i in range(512)])
+    model = str(tmp_path / "model")
+    meta = {"arch": "mobilenetv3_small_100", "image_size": 224, "resize": 224}
+    save_checkpoint(model, create_model("mobilenetv3_small_100", 224), meta)
+    sizes = []
+    add = ShardCollector.add
+
+    def recording_add(self, batch):
+        sizes.append(len(batch["key"]))
+        return add(self, batch)
+
+    monkeypatch.setattr(ShardCollector, "add", recording_add)  # the driver's side
+    label = LabelConfig(batch_size=256, num_gpus=0.0, num_cpus=1, concurrency=1)
+    stats = label_shards(model, [shard], str(tmp_path / "out"), label, progress=False)
+    assert stats["scored"] == 512
+    assert sizes == [256, 256]  # Ray Data's default target made it one block of 512

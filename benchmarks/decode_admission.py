@@ -1,0 +1,119 @@
+"""How many decode tasks Ray Data lets run at once behind a scoring actor as fast as a GPU,
+for each stream buffer: whether the engine's resource plan can keep a fast GPU fed.
+
+A GPU node decodes on every CPU the actors leave (15 of 16 on one H200); the scoring actor
+takes a 448 px batch in a fraction of the time a core decodes it, so the stream is only as
+fast as the decode tasks Ray Data admits. It admits a task when the operator's share of the
+stream's object-store budget (`fiqa.labeling.stream_buffer_bytes`) covers the output the task
+will hold (Ray Data's estimate: its last blocks' size, two blocks per task), so large decoded
+blocks and a small buffer admit few tasks whatever the CPUs.
+
+What runs is the engine's own `label_shards` on a local Ray of ``--cpus`` logical CPUs, with
+one change: the scoring actor is a stand-in that sleeps ``--rate`` images/s instead of
+running a model (no GPU here; the stand-in's speed is a GPU's, the decode tasks are the real
+ones). The decode tasks running at once are counted from the Ray workers' process titles.
+Admission depends on budgets and block sizes, not on how fast the machine decodes, so the
+count means on a 2-core machine what it means on a GPU node; the images/s printed beside it
+are this machine's decode speed, not a GPU's.
+
+    python benchmarks/decode_admission.py                      # 448 px, 16 CPUs, 800 img/s
+    python benchmarks/decode_admission.py --buffer-mb 0 2048 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from label_gpu import make_pool
+from label_throughput import RunningTasks, label_run, steady_window
+
+import fiqa.labeling as engine
+
+
+class PacedScorer(engine.Scorer):
+    """Stands in for a GPU scoring actor: holds no model, takes ``len(batch) / RATE`` s a batch
+    and returns the columns the engine's actor returns (raw_score 0)."""
+
+    RATE = 800.0
+
+    def __init__(self, model_path: str, **_):
+        self.model_path = model_path
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        time.sleep(len(batch) / self.RATE)
+        zeros = pa.array(np.zeros(len(batch)))
+        return batch.drop_columns(["pixels"]).append_column("raw_score", zeros)
+
+
+def main() -> None:
+    from fiqa.config import LabelConfig
+    from fiqa.labeling import rows_per_block, stream_buffer_bytes
+    from fiqa.models import create_model, save_checkpoint
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--crop", type=int, default=448, help="the model's input size (Swin-B: 448)")
+    p.add_argument("--cpus", type=int, default=16, help="logical CPUs of the local Ray")
+    p.add_argument("--rate", type=float, default=800.0, help="the stand-in actor's images/s")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--images", type=int, default=4096, help="distinct synthetic images")
+    p.add_argument("--copies", type=int, default=8, help="the pool is these many copies")
+    p.add_argument("--source-size", type=int, default=128, help="side of the pool's JPEGs")
+    p.add_argument("--buffer-mb", type=int, nargs="+", default=[0, 8192], help="0: default")
+    p.add_argument("--work", default=None, help="keep the pool here (default: a temp dir)")
+    args = p.parse_args()
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="fiqa-admission-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        shards = make_pool(work, args.images, args.source_size, args.copies)
+        ckpt = str(work / "model")  # never loaded: its model.json gives the engine the crop
+        resize = args.crop * 8 // 7
+        meta = {"arch": "resnet10t", "image_size": args.crop, "resize": resize}
+        save_checkpoint(ckpt, create_model("resnet10t"), meta)
+        PacedScorer.RATE = args.rate
+        engine.Scorer = PacedScorer  # the engine looks its actor class up when it runs
+        label = LabelConfig(batch_size=args.batch_size, num_gpus=0.0, num_cpus=1.0, torch_threads=1)
+        slots = args.cpus - 1
+        print(
+            f"# {os.cpu_count()} cores here, a local Ray of {args.cpus} logical CPUs: 1 "
+            f"stand-in actor at {args.rate:g} img/s, {slots} CPUs for decode tasks; "
+            f"{len(shards)} shards, {args.images * args.copies} JPEGs of {args.source_size} px "
+            f"decoded to {args.crop} px, blocks of {rows_per_block(args.crop, args.batch_size)} "
+            f"rows",
+            flush=True,
+        )
+        for mb in args.buffer_mb:
+            cfg = dataclasses.replace(label, buffer_mb=mb or None)
+            tasks = RunningTasks()
+            run = label_run(ckpt, shards, work / "out", cfg, [tasks], cpus=args.cpus)
+            window = steady_window(run.commit_times)
+            steady = (
+                f"{np.mean(tasks.between(*(run.commit_times[i] for i in window))):5.1f} in "
+                f"steady state (the middle half of the shards)"
+                if window
+                else f"n/a in steady state ({len(shards)} shards; it needs 16 or more)"
+            )
+            peak = max((n for _, n in tasks.samples), default=0)
+            buffer = stream_buffer_bytes(cfg, args.crop, decode_tasks=slots) / 2**20
+            print(
+                f"stream buffer {buffer:6.0f} MB{' (default)' if not mb else '          '}: "
+                f"decode tasks at once {steady}, at most {peak} of {slots}   "
+                f"{run.images / run.seconds:6.1f} img/s on this machine, {run.images} images "
+                f"in {run.seconds:.1f} s, {run.stats['rejected']} rejected",
+                flush=True,
+            )
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

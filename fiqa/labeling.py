@@ -65,19 +65,20 @@ def rows_per_block(crop: int | None, batch_size: int) -> int:
 
 
 def ray_block_target(crop: int | None, batch_size: int) -> int | None:
-    """Ray Data's ``target_max_block_size`` for a scoring stream, so that every block a
-    decode task yields travels as it is (None without pixels: Ray Data's default).
+    """Ray Data's ``target_max_block_size`` for a scoring stream whose blocks are a single
+    batch, so that each travels as the decode task yields it; None otherwise (Ray Data's
+    default, 128 MB, which leaves blocks of several batches whole).
 
-    Ray Data merges the batches a task yields until they exceed the target and slices a
-    block of 1.5 times the target. At its default (128 MB) it merged four 64-image blocks
-    of 448 px into one of 155 MB, and since a running task is counted as holding two of its
-    blocks, a stream buffer admitted about one decode task at a time
-    (benchmarks/decode_admission.py). 90 % of a block's pixels is exceeded by every block
-    (pixels plus encoded images) and sliced only if its encoded images outweigh a third of
-    its pixels (at 448 px, 200 KB an image)."""
-    if not crop:
+    Ray Data merges the blocks a task yields until they exceed the target and slices a
+    block of 1.5 times the target. At its default it merged four 64-image blocks of 448 px
+    into one of 155 MB, and since a running task is counted as holding two of its blocks,
+    the stream admitted about one decode task at a time (benchmarks/decode_admission.py).
+    A batch's pixels alone are the target: every block (pixels, keys, encoded images)
+    exceeds it, and none is sliced unless its encoded images outweigh half its pixels
+    (300 KB an image at 448 px, 200 KB at 352 px, 75 KB at 224 px)."""
+    if not crop or rows_per_block(crop, batch_size) != batch_size:
         return None
-    return int(0.9 * rows_per_block(crop, batch_size) * crop * crop * 3)
+    return batch_size * crop * crop * 3
 
 
 @dataclass
@@ -524,23 +525,25 @@ def resolve_resources(cfg: LabelConfig, with_model: bool) -> LabelConfig:
     return cfg
 
 
-def stream_buffer_bytes(cfg: LabelConfig, crop: int, decode_tasks: int = 1) -> int:
+def stream_buffer_bytes(cfg: LabelConfig, crop: int, *, decode_tasks: int, actors: int) -> int:
     """Object store bytes a scoring stream may hold: ``cfg.buffer_mb``, or what the actors
     or the decode tasks need to run at full speed, whichever is more.
 
-    The actors: per actor 4 decoded blocks or 1,024 images, whichever is more (pixels plus
+    The ``actors``: per actor 4 decoded blocks or 1,024 images, whichever is more (pixels plus
     the encoded images they travel with). The 1,024 images keep a fast actor's slack when its
     blocks are a single batch of large images (448 px: 4 blocks of 64 would be 0.2 s of a
     GPU's work).
 
-    The decode tasks: Ray Data admits a task only while its operator's share of the budget
-    covers what its running tasks hold, two blocks each (Ray's streaming-generator buffer),
-    and before it holds anything an operator's share is 3/8 of the budget (Ray 2.60: half of
-    its reservation, itself half the budget split between the stream's two operators, plus
-    half of the unreserved rest). Sized for the actors alone, the default admitted 2 decode
-    tasks at a time at 448 px, whatever the CPUs (benchmarks/decode_admission.py). Not added
-    to the actors' share: on 2 cores at 112 px the sum (277 MB against 128) raised the peak
-    memory of a 10x pool by 11 % instead of 3 % and gained nothing.
+    The ``decode_tasks``: Ray Data admits a task only while its operator's budget covers what
+    its running tasks hold, two blocks each (Ray's streaming-generator buffer). In Ray 2.60
+    an operator's own reservation for tasks is 1/8 of the budget (half of half the budget,
+    split between the stream's two operators) and each task beyond it draws on the shared
+    half, split with the actors: 16/3 blocks per task admits 15 tasks with room for the
+    blocks queued for the actors (about 24 with none queued). Sized for the actors alone,
+    the default admitted about 2 decode tasks at a time at 448 px, whatever the CPUs
+    (benchmarks/decode_admission.py). Not added to the actors' share: on 2 cores at 112 px
+    the sum (290 MB against 166) raised the peak memory of a 10x pool by 11 % instead of 3 %
+    and gained nothing.
     """
     if cfg.buffer_mb is not None:
         return cfg.buffer_mb * 2**20
@@ -548,11 +551,14 @@ def stream_buffer_bytes(cfg: LabelConfig, crop: int, decode_tasks: int = 1) -> i
     block = rows_per_block(crop, cfg.batch_size) * row
     per_actor = max(4 * rows_per_block(crop, cfg.batch_size), BUFFER_ROWS_PER_ACTOR) * row
     decoding = 8 * max(1, decode_tasks) * 2 * block // 3
-    return max(cfg.actor_range()[1] * per_actor, decoding)
+    return max(actors * per_actor, decoding)
 
 
 def decode_task_slots(cfg: LabelConfig, with_model: bool) -> int:
-    """How many decode tasks the cluster's CPUs run beside the actors (at least 1)."""
+    """How many decode tasks the cluster's CPUs run beside the actors (at least 1).
+
+    The CPUs the cluster has when the job starts: on one an autoscaler grows from a bare head,
+    set ``pseudo_label.buffer_mb`` for the nodes it will have (the job logs the bound)."""
     import ray
 
     total_cpu = ray.cluster_resources().get("CPU", 0.0)
@@ -610,13 +616,37 @@ def run_score_job(
         )
     # Without a bound, decoding runs ahead of slow actors until Ray Data's share of the object
     # store is full, so memory grows with the pool up to that share; bounded, it stays flat.
-    target = ray_block_target(job.crop if with_model else None, label_cfg.batch_size)
+    crop = job.crop if with_model else 0
+    target = ray_block_target(crop, label_cfg.batch_size)
     if target is not None:
         ds.context.target_max_block_size = target
+    actors = label_cfg.actor_range()[1] if with_model else 0
+    decoders = decode_task_slots(label_cfg, with_model)
+    buffer = stream_buffer_bytes(label_cfg, crop, decode_tasks=decoders, actors=actors)
     ds.context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
-        object_store_memory=stream_buffer_bytes(
-            label_cfg, job.crop if with_model else 0, decode_task_slots(label_cfg, with_model)
-        )
+        object_store_memory=buffer
+    )
+    plan = {
+        "buffer_bytes": buffer,
+        # Ray Data never lets a stream use more than this share of the object store.
+        "cap_bytes": int(
+            ray.cluster_resources().get("object_store_memory", 0)
+            * (ds.context.override_object_store_memory_limit_fraction or 0.5)
+        ),
+        "actors": actors,
+        "decode_tasks": decoders,
+        "block_rows": rows_per_block(crop, label_cfg.batch_size),
+        "target_block_bytes": target,
+    }
+    log.info(
+        "scoring stream: object store bound %d MiB (Ray Data's cap here: %d MiB) for %d "
+        "actor(s) and %d decode task(s), blocks of %d rows",
+        buffer // 2**20,
+        plan["cap_bytes"] // 2**20,
+        actors,
+        decoders,
+        plan["block_rows"],
+        extra={"stream_plan": plan},
     )
     collector = ShardCollector(job, scored_keys_of(job.out_dir) if done else None)
     bar = tqdm(total=len(todo), unit="shard", desc=f"score {job.source}", disable=not progress)

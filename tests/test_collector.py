@@ -119,31 +119,65 @@ def test_labeled_rows_keep_their_label_as_score(tmp_path):
 def test_stream_buffer_is_bounded_by_the_actors_and_the_cpus_not_the_pool():
     face = 448 * 448 * 3 + labeling.MEAN_IMAGE_BYTES
     block = 64 * face  # at 448 px a block is one batch of 64
+
+    def buffer(cfg, crop, decode_tasks, actors):
+        return stream_buffer_bytes(cfg, crop, decode_tasks=decode_tasks, actors=actors)
+
     # The actors' slack: 1,024 images per actor (633 MB) rather than 4 blocks.
-    actors = stream_buffer_bytes(LabelConfig(concurrency=[2, 8]), crop=448, decode_tasks=1)
-    assert actors == 8 * 1024 * face
-    # The decode tasks: two blocks each, over the 3/8 of the budget Ray Data gives an
-    # operator. One H200 node, 15 decode tasks beside one actor: 3.2 GB (a 128 GB node's
-    # object store holds 38 GB). The pool's size appears nowhere.
-    h200 = stream_buffer_bytes(LabelConfig(concurrency=1), crop=448, decode_tasks=15)
+    assert buffer(LabelConfig(concurrency=[2, 8]), 448, 1, 8) == 8 * 1024 * face
+    # The decode tasks: 16/3 blocks each. One H200 node, 15 decode tasks beside one actor:
+    # 3.2 GB (a 128 GB node's object store holds 38 GB). The pool's size appears nowhere.
+    h200 = buffer(LabelConfig(), 448, 15, 1)
     assert h200 == 8 * 15 * 2 * block // 3
     assert 3.1e9 < h200 < 3.3e9
     # 112 px: blocks of 576 faces, 4 of them per actor (124 MB) rather than 1,024 faces;
-    # one decode task's share (166 MB) is more than one actor's.
+    # on 2 cores one decode task's 166 MB is more than one actor's.
     small = 576 * (112 * 112 * 3 + labeling.MEAN_IMAGE_BYTES)
-    assert stream_buffer_bytes(LabelConfig(concurrency=4), crop=112) == 4 * 4 * small
-    assert stream_buffer_bytes(LabelConfig(concurrency=1), crop=112) == 8 * 2 * small // 3
-    assert stream_buffer_bytes(LabelConfig(buffer_mb=64), crop=448, decode_tasks=15) == 64 * 2**20
+    assert buffer(LabelConfig(concurrency=4), 112, 1, 4) == 4 * 4 * small
+    assert buffer(LabelConfig(), 112, 1, 1) == 8 * 2 * small // 3
+    # Ingest (no model, no actors): the decode tasks' share alone.
+    encoded = 2048 * labeling.MEAN_IMAGE_BYTES
+    assert buffer(LabelConfig(concurrency=4), 0, 2, 0) == 8 * 2 * 2 * encoded // 3
+    assert buffer(LabelConfig(buffer_mb=64), 448, 15, 1) == 64 * 2**20
 
 
-def test_ray_keeps_each_decoded_block_whole_and_alone():
-    """Ray Data merges a task's yields up to its target block size and slices at 1.5 times it.
+@pytest.mark.parametrize(
+    "crop, batch, jpeg_kb",
+    [(448, 64, 30), (448, 64, 250), (352, 64, 150), (224, 256, 60), (112, 64, 8), (112, 64, 60)],
+)
+def test_ray_data_passes_each_decoded_block_on_as_it_was_yielded(crop, batch, jpeg_kb):
+    """Through Ray Data's own output buffer, at the target the stream sets: blocks of one
+    batch are neither merged (at its 128 MB default four 448 px blocks became one) nor sliced;
+    blocks of several batches (112 px) keep Ray Data's default, under which they stay whole."""
+    from ray.data._internal.output_buffer import BlockOutputBuffer, OutputBlockSizeOption
+    from ray.data.context import DataContext
 
-    At its default (128 MB) four 448 px blocks became one of 155 MB, and a running decode
-    task, counted as holding two such blocks, left the stream's budget room for one task."""
-    for crop, batch in ((448, 64), (112, 64), (224, 256), (352, 32)):
-        target = labeling.ray_block_target(crop, batch)
-        pixels = rows_per_block(crop, batch) * crop * crop * 3
-        assert target < pixels  # every yield (pixels + encoded images) is emitted alone
-        assert 1.5 * target > pixels * 1.3  # not sliced unless its JPEGs pass 30 % of pixels
-    assert labeling.ray_block_target(None, 64) is None  # no pixels: Ray Data's default
+    rows = rows_per_block(crop, batch)
+    target = labeling.ray_block_target(crop, batch)
+    if rows == batch:
+        assert target == batch * crop * crop * 3
+    else:
+        assert target is None
+    out = BlockOutputBuffer(
+        OutputBlockSizeOption(target or DataContext.get_current().target_max_block_size)
+    )
+    sizes = []
+    recs = [
+        {
+            "key": f"k{i}",
+            "shard": "s.tar",
+            "image": b"j" * (jpeg_kb * 1024),
+            "label": None,
+            "reason": None,
+            "pixels": np.zeros((crop, crop, 3), np.uint8),
+        }
+        for i in range(rows)
+    ]
+    for _ in range(3):  # a shard's blocks, as `read_and_decode` yields them
+        out.add_batch(labeling._to_batch(recs, -1, crop, True))
+        while out.has_next():
+            sizes.append(out.next().num_rows)
+    out.finalize()
+    while out.has_next():
+        sizes.append(out.next().num_rows)
+    assert sizes == [rows] * 3 if target else sum(sizes) == 3 * rows and sizes[0] % batch == 0

@@ -20,10 +20,11 @@ def test_a_pool_that_would_starve_decoding_is_refused(two_cpu_ray):
         resolve_resources(LabelConfig(concurrency=2, num_cpus=1, decode_cpus=1), with_model=True)
 
 
-def test_gpus_per_actor_follow_the_cluster(two_cpu_ray):
+def test_gpus_per_actor_follow_the_cluster(two_cpu_ray, monkeypatch):
     assert resolve_resources(LabelConfig(), with_model=True).num_gpus == 1.0
-    cfg = resolve_resources(LabelConfig(num_gpus=0.0, num_cpus=1), with_model=True)
-    assert cfg.num_gpus == 0.0
+    # The same cluster as a CPU-only one would report itself: actors score on the CPU.
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 1e9})
+    assert resolve_resources(LabelConfig(), with_model=True).num_gpus == 0.0
 
 
 def test_gpus_a_fixed_cluster_lacks_are_refused(two_cpu_ray):

@@ -12,9 +12,14 @@ What runs is the engine's own `label_shards` on a local Ray of ``--cpus`` logica
 one change: the scoring actor is a stand-in that sleeps ``--rate`` images/s instead of
 running a model (no GPU here; the stand-in's speed is a GPU's, the decode tasks are the real
 ones). The decode tasks running at once are counted from the Ray workers' process titles.
-Admission depends on budgets and block sizes, not on how fast the machine decodes, so the
-count means on a 2-core machine what it means on a GPU node; the images/s printed beside it
-are this machine's decode speed, not a GPU's.
+The count is of tasks admitted (one paused by Ray Data's backpressure still counts) while
+decoding is the bottleneck, as it is behind a fast GPU: on a machine with fewer cores than
+``--cpus`` the stand-in is never short of work, no decoded blocks queue for it, and admission
+depends on the stream's budget and its blocks' size alone, as on a GPU node whose decoding
+cannot keep up. (Where decoding outruns the GPU, queued blocks count against the decode
+tasks' budget and fewer run: that is the backpressure meant to happen.) The images/s printed
+beside it are this machine's decode speed, not a GPU's. Ray Data caps a stream at half the
+object store whatever its bound; each line prints the bound and the cap.
 
     python benchmarks/decode_admission.py                      # 448 px, 16 CPUs, 800 img/s
     python benchmarks/decode_admission.py --buffer-mb 0 2048 8192
@@ -32,15 +37,17 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from label_gpu import make_pool
 from label_throughput import RunningTasks, label_run, steady_window
 
 import fiqa.labeling as engine
 
 
-class PacedScorer(engine.Scorer):
-    """Stands in for a GPU scoring actor: holds no model, takes ``len(batch) / RATE`` s a batch
-    and returns the columns the engine's actor returns (raw_score 0)."""
+class PacedScorer:
+    """Stands in for the engine's scoring actor (`fiqa.labeling.Scorer`) on a GPU: holds no
+    model, takes ``len(batch) / RATE`` s a batch and returns the columns the engine's actor
+    returns (raw_score 0, NaN for the rows decoding rejected)."""
 
     RATE = 800.0
 
@@ -49,13 +56,14 @@ class PacedScorer(engine.Scorer):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         time.sleep(len(batch) / self.RATE)
-        zeros = pa.array(np.zeros(len(batch)))
-        return batch.drop_columns(["pixels"]).append_column("raw_score", zeros)
+        ok = pc.equal(batch.column("reason"), "").to_numpy(zero_copy_only=False)
+        raw = pa.array(np.where(ok, 0.0, np.nan))
+        return batch.drop_columns(["pixels"]).append_column("raw_score", raw)
 
 
 def main() -> None:
     from fiqa.config import LabelConfig
-    from fiqa.labeling import rows_per_block, stream_buffer_bytes
+    from fiqa.labeling import rows_per_block
     from fiqa.models import create_model, save_checkpoint
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -102,12 +110,15 @@ def main() -> None:
                 else f"n/a in steady state ({len(shards)} shards; it needs 16 or more)"
             )
             peak = max((n for _, n in tasks.samples), default=0)
-            buffer = stream_buffer_bytes(cfg, args.crop, decode_tasks=slots) / 2**20
+            plan = run.plan
+            buffer, cap = plan["buffer_bytes"] / 2**20, plan["cap_bytes"] / 2**20
             print(
-                f"stream buffer {buffer:6.0f} MB{' (default)' if not mb else '          '}: "
-                f"decode tasks at once {steady}, at most {peak} of {slots}   "
-                f"{run.images / run.seconds:6.1f} img/s on this machine, {run.images} images "
-                f"in {run.seconds:.1f} s, {run.stats['rejected']} rejected",
+                f"stream buffer {buffer:6.0f} MiB{' (default)' if not mb else ''}"
+                + (f" capped at {cap:.0f} MiB by Ray Data" if buffer > cap else "")
+                + f": decode tasks at once {steady}, at most {peak} of "
+                f"{plan['decode_tasks']}   {run.images / run.seconds:6.1f} img/s on this "
+                f"machine, {run.images} images in {run.seconds:.1f} s, "
+                f"{run.stats['rejected']} rejected",
                 flush=True,
             )
     finally:

@@ -235,9 +235,9 @@ class GpuUtilisation:
 
 def pipeline(ckpt, shards, out: Path, crop, batch, gpus_per_actor, actors, compile, buffer_mb):
     """`fiqa label`'s engine on a fresh local Ray (every CPU, every GPU), into an empty ``out``;
-    ``buffer_mb`` 0: the engine's own stream buffer (`fiqa.labeling.stream_buffer_bytes`)."""
+    ``buffer_mb`` 0: the engine's own stream buffer (`fiqa.labeling.stream_buffer_bytes`).
+    None, with the engine's reason printed, for a plan the engine refuses."""
     from fiqa.config import ConfigError, LabelConfig
-    from fiqa.labeling import rows_per_block, stream_buffer_bytes
 
     label = LabelConfig(
         batch_size=batch,
@@ -252,18 +252,23 @@ def pipeline(ckpt, shards, out: Path, crop, batch, gpus_per_actor, actors, compi
     util, decoding = GpuUtilisation(), RunningTasks()
     try:
         run = label_run(ckpt, shards, out, label, [util, decoding])
-    except ConfigError as e:  # e.g. Ray sees fewer GPUs than torch: the actors cannot start
-        sys.exit(
-            f"label_gpu.py: {e}\n(torch sees {torch.cuda.device_count()} GPU(s); Ray counts "
-            f"them with NVML, libnvidia-ml)"
+    except ConfigError as e:  # too many actors for the CPUs, or fewer GPUs than torch sees
+        hint = (
+            f" (torch sees {torch.cuda.device_count()} GPU(s); Ray counts them with NVML, "
+            f"libnvidia-ml)"
+            if "GPU(s), and this Ray" in str(e)
+            else ""
         )
+        print(f"(d)  skipped, {actors} actor(s) x {gpus_per_actor:g} GPU: {e}{hint}", flush=True)
+        return None
     n, times = run.images, run.commit_times
     window = steady_window(times)
     steady = (times[window[0]], times[window[1]]) if window else None
     return {
         "images": n,
-        "buffer_mb": stream_buffer_bytes(label, crop) / 2**20,
-        "block_rows": rows_per_block(crop, batch),
+        "buffer_mib": run.plan["buffer_bytes"] / 2**20,
+        "cap_mib": run.plan["cap_bytes"] / 2**20,
+        "block_rows": run.plan["block_rows"],
         "rejected": run.stats["rejected"],
         "seconds": run.seconds,
         "images_per_s": n / run.seconds,
@@ -394,13 +399,20 @@ def main() -> None:
                 args.compile,
                 buffer_mb,
             )
+            if d is None:
+                continue
             e2e, steady = d["images_per_s"] / gpus, d["steady_images_per_s"]
             steady = steady / gpus if steady else None
             util = d["steady_utilisation"]
             print(
                 f"(d)  pipeline, {actors} actor(s) x {frac:g} GPU, batch {batch}, stream buffer "
-                f"{d['buffer_mb']:.0f} MB{' (default)' if not buffer_mb else ''} in blocks of "
-                f"{d['block_rows']}: "
+                f"{d['buffer_mib']:.0f} MiB{' (default)' if not buffer_mb else ''}"
+                + (
+                    f" capped at {d['cap_mib']:.0f} MiB by Ray Data"
+                    if d["buffer_mib"] > d["cap_mib"]
+                    else ""
+                )
+                + f" in blocks of {d['block_rows']}: "
                 f"{e2e:8.1f} img/s per GPU   d/a {e2e / a:.2f}  d/a' {e2e / a1:.2f}   "
                 f"({d['images']} images in {d['seconds']:.1f} s, first shard at "
                 f"{d['first_shard_s']:.1f} s, {d['rejected']} rejected)\n"

@@ -236,8 +236,9 @@ class PeakRSS(Sampler):
 
 
 class RunningTasks(Sampler):
-    """How many Ray tasks named ``task`` run at once on this machine: a Ray worker's process
-    title is ``ray::<task name>`` while it runs one (``ray::IDLE`` between tasks)."""
+    """How many Ray tasks named ``task`` run at once in the Ray this process started (its
+    descendants): a Ray worker's process title is ``ray::<task name>`` while it runs one
+    (``ray::IDLE`` between tasks). A task paused by Ray Data's backpressure still counts."""
 
     def __init__(self, task: str = "MapBatches(read_and_decode)", every: float = 0.1):
         super().__init__(every)
@@ -245,8 +246,11 @@ class RunningTasks(Sampler):
 
     def _sample(self) -> int:
         n = 0
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = p.info["cmdline"]
+        for p in psutil.Process().children(recursive=True):
+            try:
+                cmd = p.cmdline()
+            except psutil.Error:
+                continue
             n += bool(cmd) and cmd[0].startswith(self.title)
         return n
 
@@ -259,6 +263,7 @@ class LabelRun:
     t0: float  # time.perf_counter() when labeling started (after Ray's start)
     seconds: float
     commit_times: list[float]
+    plan: dict  # the stream's plan, as the engine logged it (fiqa.labeling.run_score_job)
 
     @property
     def images(self) -> int:
@@ -302,7 +307,7 @@ def label_run(
         engine_log.removeHandler(commits)
         shutil.rmtree(out, ignore_errors=True)
     assert not ray.is_initialized()
-    return LabelRun(stats, t0, seconds, commits.times)
+    return LabelRun(stats, t0, seconds, commits.times, commits.plan)
 
 
 def pipeline(
@@ -366,15 +371,18 @@ def steady_window(commit_times: list[float]) -> tuple[int, int] | None:
 
 
 class CommitTimes(logging.Handler):
-    """When the engine committed each shard (it logs "committed <shard>")."""
+    """When the engine committed each shard (it logs "committed <shard>"), and the stream's
+    plan it logged (object-store bound, Ray Data's cap, actors, decode tasks, block rows)."""
 
     def __init__(self):
         super().__init__(logging.INFO)
         self.times: list[float] = []
+        self.plan: dict = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.getMessage().startswith("committed "):
             self.times.append(time.perf_counter())
+        self.plan = getattr(record, "stream_plan", self.plan)
 
 
 def main() -> None:

@@ -148,7 +148,7 @@ def test_label_gpu_refuses_a_machine_without_a_gpu_and_runs_on_cpu_when_allowed(
         float(actor.group(1)) / float(bound[best]), abs=0.006
     )
     d = re.search(
-        rf"\(d\) +pipeline, 1 actor\(s\) x 1 GPU, batch {best}, stream buffer \d+ MB \(default\) "
+        rf"\(d\) +pipeline, 1 actor\(s\) x 1 GPU, batch {best}, stream buffer \d+ MiB \(default\) "
         rf"in blocks of \d+: +{RATE} img/s per GPU +"
         rf"d/a ([0-9.]+) .*\((\d+) images in [0-9.]+ s, first shard at [0-9.]+ s, (\d+) rejected\)",
         out,
@@ -158,8 +158,9 @@ def test_label_gpu_refuses_a_machine_without_a_gpu_and_runs_on_cpu_when_allowed(
     # Every image of both copies is scored: the copy's keys are distinct, none is a duplicate.
     assert (int(d.group(3)), int(d.group(4))) == (1024, 0)
     assert "n/a (2 shards; it needs 16 or more)" in out
+    assert re.search(r"decode tasks running at once: at most [1-9]\d* \(of \d+ CPUs\)", out), out
     # Then the same with a buffer of its own: one (d) line per --buffer-mb.
-    assert re.search(rf"batch {best}, stream buffer 256 MB in blocks of \d+: +{RATE} img/s", out)
+    assert re.search(rf"batch {best}, stream buffer 256 MiB in blocks of \d+: +{RATE} img/s", out)
 
 
 def test_decode_admission_counts_the_decode_tasks_of_each_buffer(tmp_path):
@@ -177,16 +178,21 @@ def test_decode_admission_counts_the_decode_tasks_of_each_buffer(tmp_path):
     )  # fmt: skip
     assert "a local Ray of 4 logical CPUs: 1 stand-in actor at 4000 img/s, 3 CPUs" in out
     assert "2 shards, 1024 JPEGs of 64 px decoded to 224 px, blocks of 256 rows" in out
+    from fiqa.config import LabelConfig
+    from fiqa.labeling import stream_buffer_bytes
+
     lines = re.findall(
-        r"stream buffer +(\d+) MB( \(default\))? *: decode tasks at once n/a in steady state "
-        r"\(2 shards; it needs 16 or more\), at most (\d+) of 3 .* (\d+) images in [0-9.]+ s, "
-        r"(\d+) rejected",
+        r"stream buffer +(\d+) MiB( \(default\))? *: decode tasks at once n/a in steady state "
+        r"\(2 shards; it needs 16 or more\), at most (\d+) of (\d+) .* (\d+) images in "
+        r"[0-9.]+ s, (\d+) rejected",
         out,
     )
     assert len(lines) == 2, out
-    (default_mb, default, peak, n, rejected), (mb, plain, *_) = lines
-    assert default and not plain and mb == "256"
-    # The engine's own default for 3 decode tasks of two 39 MB blocks over 3/8 of the budget.
-    assert int(default_mb) == round(8 * 3 * 2 * 256 * (224 * 224 * 3 + 16_384) / 3 / 2**20)
+    (default_mib, default, peak, slots, n, rejected), (mib, plain, *_) = lines
+    assert default and not plain and mib == "256"
+    # The bound the engine logged: 3 decode tasks beside the actor, 16/3 blocks of 256 each.
+    cfg = LabelConfig(batch_size=256)
+    expected = stream_buffer_bytes(cfg, 224, decode_tasks=3, actors=1)
+    assert (int(default_mib), slots) == (round(expected / 2**20), "3")
     assert 1 <= int(peak) <= 3  # the decode tasks were seen running, never more than the CPUs
     assert (int(n), int(rejected)) == (1024, 0)

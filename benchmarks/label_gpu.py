@@ -23,7 +23,7 @@ every method), on a pool of synthetic faces as large as the crop (``--source-siz
 It prints images/s per GPU of each, d/a and d/a', end to end and in steady state (the middle
 half of the shards' commits), each GPU's mean utilisation over that middle half
 (nvidia-smi, when present) and how many decode tasks ran at once (Ray workers' process
-titles): whether the CPUs kept the GPUs fed.
+titles): whether the CPUs kept the GPUs fed; and the most memory a decode task held.
 
     python benchmarks/label_gpu.py                              # Swin-B 448 px on every GPU
     python benchmarks/label_gpu.py --gpus-per-actor 1 0.5 0.25 --compile
@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from label_throughput import RunningTasks, label_run, steady_rate, steady_window
+from label_throughput import RunningTasks, TaskMemory, label_run, steady_rate, steady_window
 
 from fiqa.data.decode import decode_image
 from fiqa.data.reader import read_shard
@@ -249,9 +249,9 @@ def pipeline(ckpt, shards, out: Path, crop, batch, gpus_per_actor, actors, compi
         compile=compile,
         buffer_mb=buffer_mb or None,
     )
-    util, decoding = GpuUtilisation(), RunningTasks()
+    util, decoding, decode_mem = GpuUtilisation(), RunningTasks(), TaskMemory()
     try:
-        run = label_run(ckpt, shards, out, label, [util, decoding])
+        run = label_run(ckpt, shards, out, label, [util, decoding, decode_mem])
     except ConfigError as e:  # too many actors for the CPUs, or fewer GPUs than torch sees
         hint = (
             f" (torch sees {torch.cuda.device_count()} GPU(s); Ray counts them with NVML, "
@@ -276,7 +276,9 @@ def pipeline(ckpt, shards, out: Path, crop, batch, gpus_per_actor, actors, compi
         "steady_images_per_s": steady_rate(times, n / max(1, len(shards))),
         "steady_utilisation": util.mean_between(*steady) if steady else None,
         "steady_decode_tasks": np.mean(decoding.between(*steady)) if steady else None,
-        "max_decode_tasks": max((n for _, n in decoding.samples), default=0),
+        "max_decode_tasks": decoding.peak,
+        "decode_task_peak_mib": decode_mem.peak / 2**20,
+        "decode_task_reserved_mib": label.decode_memory_mb,
     }
 
 
@@ -431,7 +433,9 @@ def main() -> None:
                 f"{decoders * one_core / gpus:.1f} img/s per GPU; decode tasks running at "
                 f"once: "
                 + (f"{d['steady_decode_tasks']:.1f} in steady state, " if steady else "")
-                + f"at most {d['max_decode_tasks']} (of {decoders} CPUs)",
+                + f"at most {d['max_decode_tasks']} (of {decoders} CPUs); a decode task's "
+                f"memory at most {d['decode_task_peak_mib']:.0f} MiB (USS; it reserves "
+                f"{d['decode_task_reserved_mib']} MiB)",
                 flush=True,
             )
     finally:

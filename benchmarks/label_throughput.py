@@ -216,6 +216,10 @@ class Sampler:
     def between(self, t0: float, t1: float) -> list:
         return [v for t, v in self.samples if t0 <= t <= t1]
 
+    @property
+    def peak(self):
+        return max((v for _, v in self.samples), default=0)
+
 
 class PeakRSS(Sampler):
     """Peak of RSS summed over this process and all its descendants."""
@@ -230,29 +234,54 @@ class PeakRSS(Sampler):
                 pass
         return total
 
-    @property
-    def peak(self) -> int:
-        return max((v for _, v in self.samples), default=0)
+
+DECODE_TASK = "MapBatches(read_and_decode)"  # the engine's decode operator, as Ray names it
+
+
+def ray_task_processes(task: str) -> list[psutil.Process]:
+    """The Ray workers running a task named ``task`` in the Ray this process started (its
+    descendants): a Ray worker's process title is ``ray::<task name>`` while it runs one
+    (``ray::IDLE`` between tasks)."""
+    title = f"ray::{task}"
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
+        if cmd and cmd[0].startswith(title):
+            found.append(p)
+    return found
 
 
 class RunningTasks(Sampler):
-    """How many Ray tasks named ``task`` run at once in the Ray this process started (its
-    descendants): a Ray worker's process title is ``ray::<task name>`` while it runs one
-    (``ray::IDLE`` between tasks). A task paused by Ray Data's backpressure still counts."""
+    """How many Ray tasks named ``task`` run at once (`ray_task_processes`). A task paused
+    by Ray Data's backpressure still counts."""
 
-    def __init__(self, task: str = "MapBatches(read_and_decode)", every: float = 0.1):
+    def __init__(self, task: str = DECODE_TASK, every: float = 0.1):
         super().__init__(every)
-        self.title = f"ray::{task}"
+        self.task = task
 
     def _sample(self) -> int:
-        n = 0
-        for p in psutil.Process().children(recursive=True):
+        return len(ray_task_processes(self.task))
+
+
+class TaskMemory(Sampler):
+    """The largest unique set size (USS: the memory a process alone holds, what Ray Data
+    compares with a task's ``memory`` request) among the running tasks named ``task``."""
+
+    def __init__(self, task: str = DECODE_TASK, every: float = 0.1):
+        super().__init__(every)
+        self.task = task
+
+    def _sample(self) -> int:
+        uss = 0
+        for p in ray_task_processes(self.task):
             try:
-                cmd = p.cmdline()
+                uss = max(uss, p.memory_full_info().uss)
             except psutil.Error:
-                continue
-            n += bool(cmd) and cmd[0].startswith(self.title)
-        return n
+                pass
+        return uss
 
 
 @dataclass

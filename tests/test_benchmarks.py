@@ -159,6 +159,11 @@ def test_label_gpu_refuses_a_machine_without_a_gpu_and_runs_on_cpu_when_allowed(
     assert (int(d.group(3)), int(d.group(4))) == (1024, 0)
     assert "n/a (2 shards; it needs 16 or more)" in out
     assert re.search(r"decode tasks running at once: at most [1-9]\d* \(of \d+ CPUs\)", out), out
+    # A running decode task was measured: a Ray worker holding numpy, pyarrow and its blocks.
+    memory = re.search(
+        r"a decode task's memory at most (\d+) MiB \(USS; it reserves 512 MiB\)", out
+    )
+    assert memory and int(memory.group(1)) >= 20, out
     # Then the same with a buffer of its own: one (d) line per --buffer-mb.
     assert re.search(rf"batch {best}, stream buffer 256 MiB in blocks of \d+: +{RATE} img/s", out)
 
@@ -183,16 +188,18 @@ def test_decode_admission_counts_the_decode_tasks_of_each_buffer(tmp_path):
 
     lines = re.findall(
         r"stream buffer +(\d+) MiB( \(default\))? *: decode tasks at once n/a in steady state "
-        r"\(2 shards; it needs 16 or more\), at most (\d+) of (\d+) .* (\d+) images in "
+        r"\(2 shards; it needs 16 or more\), at most (\d+) of (\d+), each at most (\d+) MiB "
+        r"\(USS; reserved 512 MiB\) .* (\d+) images in "
         r"[0-9.]+ s, (\d+) rejected",
         out,
     )
     assert len(lines) == 2, out
-    (default_mib, default, peak, slots, n, rejected), (mib, plain, *_) = lines
+    (default_mib, default, peak, slots, task_mib, n, rejected), (mib, plain, *_) = lines
     assert default and not plain and mib == "256"
     # The bound the engine logged: 3 decode tasks beside the actor, 16/3 blocks of 256 each.
     cfg = LabelConfig(batch_size=256)
     expected = stream_buffer_bytes(cfg, 224, decode_tasks=3, actors=1)
     assert (int(default_mib), slots) == (round(expected / 2**20), "3")
     assert 1 <= int(peak) <= 3  # the decode tasks were seen running, never more than the CPUs
+    assert int(task_mib) >= 20  # and measured: a Ray worker with numpy, pyarrow, its blocks
     assert (int(n), int(rejected)) == (1024, 0)

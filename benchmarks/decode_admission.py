@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from label_gpu import make_pool
-from label_throughput import RunningTasks, TaskMemory, label_run, steady_window
+from label_throughput import RunningTasks, label_run, steady_window
 
 import fiqa.labeling as engine
 
@@ -100,8 +100,8 @@ def main() -> None:
         )
         for mb in args.buffer_mb:
             cfg = dataclasses.replace(label, buffer_mb=mb or None)
-            tasks, memory = RunningTasks(), TaskMemory()
-            run = label_run(ckpt, shards, work / "out", cfg, [tasks, memory], cpus=args.cpus)
+            tasks = RunningTasks()
+            run = label_run(ckpt, shards, work / "out", cfg, [tasks], cpus=args.cpus)
             window = steady_window(run.commit_times)
             steady = (
                 f"{np.mean(tasks.between(*(run.commit_times[i] for i in window))):5.1f} in "
@@ -115,7 +115,7 @@ def main() -> None:
                 f"stream buffer {buffer:6.0f} MiB{' (default)' if not mb else ''}"
                 + (f" capped at {cap:.0f} MiB by Ray Data" if buffer > cap else "")
                 + f": decode tasks at once {steady}, at most {tasks.peak} of "
-                f"{plan['decode_tasks']}, each at most {memory.peak / 2**20:.0f} MiB (USS; "
+                f"{plan['decode_tasks']}, each at most {tasks.peak_uss / 2**20:.0f} MiB (USS; "
                 f"reserved {cfg.decode_memory_mb} MiB)   {run.images / run.seconds:6.1f} "
                 f"img/s on this machine, {run.images} images in {run.seconds:.1f} s, "
                 f"{run.stats['rejected']} rejected",

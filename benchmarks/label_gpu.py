@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from label_throughput import RunningTasks, TaskMemory, label_run, steady_rate, steady_window
+from label_throughput import RunningTasks, label_run, steady_rate, steady_window
 
 from fiqa.data.decode import decode_image
 from fiqa.data.reader import read_shard
@@ -249,9 +249,9 @@ def pipeline(ckpt, shards, out: Path, crop, batch, gpus_per_actor, actors, compi
         compile=compile,
         buffer_mb=buffer_mb or None,
     )
-    util, decoding, decode_mem = GpuUtilisation(), RunningTasks(), TaskMemory()
+    util, decoding = GpuUtilisation(), RunningTasks()
     try:
-        run = label_run(ckpt, shards, out, label, [util, decoding, decode_mem])
+        run = label_run(ckpt, shards, out, label, [util, decoding])
     except ConfigError as e:  # too many actors for the CPUs, or fewer GPUs than torch sees
         hint = (
             f" (torch sees {torch.cuda.device_count()} GPU(s); Ray counts them with NVML, "
@@ -277,7 +277,7 @@ def pipeline(ckpt, shards, out: Path, crop, batch, gpus_per_actor, actors, compi
         "steady_utilisation": util.mean_between(*steady) if steady else None,
         "steady_decode_tasks": np.mean(decoding.between(*steady)) if steady else None,
         "max_decode_tasks": decoding.peak,
-        "decode_task_peak_mib": decode_mem.peak / 2**20,
+        "decode_task_peak_mib": decoding.peak_uss / 2**20,
         "decode_task_reserved_mib": label.decode_memory_mb,
     }
 

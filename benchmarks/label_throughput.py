@@ -255,33 +255,23 @@ def ray_task_processes(task: str) -> list[psutil.Process]:
 
 
 class RunningTasks(Sampler):
-    """How many Ray tasks named ``task`` run at once (`ray_task_processes`). A task paused
-    by Ray Data's backpressure still counts."""
+    """How many Ray tasks named ``task`` run at once (`ray_task_processes`; a task paused by
+    Ray Data's backpressure still counts), and ``peak_uss``: the most memory one of them held
+    (unique set size: what a process alone holds, what Ray Data compares with a task's
+    ``memory`` request)."""
 
     def __init__(self, task: str = DECODE_TASK, every: float = 0.1):
         super().__init__(every)
-        self.task = task
+        self.task, self.peak_uss = task, 0
 
     def _sample(self) -> int:
-        return len(ray_task_processes(self.task))
-
-
-class TaskMemory(Sampler):
-    """The largest unique set size (USS: the memory a process alone holds, what Ray Data
-    compares with a task's ``memory`` request) among the running tasks named ``task``."""
-
-    def __init__(self, task: str = DECODE_TASK, every: float = 0.1):
-        super().__init__(every)
-        self.task = task
-
-    def _sample(self) -> int:
-        uss = 0
-        for p in ray_task_processes(self.task):
+        procs = ray_task_processes(self.task)
+        for p in procs:
             try:
-                uss = max(uss, p.memory_full_info().uss)
+                self.peak_uss = max(self.peak_uss, p.memory_full_info().uss)
             except psutil.Error:
                 pass
-        return uss
+        return len(procs)
 
 
 @dataclass

@@ -540,17 +540,17 @@ def stream_buffer_bytes(cfg: LabelConfig, crop: int, *, decode_tasks: int, actor
     split between the stream's two operators) and each task beyond it draws on the shared
     half, split with the actors: 16/3 blocks per task admits 15 tasks with room for the
     blocks queued for the actors (about 24 with none queued). Sized for the actors alone,
-    the default admitted about 2 decode tasks at a time at 448 px, whatever the CPUs
-    (benchmarks/decode_admission.py). Not added to the actors' share: on 2 cores at 112 px
+    the default admitted about 2 decode tasks at a time at 448 px (one-batch blocks),
+    whatever the CPUs (benchmarks/decode_admission.py). Not added to the actors' share: on 2 cores at 112 px
     the sum (290 MB against 166) raised the peak memory of a 10x pool by 11 % instead of 3 %
     and gained nothing.
     """
     if cfg.buffer_mb is not None:
         return cfg.buffer_mb * 2**20
     row = crop * crop * 3 + MEAN_IMAGE_BYTES
-    block = rows_per_block(crop, cfg.batch_size) * row
-    per_actor = max(4 * rows_per_block(crop, cfg.batch_size), BUFFER_ROWS_PER_ACTOR) * row
-    decoding = 8 * max(1, decode_tasks) * 2 * block // 3
+    rows = rows_per_block(crop, cfg.batch_size)
+    per_actor = max(4 * rows, BUFFER_ROWS_PER_ACTOR) * row
+    decoding = 16 * max(1, decode_tasks) * rows * row // 3
     return max(actors * per_actor, decoding)
 
 

@@ -62,7 +62,7 @@ class PacedScorer:
 
 
 def main() -> None:
-    from fiqa.config import LabelConfig
+    from fiqa.config import ScoringConfig
     from fiqa.labeling import rows_per_block
     from fiqa.models import create_model, save_checkpoint
 
@@ -88,7 +88,9 @@ def main() -> None:
         save_checkpoint(ckpt, create_model("resnet10t"), meta)
         PacedScorer.RATE = args.rate
         engine.Scorer = PacedScorer  # the engine looks its actor class up when it runs
-        label = LabelConfig(batch_size=args.batch_size, num_gpus=0.0, num_cpus=1.0, torch_threads=1)
+        label = ScoringConfig(
+            batch_size=args.batch_size, num_gpus=0.0, num_cpus=1.0, torch_threads=1
+        )
         slots = args.cpus - 1
         print(
             f"# {os.cpu_count()} cores here, a local Ray of {args.cpus} logical CPUs: 1 "

@@ -237,9 +237,9 @@ def pipeline(ckpt, shards, out: Path, crop, batch, gpus_per_actor, actors, compi
     """`fiqa label`'s engine on a fresh local Ray (every CPU, every GPU), into an empty ``out``;
     ``buffer_mb`` 0: the engine's own stream buffer (`fiqa.labeling.stream_buffer_bytes`).
     None, with the engine's reason printed, for a plan the engine refuses."""
-    from fiqa.config import ConfigError, LabelConfig
+    from fiqa.config import ConfigError, ScoringConfig
 
-    label = LabelConfig(
+    label = ScoringConfig(
         batch_size=batch,
         concurrency=actors,
         num_gpus=gpus_per_actor,
@@ -317,7 +317,7 @@ def main() -> None:
         type=int,
         nargs="+",
         default=[0, 8192],
-        help="pseudo_label.buffer_mb of each (d) (0: the engine's default)",
+        help="scoring.buffer_mb of each (d) (0: the engine's default)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile in (a), (a') and (d)")
     p.add_argument("--seconds", type=float, default=3.0, help="each (a), (a'), decode timing")

@@ -80,7 +80,7 @@ class Commits(logging.Handler):
 
 def main() -> None:
     from fiqa.cluster.local import ensure_ray, shutdown_ray
-    from fiqa.config import LabelConfig, RayConfig
+    from fiqa.config import RayConfig, ScoringConfig
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="student", choices=list(MODELS))
@@ -102,7 +102,7 @@ def main() -> None:
         before_ray = time.time()
         ensure_ray(RayConfig(num_cpus=cpus))
         t0 = time.time()
-        label = LabelConfig(
+        label = ScoringConfig(
             batch_size=args.batch_size,
             concurrency=1,
             num_cpus=cpus - 1,

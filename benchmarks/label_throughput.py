@@ -30,7 +30,7 @@ left decodes (Ray's decode task, the DataLoader's worker). Ray's logical CPUs
 are planned the same way: one scoring actor with ``--threads`` CPUs, decode
 tasks with the rest.
 On a machine of one's own, (d)'s scoring actor also claims ``--threads`` cores and its
-decode tasks keep off them (`fiqa.cluster.cores`, `pseudo_label.pin_cores`); (c) is a
+decode tasks keep off them (`fiqa.cluster.cores`, `scoring.pin_cores`); (c) is a
 plain DataLoader and is left to the kernel's scheduler.
 """
 
@@ -337,10 +337,10 @@ def pipeline(
     With ``memory``, the peak RSS is sampled meanwhile; the throughput runs go without it,
     since walking /proc for every Ray process four times a second takes CPU from the run.
     """
-    from fiqa.config import LabelConfig
+    from fiqa.config import ScoringConfig
 
     cpus = os.cpu_count() or 2
-    label = LabelConfig(
+    label = ScoringConfig(
         batch_size=batch,
         concurrency=1,
         num_cpus=threads,

@@ -120,13 +120,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
+    from fiqa.calibration import Logistic4
     from fiqa.cluster.local import ensure_ray
-    from fiqa.config import LabelConfig, RayConfig, StorageConfig, check_label_config
+    from fiqa.config import RayConfig, ScoringConfig, StorageConfig, check_scoring_config
     from fiqa.labeling import label_shards
-    from fiqa.metrics import Logistic4
 
     conc = [int(c) for c in args.concurrency.split(",")] if args.concurrency else [1]
-    label = LabelConfig(
+    label = ScoringConfig(
         batch_size=args.batch_size,
         concurrency=conc[0] if len(conc) == 1 else conc,
         num_gpus=args.num_gpus,
@@ -136,7 +136,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         pin_cores={"auto": None, "yes": True, "no": False}[args.pin_cores],
         buffer_mb=args.buffer_mb,
     )
-    check_label_config(label, "label")
+    check_scoring_config(label, "label")
     storage.configure(StorageConfig(endpoint_url=args.endpoint_url))
     calibration = None
     if args.calibration:

@@ -102,7 +102,7 @@ def effective_lr(t: TrainConfig) -> float:
 
 
 @dataclass
-class LabelConfig:
+class ScoringConfig:
     batch_size: int = 64
     # Teacher actors: a fixed count, or [min, max] for a pool Ray Data scales with the backlog.
     concurrency: int | list[int] = 1
@@ -118,7 +118,7 @@ class LabelConfig:
     # Object store the stream may fill with decoded batches waiting for the actors. It bounds
     # memory whatever the pool's size; None: what the actors (4 decoded blocks or 1,024
     # images each) or the decode tasks the CPUs run beside them need, whichever is more
-    # (fiqa.labeling.stream_buffer_bytes).
+    # (fiqa.scoring.stream.stream_buffer_bytes).
     buffer_mb: int | None = None
 
     def actor_range(self) -> tuple[int, int]:
@@ -158,7 +158,8 @@ class RunConfig:
     train_teacher: TrainConfig = field(default_factory=TrainConfig)
     train_teacher_plus: TrainConfig = field(default_factory=TrainConfig)
     distill_student: TrainConfig = field(default_factory=TrainConfig)
-    pseudo_label: LabelConfig = field(default_factory=LabelConfig)
+    # Every scoring job: pseudo-labeling, ingest of labeled shards, evaluation, `fiqa label`.
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
@@ -230,9 +231,20 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+# Keys renamed since users' YAML files were written: old key -> (new key, why).
+RENAMED = {
+    "pseudo_label": ("scoring", "it sizes every scoring job: pseudo-labeling, ingest, evaluation"),
+}
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    for old in raw:
+        key = f"{prefix}.{old}" if prefix else old
+        if key in RENAMED:
+            new, why = RENAMED[key]
+            raise ConfigError(f"{key}: renamed to {new} ({why}); rename the section in your YAML")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
@@ -282,7 +294,7 @@ def _validate(cfg: RunConfig) -> None:
             )
         if t.lr <= 0:
             raise ConfigError(f"{name}.lr: must be > 0")
-    check_label_config(cfg.pseudo_label, "pseudo_label")
+    check_scoring_config(cfg.scoring, "scoring")
     check_storage_config(cfg.storage)
 
 
@@ -304,7 +316,7 @@ def check_storage_config(sc: StorageConfig) -> None:
         raise ConfigError("storage.max_attempts must be >= 1 and storage.retry_seconds >= 0")
 
 
-def check_label_config(lc: LabelConfig, where: str) -> None:
+def check_scoring_config(lc: ScoringConfig, where: str) -> None:
     c = lc.concurrency
     if isinstance(c, list) and (len(c) != 2 or not 1 <= c[0] <= c[1]):
         raise ConfigError(

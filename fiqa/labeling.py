@@ -30,9 +30,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fiqa import storage
+from fiqa.calibration import Logistic4
 from fiqa.cluster import cores
-from fiqa.cluster.local import cluster_may_grow
-from fiqa.config import ConfigError, LabelConfig
+from fiqa.cluster.resources import decode_task_slots, plan_scoring
+from fiqa.config import ConfigError, ScoringConfig
 from fiqa.data.decode import RejectedSample, decode_image
 from fiqa.data.reader import read_shard
 from fiqa.data.tables import (
@@ -43,7 +44,6 @@ from fiqa.data.tables import (
     read_table,
     write_part,
 )
-from fiqa.metrics import Logistic4
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class ScoreJob:
     crop: int = 112
     max_pixels: int = 40_000_000
     min_side: int = 16
-    label: LabelConfig = field(default_factory=LabelConfig)
+    label: ScoringConfig = field(default_factory=ScoringConfig)
     # The driver's object-storage settings (`fiqa.storage.configure`), travelling with the
     # job to the Ray tasks that read its shards, whatever environment their workers have.
     storage_options: dict = field(default_factory=storage.options)
@@ -426,7 +426,7 @@ def job_for_model(
     out_dir: str,
     source: str,
     *,
-    label: LabelConfig,
+    label: ScoringConfig,
     calibration: Logistic4 | None = None,
     model_id: str | None = None,
     label_field: str = "mos",
@@ -463,69 +463,7 @@ def job_for_model(
     )
 
 
-def resolve_resources(cfg: LabelConfig, with_model: bool) -> LabelConfig:
-    """Fill in GPUs per actor and refuse plans that would starve the decode tasks.
-
-    On a small machine an actor pool that takes every CPU leaves none for the
-    tasks that feed it, and the job hangs; that is refused here, with advice.
-    So is a pool whose smallest size needs more GPUs than a fixed cluster has (it
-    would wait for ever); on a cluster that may grow (KubeRay's autoscaler) GPUs it
-    does not have yet only warn.
-    """
-    import dataclasses
-
-    import ray
-
-    total_cpu = ray.cluster_resources().get("CPU", 0.0)
-    total_gpu = ray.cluster_resources().get("GPU", 0.0)
-    if cfg.num_gpus is None:
-        cfg = dataclasses.replace(cfg, num_gpus=1.0 if total_gpu >= 1 else 0.0)
-    _, max_actors = cfg.actor_range()
-    actors_cpu = max_actors * cfg.num_cpus if with_model else 0.0
-    if actors_cpu + cfg.decode_cpus > total_cpu + 1e-9:
-        need = (
-            f"pseudo_label: {max_actors} actor(s) x {cfg.num_cpus} CPU + {cfg.decode_cpus} CPU "
-            f"for decoding exceeds the cluster's {total_cpu:g} CPUs"
-        )
-        if cluster_may_grow():
-            log.warning("%s now; the actors start as an autoscaler adds nodes", need)
-        else:
-            raise ConfigError(
-                f"{need}; the actors would starve the decode tasks. Lower "
-                f"pseudo_label.concurrency or pseudo_label.num_cpus (on a cluster that "
-                f"autoscales, set ray.autoscaling: true)."
-            )
-    if with_model and cfg.num_gpus and max_actors * cfg.num_gpus > total_gpu + 1e-9:
-        min_actors = cfg.actor_range()[0]
-        if cluster_may_grow():
-            log.warning(
-                "scoring asks for up to %d actor(s) x %g GPU but the cluster has %g GPU now; "
-                "actors start as an autoscaler adds GPUs",
-                max_actors,
-                cfg.num_gpus,
-                total_gpu,
-            )
-        elif min_actors * cfg.num_gpus > total_gpu + 1e-9:
-            # The pool would wait for ever for GPUs a fixed cluster does not have.
-            raise ConfigError(
-                f"pseudo_label: {min_actors} actor(s) x {cfg.num_gpus:g} GPU exceeds the "
-                f"cluster's {total_gpu:g} GPU(s), and this Ray cannot add nodes. Lower "
-                f"pseudo_label.num_gpus (0 scores on the CPU) or pseudo_label.concurrency; "
-                f"on a cluster that autoscales, set ray.autoscaling: true."
-            )
-        else:
-            log.warning(
-                "scoring asks for up to %d actor(s) x %g GPU but the cluster has %g GPU: "
-                "the pool runs %d actor(s)",
-                max_actors,
-                cfg.num_gpus,
-                total_gpu,
-                int(total_gpu / cfg.num_gpus + 1e-9),
-            )
-    return cfg
-
-
-def stream_buffer_bytes(cfg: LabelConfig, crop: int, *, decode_tasks: int, actors: int) -> int:
+def stream_buffer_bytes(cfg: ScoringConfig, crop: int, *, decode_tasks: int, actors: int) -> int:
     """Object store bytes a scoring stream may hold: ``cfg.buffer_mb``, or what the actors
     or the decode tasks need to run at full speed, whichever is more.
 
@@ -554,18 +492,6 @@ def stream_buffer_bytes(cfg: LabelConfig, crop: int, *, decode_tasks: int, actor
     return max(actors * per_actor, decoding)
 
 
-def decode_task_slots(cfg: LabelConfig, with_model: bool) -> int:
-    """How many decode tasks the cluster's CPUs run beside the actors (at least 1).
-
-    The CPUs the cluster has when the job starts: on one an autoscaler grows from a bare head,
-    set ``pseudo_label.buffer_mb`` for the nodes it will have (the job logs the bound)."""
-    import ray
-
-    total_cpu = ray.cluster_resources().get("CPU", 0.0)
-    actors_cpu = cfg.actor_range()[1] * cfg.num_cpus if with_model else 0.0
-    return max(1, int((total_cpu - actors_cpu) / cfg.decode_cpus + 1e-9))
-
-
 def run_score_job(
     job: ScoreJob, progress: bool = True, on_start: Callable[[], None] | None = None
 ) -> dict:
@@ -584,7 +510,7 @@ def run_score_job(
     if on_start is not None:
         on_start()
     with_model = job.model_path is not None
-    label_cfg = resolve_resources(job.label, with_model)
+    label_cfg = plan_scoring(job.label, with_model)
 
     ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
@@ -678,7 +604,7 @@ def label_shards(
     model_path: str,
     shard_spec: str | list[str],
     out_dir: str,
-    label: LabelConfig,
+    label: ScoringConfig,
     *,
     calibration: Logistic4 | None = None,
     source: str = "pseudo",

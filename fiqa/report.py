@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from fiqa import storage
-from fiqa.metrics import fit_logistic
+from fiqa.calibration import fit_logistic
 
 MODEL_ORDER = ("teacher", "teacher_plus", "student", "student_labeled_only")
 

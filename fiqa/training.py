@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fiqa import storage
+from fiqa.cluster.resources import check_training, worker_threads
 from fiqa.config import (  # batch_plan, effective_lr: re-exported, their home is the config
-    ConfigError,
     TrainConfig,
     batch_plan,
     effective_lr,
@@ -307,7 +307,8 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
     from ray.train.torch import get_device, prepare_model
 
-    from fiqa.metrics import fit_logistic, quality_metrics
+    from fiqa.calibration import fit_calibration, to_meta
+    from fiqa.metrics import quality_metrics
     from fiqa.models import load_checkpoint, save_checkpoint
     from fiqa.models.allocator import retain_freed_memory
     from fiqa.models.inputs import to_model_input
@@ -459,7 +460,7 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                calib = fit_logistic(pred_all, target_all) if len(pred_all) >= 4 else None
+                calib = fit_calibration(pred_all, target_all)
                 meta = {
                     "arch": job.arch,
                     "image_size": job.image_size,
@@ -468,7 +469,7 @@ def train_loop_per_worker(config: dict) -> None:
                     "epoch": epoch + 1,
                     "val": m,
                     "score": score,
-                    "calibration": calib.to_dict() if calib else None,
+                    "calibration": to_meta(calib),
                     "config_fingerprint": job.config_fingerprint,
                     "target_mean": config["target_mean"],
                     "target_std": config["target_std"],
@@ -528,57 +529,6 @@ def table_stats(tables: list[str]) -> TableStats:
     mean = total / n
     std = float(max(np.sqrt(max(total_sq / n - mean**2, 0.0)), 1e-6))
     return TableStats(float(mean), std, dict(sorted(rows.items())))
-
-
-def check_train_resources(t: TrainConfig) -> None:
-    """Refuse a plan whose train workers would leave no CPU for the decode tasks feeding them.
-
-    Ray Data's decode tasks take 1 CPU each. Train workers that hold every CPU of
-    the cluster leave them none and the run hangs; that is refused, with advice.
-    """
-    import ray
-
-    from fiqa.cluster.local import cluster_may_grow
-
-    res = ray.cluster_resources()
-    workers_cpu = t.num_workers * t.cpus_per_worker
-    if workers_cpu + 1 > res.get("CPU", 0.0) + 1e-9:
-        need = (
-            f"train: {t.num_workers} worker(s) x {t.cpus_per_worker} CPU + 1 CPU for decoding "
-            f"exceeds the cluster's {res.get('CPU', 0.0):g} CPUs"
-        )
-        if cluster_may_grow():
-            log.warning("%s now; training starts as an autoscaler adds nodes", need)
-        else:
-            raise ConfigError(
-                f"{need}; the workers would starve the decode tasks. Lower num_workers or "
-                f"cpus_per_worker (fractions are fine; on a cluster that autoscales, set "
-                f"ray.autoscaling: true)."
-            )
-    if t.use_gpu and res.get("GPU", 0.0) < t.num_workers:
-        log.warning(
-            "train asks for %d GPU worker(s) but the cluster has %g GPU now; "
-            "training starts once an autoscaler adds them",
-            t.num_workers,
-            res.get("GPU", 0.0),
-        )
-
-
-def worker_threads(t: TrainConfig) -> int:
-    """Intra-op threads per Train worker: ``torch_threads``, else the CPUs it reserved (Ray's
-    convention for ``OMP_NUM_THREADS``). On the local Ray, whose CPUs are all known, the
-    workers share all of them, when that is more: the decode tasks then share cores with
-    the model, which on 2 cores trains the demo teacher 1.75x faster than 1 thread."""
-    import ray
-
-    from fiqa.cluster.local import cluster_may_grow
-
-    if t.torch_threads:
-        return t.torch_threads
-    reserved = max(1, round(t.cpus_per_worker))
-    if t.use_gpu or cluster_may_grow():
-        return reserved
-    return max(reserved, int(ray.cluster_resources().get("CPU", 1)) // t.num_workers)
 
 
 @dataclass
@@ -731,7 +681,7 @@ def fit(job: TrainJob) -> dict:
     t = job.train
     micro, accum = batch_plan(t)
     check_pretrained(job.pretrained_weights)
-    check_train_resources(t)
+    check_training(t)
     check_resumable(paths, job)
 
     parts = [p for d in job.train_tables for p in list_parts(d)]

@@ -18,7 +18,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from fiqa import storage
-from fiqa.metrics import Logistic4
+from fiqa.calibration import Logistic4
 from fiqa.models.inputs import IMAGENET_MEAN, IMAGENET_STD
 from fiqa.models.regressor import QualityRegressor
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fiqa.metrics import Logistic4
+from fiqa.calibration import Logistic4
 from fiqa.models.inputs import IMAGENET_MEAN, IMAGENET_STD, normalisation
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class ScoringModule(nn.Module):
         raw = self.model(x)
         if not self.calibrated:
             return raw, raw.clone()
-        # fiqa.metrics.Logistic4, in float64 like its numpy original.
+        # fiqa.calibration.Logistic4, in float64 like its numpy original.
         b1, b2, b3, b4 = self.calib[0], self.calib[1], self.calib[2], self.calib[3]
         z = torch.clamp(-(raw.double() - b3) / b4, -50.0, 50.0)
         score = b2 + (b1 - b2) / (1.0 + torch.exp(z))

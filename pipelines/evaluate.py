@@ -71,7 +71,7 @@ def run(ctx: StageContext) -> dict:
                 crop=loaded.image_size,
                 max_pixels=cfg.data.max_image_pixels,
                 min_side=cfg.data.min_image_side,
-                label=cfg.pseudo_label,
+                label=cfg.scoring,
             )
         )
         table = read_table(out + "/labels", columns=["raw_score", "label"])
@@ -136,7 +136,7 @@ def run(ctx: StageContext) -> dict:
 STAGE = Stage(
     name="evaluate",
     run=run,
-    sections=("data", "pseudo_label"),
+    sections=("data", "scoring"),
     data=("test",),
     files=("unlabeled_1_truth", "unlabeled_2_truth"),
     after=(

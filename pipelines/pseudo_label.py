@@ -22,7 +22,7 @@ def pseudo_label(ctx: StageContext, pool: str, model_stage: str, source: str) ->
         shards,
         ctx.dir(),
         source,
-        label=cfg.pseudo_label,
+        label=cfg.scoring,
         model_id=f"{model_stage}:{ctx.manifests[model_stage]['output_id'][:12]}",
         label_field=cfg.data.label_field,
         max_pixels=cfg.data.max_image_pixels,

@@ -13,7 +13,7 @@ def run(ctx: StageContext) -> dict:
 STAGE = Stage(
     name="pseudo_label_1",
     run=run,
-    sections=("data", "pseudo_label"),
+    sections=("data", "scoring"),
     data=("unlabeled_1",),
     after=("train_teacher",),
     description="the teacher pseudo-labels pool U1",

@@ -15,7 +15,7 @@ def run(ctx: StageContext) -> dict:
 STAGE = Stage(
     name="pseudo_label_2",
     run=run,
-    sections=("data", "pseudo_label"),
+    sections=("data", "scoring"),
     data=("unlabeled_2",),
     after=("train_teacher_plus",),
     description="the teacher-plus pseudo-labels pool U2",

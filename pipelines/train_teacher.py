@@ -28,7 +28,7 @@ def ingest_labeled(ctx: StageContext, split: str) -> dict:
         require_label=True,
         max_pixels=d.max_image_pixels,
         min_side=d.min_image_side,
-        label=ctx.cfg.pseudo_label,
+        label=ctx.cfg.scoring,
     )
     return run_score_job(job)
 

@@ -77,7 +77,7 @@ def tiny_config(data, run_dir, **extra):
         "train_teacher": {"epochs": 2, "batch_size": 32},
         "train_teacher_plus": {"epochs": 1, "batch_size": 32, "init_from": "teacher"},
         "distill_student": {"epochs": 1, "batch_size": 32},
-        "pseudo_label": {"batch_size": 32},
+        "scoring": {"batch_size": 32},
     }
     cfg["data"]["unlabeled_1_truth"] = str(Path(data) / "ground_truth" / "unlabeled_1.csv")
     cfg["data"]["unlabeled_2_truth"] = str(Path(data) / "ground_truth" / "unlabeled_2.csv")

@@ -269,7 +269,7 @@ def test_truncated_and_unreadable_shards(tmp_path):
 
 
 def make_checkpoint(path) -> str:
-    from fiqa.metrics import Logistic4
+    from fiqa.calibration import Logistic4
     from fiqa.models import create_model, save_checkpoint
 
     model = create_model("resnet10t")

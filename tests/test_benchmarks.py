@@ -183,7 +183,7 @@ def test_decode_admission_counts_the_decode_tasks_of_each_buffer(tmp_path):
     )  # fmt: skip
     assert "a local Ray of 4 logical CPUs: 1 stand-in actor at 4000 img/s, 3 CPUs" in out
     assert "2 shards, 1024 JPEGs of 64 px decoded to 224 px, blocks of 256 rows" in out
-    from fiqa.config import LabelConfig
+    from fiqa.config import ScoringConfig
     from fiqa.labeling import stream_buffer_bytes
 
     lines = re.findall(
@@ -197,7 +197,7 @@ def test_decode_admission_counts_the_decode_tasks_of_each_buffer(tmp_path):
     (default_mib, default, peak, slots, task_mib, n, rejected), (mib, plain, *_) = lines
     assert default and not plain and mib == "256"
     # The bound the engine logged: 3 decode tasks beside the actor, 16/3 blocks of 256 each.
-    cfg = LabelConfig(batch_size=256)
+    cfg = ScoringConfig(batch_size=256)
     expected = stream_buffer_bytes(cfg, 224, decode_tasks=3, actors=1)
     assert (int(default_mib), slots) == (round(expected / 2**20), "3")
     assert 1 <= int(peak) <= 3  # the decode tasks were seen running, never more than the CPUs

@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from fiqa import labeling
-from fiqa.config import LabelConfig
+from fiqa.calibration import Logistic4
+from fiqa.config import ScoringConfig
 from fiqa.data.tables import list_parts, part_name
 from fiqa.labeling import (
     ScoreJob,
@@ -15,7 +16,6 @@ from fiqa.labeling import (
     rows_per_block,
     stream_buffer_bytes,
 )
-from fiqa.metrics import Logistic4
 
 from conftest import labeled_members, write_tar
 
@@ -26,7 +26,7 @@ ROWS = 8  # rows per decoded block in these tests: one scoring batch of 8
 def small_blocks(monkeypatch):
     """Blocks of one 8-row batch, so that a shard of a dozen samples spans several."""
     monkeypatch.setattr(labeling, "BLOCK_BYTES", 1)
-    return LabelConfig(batch_size=ROWS)
+    return ScoringConfig(batch_size=ROWS)
 
 
 def batches_for(shard, job):
@@ -124,21 +124,21 @@ def test_stream_buffer_is_bounded_by_the_actors_and_the_cpus_not_the_pool():
         return stream_buffer_bytes(cfg, crop, decode_tasks=decode_tasks, actors=actors)
 
     # The actors' slack: 1,024 images per actor (633 MB) rather than 4 blocks.
-    assert buffer(LabelConfig(concurrency=[2, 8]), 448, 1, 8) == 8 * 1024 * face
+    assert buffer(ScoringConfig(concurrency=[2, 8]), 448, 1, 8) == 8 * 1024 * face
     # The decode tasks: 16/3 blocks each. One H200 node, 15 decode tasks beside one actor:
     # 3.2 GB (a 128 GB node's object store holds 38 GB). The pool's size appears nowhere.
-    h200 = buffer(LabelConfig(), 448, 15, 1)
+    h200 = buffer(ScoringConfig(), 448, 15, 1)
     assert h200 == 8 * 15 * 2 * block // 3
     assert 3.1e9 < h200 < 3.3e9
     # 112 px: blocks of 576 faces, 4 of them per actor (124 MB) rather than 1,024 faces;
     # on 2 cores one decode task's 166 MB is more than one actor's.
     small = 576 * (112 * 112 * 3 + labeling.MEAN_IMAGE_BYTES)
-    assert buffer(LabelConfig(concurrency=4), 112, 1, 4) == 4 * 4 * small
-    assert buffer(LabelConfig(), 112, 1, 1) == 8 * 2 * small // 3
+    assert buffer(ScoringConfig(concurrency=4), 112, 1, 4) == 4 * 4 * small
+    assert buffer(ScoringConfig(), 112, 1, 1) == 8 * 2 * small // 3
     # Ingest (no model, no actors): the decode tasks' share alone.
     encoded = 2048 * labeling.MEAN_IMAGE_BYTES
-    assert buffer(LabelConfig(concurrency=4), 0, 2, 0) == 8 * 2 * 2 * encoded // 3
-    assert buffer(LabelConfig(buffer_mb=64), 448, 15, 1) == 64 * 2**20
+    assert buffer(ScoringConfig(concurrency=4), 0, 2, 0) == 8 * 2 * 2 * encoded // 3
+    assert buffer(ScoringConfig(buffer_mb=64), 448, 15, 1) == 64 * 2**20
 
 
 @pytest.mark.parametrize(

@@ -44,9 +44,9 @@ def test_wrong_type_is_named():
         from_dict(minimal(train_teacher={"epochs": "many"}))
     with pytest.raises(ConfigError, match=r"train_teacher\.use_gpu"):
         from_dict(minimal(train_teacher={"use_gpu": "yes"}))
-    with pytest.raises(ConfigError, match=r"pseudo_label\.pin_cores"):
-        from_dict(minimal(pseudo_label={"pin_cores": "auto"}))  # true, false or null
-    assert from_dict(minimal(pseudo_label={"pin_cores": False})).pseudo_label.pin_cores is False
+    with pytest.raises(ConfigError, match=r"scoring\.pin_cores"):
+        from_dict(minimal(scoring={"pin_cores": "auto"}))  # true, false or null
+    assert from_dict(minimal(scoring={"pin_cores": False})).scoring.pin_cores is False
 
 
 def test_required_keys():
@@ -61,10 +61,10 @@ def test_semantic_checks():
         from_dict(minimal(train_teacher={"batch_size": 10, "num_workers": 3}))
     with pytest.raises(ConfigError, match="init_from"):
         from_dict(minimal(train_teacher_plus={"init_from": "nowhere"}))
-    with pytest.raises(ConfigError, match="pseudo_label.buffer_mb"):
-        from_dict(minimal(pseudo_label={"buffer_mb": 1}))
-    with pytest.raises(ConfigError, match="pseudo_label.concurrency"):
-        from_dict(minimal(pseudo_label={"concurrency": [4, 2]}))
+    with pytest.raises(ConfigError, match="scoring.buffer_mb"):
+        from_dict(minimal(scoring={"buffer_mb": 1}))
+    with pytest.raises(ConfigError, match="scoring.concurrency"):
+        from_dict(minimal(scoring={"concurrency": [4, 2]}))
 
 
 def test_the_batch_and_lr_checks_are_the_ones_training_applies():
@@ -131,3 +131,10 @@ def test_load_config_errors(tmp_path):
     bad.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_a_renamed_section_names_its_new_key():
+    with pytest.raises(ConfigError, match=r"pseudo_label: renamed to scoring"):
+        from_dict(minimal(pseudo_label={"batch_size": 8}))
+    with pytest.raises(ConfigError, match=r"pseudo_label: renamed to scoring"):
+        from_dict(minimal(), ["pseudo_label.batch_size=8"])

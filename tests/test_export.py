@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from fiqa.metrics import Logistic4
+from fiqa.calibration import Logistic4
 from fiqa.models import create_model, export_checkpoint, load_checkpoint, save_checkpoint
 from fiqa.models.export import MissingExtraError
 from fiqa.models.inputs import to_model_input

@@ -1000,7 +1000,7 @@ def _groups(rayjob: dict) -> list[Group]:
 
 def fit_problems(config: dict, groups: list[Group]) -> list[str]:
     """Why a config cannot run on Ray worker groups in pods ([] when it can)."""
-    from fiqa.config import LabelConfig, TrainConfig
+    from fiqa.config import ScoringConfig, TrainConfig
 
     found = []
     if any((config.get("ray") or {}).get(k) is not None for k in ("address", "num_cpus")):
@@ -1030,17 +1030,17 @@ def fit_problems(config: dict, groups: list[Group]) -> list[str]:
         )
         if slots < t["num_workers"]:
             found.append(f"{section}: {t['num_workers']} workers, room for {slots}")
-    pl = {**dataclasses.asdict(LabelConfig()), **(config.get("pseudo_label") or {})}
+    pl = {**dataclasses.asdict(ScoringConfig()), **(config.get("scoring") or {})}
     low = pl["concurrency"] if isinstance(pl["concurrency"], int) else pl["concurrency"][0]
     gpus = (
         pl["num_gpus"] if pl["num_gpus"] is not None else (1 if any(g.gpu for g in groups) else 0)
     )
     actor_groups = [g for g in groups if g.cpu >= Decimal(str(pl["num_cpus"])) and g.gpu >= gpus]
     if gpus and sum(g.max_replicas * int(g.gpu // Decimal(str(gpus))) for g in actor_groups) < low:
-        found.append(f"pseudo_label: {low} actors with {gpus} GPU each do not fit")
+        found.append(f"scoring: {low} actors with {gpus} GPU each do not fit")
     cpus = sum(g.max_replicas * g.cpu for g in groups)
     if cpus < Decimal(str(pl["num_cpus"])) * low + Decimal(str(pl["decode_cpus"])):
-        found.append(f"pseudo_label: {cpus} CPUs leave none for decoding")
+        found.append(f"scoring: {cpus} CPUs leave none for decoding")
     return found
 
 
@@ -1088,7 +1088,7 @@ def test_base_runs_the_whole_pipeline():
     groups = {g.name: g for g in _groups(rayjob)}
     assert groups["cpu"].gpu == 0 and groups["gpu"].gpu >= 1
     # The head mounts the config; the GPU group runs teacher inference and training.
-    assert config["pseudo_label"]["num_gpus"] >= 1
+    assert config["scoring"]["num_gpus"] >= 1
     assert all(
         config[s]["use_gpu"] for s in ("train_teacher", "train_teacher_plus", "distill_student")
     )

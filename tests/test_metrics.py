@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fiqa.metrics import Logistic4, fit_logistic, krcc, plcc, quality_metrics, rmse, srcc
+from fiqa.calibration import Logistic4, fit_logistic
+from fiqa.metrics import krcc, plcc, quality_metrics, rmse, srcc
 
 
 @pytest.fixture

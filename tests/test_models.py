@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fiqa.metrics import Logistic4
+from fiqa.calibration import Logistic4
 from fiqa.models import (
     REGISTRY,
     create_model,

@@ -16,8 +16,8 @@ import pytest
 import torch
 from ray.data.block import BlockAccessor
 
+from fiqa.calibration import Logistic4
 from fiqa.labeling import ScoreJob, Scorer, read_and_decode
-from fiqa.metrics import Logistic4
 from fiqa.models import create_model, export_checkpoint, save_checkpoint
 from fiqa.predict import open_predictor, predict, resolve_inputs
 

@@ -1,10 +1,10 @@
-"""Resource planning of the scoring engine against a real local Ray."""
+"""The resource planner (scoring and training) against a real local Ray."""
 
 import pytest
 import ray
 
-from fiqa.config import ConfigError, LabelConfig
-from fiqa.labeling import decode_task_slots, resolve_resources
+from fiqa.cluster.resources import check_training, decode_task_slots, plan_scoring
+from fiqa.config import ConfigError, ScoringConfig
 
 
 @pytest.fixture(scope="module")
@@ -17,26 +17,26 @@ def two_cpu_ray():
 
 def test_a_pool_that_would_starve_decoding_is_refused(two_cpu_ray):
     with pytest.raises(ConfigError, match="starve"):
-        resolve_resources(LabelConfig(concurrency=2, num_cpus=1, decode_cpus=1), with_model=True)
+        plan_scoring(ScoringConfig(concurrency=2, num_cpus=1, decode_cpus=1), with_model=True)
 
 
 def test_gpus_per_actor_follow_the_cluster(two_cpu_ray, monkeypatch):
-    assert resolve_resources(LabelConfig(), with_model=True).num_gpus == 1.0
+    assert plan_scoring(ScoringConfig(), with_model=True).num_gpus == 1.0
     # The same cluster as a CPU-only one would report itself: actors score on the CPU.
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 1e9})
-    assert resolve_resources(LabelConfig(), with_model=True).num_gpus == 0.0
+    assert plan_scoring(ScoringConfig(), with_model=True).num_gpus == 0.0
 
 
 def test_gpus_a_fixed_cluster_lacks_are_refused(two_cpu_ray):
     """A local Ray cannot add a GPU: the actors would wait for ever, so say so up front."""
     with pytest.raises(ConfigError, match=r"2 actor\(s\) x 1 GPU exceeds the cluster's 1 GPU"):
-        resolve_resources(LabelConfig(num_gpus=1, num_cpus=0.25, concurrency=2), with_model=True)
+        plan_scoring(ScoringConfig(num_gpus=1, num_cpus=0.25, concurrency=2), with_model=True)
 
 
 def test_a_pool_that_fits_at_its_minimum_runs_with_the_gpus_there_are(two_cpu_ray, caplog):
-    with caplog.at_level("WARNING", logger="fiqa.labeling"):
-        cfg = resolve_resources(
-            LabelConfig(num_gpus=0.5, num_cpus=0.25, concurrency=[1, 4]), with_model=True
+    with caplog.at_level("WARNING", logger="fiqa.cluster.resources"):
+        cfg = plan_scoring(
+            ScoringConfig(num_gpus=0.5, num_cpus=0.25, concurrency=[1, 4]), with_model=True
         )
     assert cfg.concurrency == [1, 4] and "the pool runs 2 actor(s)" in caplog.text
 
@@ -46,27 +46,27 @@ def test_gpus_the_cluster_lacks_now_only_warn_where_it_may_grow(two_cpu_ray, mon
     from fiqa.cluster import local
 
     monkeypatch.setattr(local, "_may_grow", True)
-    with caplog.at_level("WARNING", logger="fiqa.labeling"):
-        cfg = resolve_resources(
-            LabelConfig(num_gpus=1.0, num_cpus=0.25, concurrency=[1, 4]), with_model=True
+    with caplog.at_level("WARNING", logger="fiqa.cluster.resources"):
+        cfg = plan_scoring(
+            ScoringConfig(num_gpus=1.0, num_cpus=0.25, concurrency=[1, 4]), with_model=True
         )
     assert cfg.num_gpus == 1.0 and "up to 4 actor(s) x 1 GPU" in caplog.text
 
 
 def test_an_autoscaling_pool_is_planned_by_its_maximum(two_cpu_ray):
     with pytest.raises(ConfigError, match="2 actor"):
-        resolve_resources(LabelConfig(concurrency=[1, 2], num_cpus=1), with_model=True)
+        plan_scoring(ScoringConfig(concurrency=[1, 2], num_cpus=1), with_model=True)
 
 
 def test_the_stream_buffer_is_sized_for_the_decode_tasks_the_cpus_run(two_cpu_ray):
-    assert decode_task_slots(LabelConfig(num_cpus=1), with_model=True) == 1
-    assert decode_task_slots(LabelConfig(num_cpus=1, decode_cpus=0.5), with_model=True) == 2
-    assert decode_task_slots(LabelConfig(num_cpus=1), with_model=False) == 2  # no actors
-    assert decode_task_slots(LabelConfig(num_cpus=2), with_model=True) == 1  # at least one
+    assert decode_task_slots(ScoringConfig(num_cpus=1), with_model=True) == 1
+    assert decode_task_slots(ScoringConfig(num_cpus=1, decode_cpus=0.5), with_model=True) == 2
+    assert decode_task_slots(ScoringConfig(num_cpus=1), with_model=False) == 2  # no actors
+    assert decode_task_slots(ScoringConfig(num_cpus=2), with_model=True) == 1  # at least one
 
 
 def test_without_a_model_only_decoding_needs_cpus(two_cpu_ray):
-    cfg = resolve_resources(LabelConfig(concurrency=4, num_cpus=1, decode_cpus=2), with_model=False)
+    cfg = plan_scoring(ScoringConfig(concurrency=4, num_cpus=1, decode_cpus=2), with_model=False)
     assert cfg.decode_cpus == 2
 
 
@@ -74,15 +74,14 @@ def test_on_a_cluster_that_may_grow_a_large_plan_only_warns(two_cpu_ray, monkeyp
     """KubeRay: the GPU group starts at 0 replicas, so the plan exceeds the cluster at first."""
     from fiqa.cluster import local
     from fiqa.config import TrainConfig
-    from fiqa.training import check_train_resources
 
     monkeypatch.setattr(local, "_may_grow", True)
     with caplog.at_level("WARNING"):
-        cfg = resolve_resources(LabelConfig(concurrency=[1, 4], num_cpus=2), with_model=True)
-        check_train_resources(TrainConfig(num_workers=4, cpus_per_worker=6))
+        cfg = plan_scoring(ScoringConfig(concurrency=[1, 4], num_cpus=2), with_model=True)
+        check_training(TrainConfig(num_workers=4, cpus_per_worker=6))
     assert cfg.concurrency == [1, 4]
     assert "as an autoscaler adds nodes" in caplog.text
-    assert "training starts as an autoscaler adds nodes" in caplog.text
+    assert "workers start as an autoscaler adds nodes" in caplog.text
 
 
 def test_a_joined_cluster_may_grow_unless_the_config_says_otherwise():
@@ -118,7 +117,7 @@ def test_decoded_blocks_reach_the_actor_as_the_engine_yields_them(
         return add(self, batch)
 
     monkeypatch.setattr(ShardCollector, "add", recording_add)  # the driver's side
-    label = LabelConfig(batch_size=256, num_gpus=0.0, num_cpus=1, concurrency=1)
+    label = ScoringConfig(batch_size=256, num_gpus=0.0, num_cpus=1, concurrency=1)
     stats = label_shards(model, [shard], str(tmp_path / "out"), label, progress=False)
     assert stats["scored"] == 512
     assert sizes == [256, 256]  # Ray Data's default target made it one block of 512

@@ -25,7 +25,7 @@ def setup(tmp_path):
 
     stages = [
         stage("a", ("train_teacher",), ("labeled_train",)),
-        stage("b", ("pseudo_label",), ("unlabeled_1",), ("a",)),
+        stage("b", ("scoring",), ("unlabeled_1",), ("a",)),
         stage("c", ("distill_student",), (), ("a", "b")),
     ]
     raw = {"run_dir": str(tmp_path / "run"), "data": shards}
@@ -37,10 +37,10 @@ def test_reruns_skip_and_cascade(setup):
     assert run_stages(from_dict(raw), stages) == {"a": "ran", "b": "ran", "c": "ran"}
     assert run_stages(from_dict(raw), stages) == {"a": "skipped", "b": "skipped", "c": "skipped"}
     # a change in b's section reruns b and, through b's new output id, c
-    out = run_stages(from_dict(raw, ["pseudo_label.batch_size=7"]), stages)
+    out = run_stages(from_dict(raw, ["scoring.batch_size=7"]), stages)
     assert out == {"a": "skipped", "b": "ran", "c": "ran"}
     assert calls == ["a", "b", "c", "b", "c"]
-    cfg = from_dict(raw, ["pseudo_label.batch_size=7", "distill_student.epochs=2"])
+    cfg = from_dict(raw, ["scoring.batch_size=7", "distill_student.epochs=2"])
     assert [r["state"] for r in stage_states(cfg, stages)] == ["done", "done", "stale"]
 
 
@@ -87,7 +87,7 @@ def test_a_stage_reads_the_shards_listed_and_fingerprinted_at_the_start(setup, t
 
     stages = [
         Stage("a", grow_pool, ("train_teacher",)),
-        Stage("b", label_pool, ("pseudo_label",), ("unlabeled_1",), (), ("a",)),
+        Stage("b", label_pool, ("scoring",), ("unlabeled_1",), (), ("a",)),
     ]
     assert run_stages(from_dict(raw), stages) == {"a": "ran", "b": "ran"}
     # the next run sees the new shard, so b's inputs changed and it runs again

@@ -120,7 +120,7 @@ def s3_pipeline(s3_server, tiny_data, tmp_path_factory):
     cfg["data"].update({k: f"{data}/{k}" for k in ("unlabeled_1", "unlabeled_2")})
     cfg["data"]["unlabeled_1_truth"] = f"{data}/ground_truth/unlabeled_1.csv"
     cfg["data"]["unlabeled_2_truth"] = f"{data}/ground_truth/unlabeled_2.csv"
-    cfg["pseudo_label"]["batch_size"] = U1_SHARD_SIZE
+    cfg["scoring"]["batch_size"] = U1_SHARD_SIZE
     cfg["storage"] = s3_server.storage_config()
     cfg_path = work / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))

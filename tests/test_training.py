@@ -26,6 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fiqa.cluster.resources import check_training, worker_threads
 from fiqa.config import ConfigError, TrainConfig, from_dict
 from fiqa.data.tables import SCORED_SCHEMA, write_part
 from fiqa.training import (
@@ -35,12 +36,10 @@ from fiqa.training import (
     batch_plan,
     build_model,
     check_pretrained,
-    check_train_resources,
     decode_train_batch,
     effective_lr,
     fit,
     table_stats,
-    worker_threads,
 )
 
 SOURCES = ["labeled", "pseudo_u1"]
@@ -488,8 +487,8 @@ def deadline(seconds: int):
 @pytest.mark.slow
 def test_workers_that_would_starve_decoding_are_refused(two_cpu_ray):
     with pytest.raises(ConfigError, match="starve"):
-        check_train_resources(TrainConfig(num_workers=2, cpus_per_worker=1.0))
-    check_train_resources(TrainConfig(num_workers=2, cpus_per_worker=0.5))
+        check_training(TrainConfig(num_workers=2, cpus_per_worker=1.0))
+    check_training(TrainConfig(num_workers=2, cpus_per_worker=0.5))
 
 
 def test_worker_threads_follow_the_reserved_cpus_or_the_local_machine(two_cpu_ray, monkeypatch):

@@ -37,6 +37,7 @@ import yaml
 from fiqa import storage
 from fiqa.config import RunConfig
 from fiqa.data.shards import expand_shard_spec
+from fiqa.data.tables import TABLES_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,12 @@ def stage_fingerprint(
         if up not in manifests:
             raise ValueError(f"stage {stage.name} needs stage {up} to have completed first")
         inputs[up] = manifests[up]["output_id"]
-    payload = {"stage": stage.name, "config": cfg.fingerprint(*stage.sections), "inputs": inputs}
+    payload = {
+        "stage": stage.name,
+        "config": cfg.fingerprint(*stage.sections),
+        "inputs": inputs,
+        "tables": TABLES_VERSION,
+    }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     return digest, inputs
 

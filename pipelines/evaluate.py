@@ -20,10 +20,10 @@ import numpy as np
 
 from fiqa import storage
 from fiqa.data.tables import read_table
-from fiqa.labeling import ScoreJob, run_score_job
 from fiqa.metrics import quality_metrics
 from fiqa.report import write_report
 from fiqa.runner import Stage, StageContext
+from fiqa.scoring import job_for_model, run_score_job
 
 MODELS = {
     "teacher": "train_teacher",
@@ -58,25 +58,22 @@ def run(ctx: StageContext) -> dict:
         model_dir = storage.join(ctx.run_dir, sub, "model")
         loaded = load_checkpoint(model_dir)
         out = ctx.dir() + f"/predictions/{name}"
-        counts = run_score_job(
-            ScoreJob(
-                shards=test_shards,
-                out_dir=out,
-                source="test",
-                label_field=cfg.data.label_field,
-                require_label=True,
-                model_path=model_dir,
-                model_id=name,
-                resize=loaded.resize,
-                crop=loaded.image_size,
-                max_pixels=cfg.data.max_image_pixels,
-                min_side=cfg.data.min_image_side,
-                label=cfg.scoring,
-            )
+        job = job_for_model(
+            model_dir,
+            test_shards,
+            out,
+            "test",
+            scoring=cfg.scoring,
+            model_id=name,
+            label_field=cfg.data.label_field,
+            require_label=True,
+            max_pixels=cfg.data.max_image_pixels,
+            min_side=cfg.data.min_image_side,
         )
-        table = read_table(out + "/labels", columns=["raw_score", "label"])
+        counts = run_score_job(job)
+        table = read_table(out + "/labels", columns=["raw_score", "mos"])
         pred = table.column("raw_score").to_numpy(zero_copy_only=False).astype(np.float64)
-        mos = table.column("label").to_numpy(zero_copy_only=False).astype(np.float64)
+        mos = table.column("mos").to_numpy(zero_copy_only=False).astype(np.float64)
         metrics = quality_metrics(pred, mos)
         cost = model_cost(loaded.model, loaded.image_size)
         report[name] = {

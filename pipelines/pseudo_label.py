@@ -9,8 +9,8 @@ travels in the model's ``model.json``); one Parquet part per shard goes to
 
 from __future__ import annotations
 
-from fiqa.labeling import job_for_model, run_score_job
 from fiqa.runner import StageContext
+from fiqa.scoring import job_for_model, run_score_job
 
 
 def pseudo_label(ctx: StageContext, pool: str, model_stage: str, source: str) -> dict:
@@ -22,7 +22,7 @@ def pseudo_label(ctx: StageContext, pool: str, model_stage: str, source: str) ->
         shards,
         ctx.dir(),
         source,
-        label=cfg.scoring,
+        scoring=cfg.scoring,
         model_id=f"{model_stage}:{ctx.manifests[model_stage]['output_id'][:12]}",
         label_field=cfg.data.label_field,
         max_pixels=cfg.data.max_image_pixels,

@@ -12,8 +12,8 @@ Recipe:
 
 from __future__ import annotations
 
-from fiqa.labeling import ScoreJob, run_score_job
 from fiqa.runner import Stage, StageContext
+from fiqa.scoring import ScoreJob, run_score_job
 from fiqa.training import TrainJob, fit
 
 
@@ -28,7 +28,7 @@ def ingest_labeled(ctx: StageContext, split: str) -> dict:
         require_label=True,
         max_pixels=d.max_image_pixels,
         min_side=d.min_image_side,
-        label=ctx.cfg.scoring,
+        scoring=ctx.cfg.scoring,
     )
     return run_score_job(job)
 

@@ -46,7 +46,7 @@ batch = BlockAccessor.batch_to_block({
     "pixels": pixels,
 })
 if how == "scorer":
-    from fiqa.labeling import Scorer
+    from fiqa.scoring.scorer import Scorer
     score = Scorer(ckpt, threads=1)
 else:
     torch.set_num_threads(1)

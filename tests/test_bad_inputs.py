@@ -20,7 +20,9 @@ import pytest
 from PIL import Image
 
 from fiqa.data.tables import list_parts, part_name
-from fiqa.labeling import KeyIndex, ScoreJob, ShardCollector, read_and_decode
+from fiqa.scoring import ScoreJob
+from fiqa.scoring.commit import KeyIndex, ShardCollector
+from fiqa.scoring.decode_task import read_and_decode
 
 from conftest import fiqa_cmd, jpeg_bytes, subprocess_env, write_tar
 
@@ -217,7 +219,7 @@ def test_duplicate_keys_within_and_across_shards(tmp_path):
 
 
 def test_keys_stay_unique_when_a_job_resumes(tmp_path):
-    from fiqa.labeling import scored_keys_of
+    from fiqa.scoring.commit import scored_keys_of
 
     a = write_tar(tmp_path / "a.tar", [("k1.jpg", jpeg_bytes()), ("k2.jpg", jpeg_bytes())])
     b = write_tar(tmp_path / "b.tar", [("k2.jpg", jpeg_bytes()), ("k4.jpg", jpeg_bytes())])

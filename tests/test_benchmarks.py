@@ -184,7 +184,7 @@ def test_decode_admission_counts_the_decode_tasks_of_each_buffer(tmp_path):
     assert "a local Ray of 4 logical CPUs: 1 stand-in actor at 4000 img/s, 3 CPUs" in out
     assert "2 shards, 1024 JPEGs of 64 px decoded to 224 px, blocks of 256 rows" in out
     from fiqa.config import ScoringConfig
-    from fiqa.labeling import stream_buffer_bytes
+    from fiqa.scoring.stream import stream_buffer_bytes
 
     lines = re.findall(
         r"stream buffer +(\d+) MiB( \(default\))? *: decode tasks at once n/a in steady state "

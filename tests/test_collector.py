@@ -4,18 +4,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from fiqa import labeling
 from fiqa.calibration import Logistic4
 from fiqa.config import ScoringConfig
 from fiqa.data.tables import list_parts, part_name
-from fiqa.labeling import (
-    ScoreJob,
-    ShardCollector,
-    committed_shards,
-    read_and_decode,
-    rows_per_block,
-    stream_buffer_bytes,
-)
+from fiqa.scoring import ScoreJob, stream
+from fiqa.scoring.commit import ShardCollector, committed_shards
+from fiqa.scoring.decode_task import read_and_decode, to_batch
+from fiqa.scoring.stream import rows_per_block, stream_buffer_bytes
 
 from conftest import labeled_members, write_tar
 
@@ -25,7 +20,7 @@ ROWS = 8  # rows per decoded block in these tests: one scoring batch of 8
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks of one 8-row batch, so that a shard of a dozen samples spans several."""
-    monkeypatch.setattr(labeling, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(stream, "BLOCK_BYTES", 1)
     return ScoringConfig(batch_size=ROWS)
 
 
@@ -34,9 +29,9 @@ def batches_for(shard, job):
 
 
 def test_blocks_hold_whole_batches_within_their_byte_budget():
-    face = 112 * 112 * 3 + labeling.MEAN_IMAGE_BYTES
+    face = 112 * 112 * 3 + stream.MEAN_IMAGE_BYTES
     assert rows_per_block(112, 64) == 576  # 9 batches of 64: 31 MB, the 10th would pass 32 MB
-    assert 576 * face <= labeling.BLOCK_BYTES < 640 * face
+    assert 576 * face <= stream.BLOCK_BYTES < 640 * face
     assert rows_per_block(448, 64) == 64  # one batch is 40 MB already: a block is one batch
     assert rows_per_block(448, 16) == 48
     assert rows_per_block(None, 64) == 2048  # no pixels (ingest): the encoded images only
@@ -53,7 +48,7 @@ def test_read_and_decode_marks_the_last_batch_with_the_shard_total(tmp_path, sma
         model_path="m",
         crop=32,
         resize=40,
-        label=small_blocks,
+        scoring=small_blocks,
     )
     batches = batches_for(shard, job)
     assert [len(b["key"]) for b in batches] == [ROWS, 3]
@@ -63,7 +58,7 @@ def test_read_and_decode_marks_the_last_batch_with_the_shard_total(tmp_path, sma
 
 def test_last_batch_is_never_empty(tmp_path, small_blocks):
     shard = write_tar(tmp_path / "a.tar", labeled_members(ROWS))
-    job = ScoreJob(shards=[shard], out_dir=str(tmp_path / "o"), source="x", label=small_blocks)
+    job = ScoreJob(shards=[shard], out_dir=str(tmp_path / "o"), source="x", scoring=small_blocks)
     (batch,) = batches_for(shard, job)
     assert batch["shard_total"][0] == ROWS and "pixels" not in batch  # no model: no pixels
 
@@ -80,7 +75,7 @@ def test_collector_commits_each_shard_once_complete(tmp_path, small_blocks):
         calibration=Logistic4(5, 1, 0, 1),
         require_label=False,
         model_path="unused",
-        label=small_blocks,
+        scoring=small_blocks,
     )
     col = ShardCollector(job)
     stream = batches_for(a, job) + batches_for(b, job)
@@ -88,7 +83,7 @@ def test_collector_commits_each_shard_once_complete(tmp_path, small_blocks):
     done = []
     for batch in stream:
         batch["raw_score"] = np.where(batch["reason"] == "", 0.5, np.nan)
-        batch["label"][:] = np.nan  # as for an unlabeled pool
+        batch["mos"][:] = np.nan  # as for an unlabeled pool
         done += col.add(batch)
     assert done == [b, a]
     assert committed_shards(out) == {part_name(a), part_name(b)}
@@ -112,12 +107,12 @@ def test_labeled_rows_keep_their_label_as_score(tmp_path):
     for batch in batches_for(a, job):
         col.add(batch)
     t = pq.read_table(list_parts(str(tmp_path / "o/labels")))
-    assert t.column("score").to_pylist() == t.column("label").to_pylist()
+    assert t.column("score").to_pylist() == t.column("mos").to_pylist()
     assert t.column("raw_score").null_count == 3
 
 
 def test_stream_buffer_is_bounded_by_the_actors_and_the_cpus_not_the_pool():
-    face = 448 * 448 * 3 + labeling.MEAN_IMAGE_BYTES
+    face = 448 * 448 * 3 + stream.MEAN_IMAGE_BYTES
     block = 64 * face  # at 448 px a block is one batch of 64
 
     def buffer(cfg, crop, decode_tasks, actors):
@@ -132,11 +127,11 @@ def test_stream_buffer_is_bounded_by_the_actors_and_the_cpus_not_the_pool():
     assert 3.1e9 < h200 < 3.3e9
     # 112 px: blocks of 576 faces, 4 of them per actor (124 MB) rather than 1,024 faces;
     # on 2 cores one decode task's 166 MB is more than one actor's.
-    small = 576 * (112 * 112 * 3 + labeling.MEAN_IMAGE_BYTES)
+    small = 576 * (112 * 112 * 3 + stream.MEAN_IMAGE_BYTES)
     assert buffer(ScoringConfig(concurrency=4), 112, 1, 4) == 4 * 4 * small
     assert buffer(ScoringConfig(), 112, 1, 1) == 8 * 2 * small // 3
     # Ingest (no model, no actors): the decode tasks' share alone.
-    encoded = 2048 * labeling.MEAN_IMAGE_BYTES
+    encoded = 2048 * stream.MEAN_IMAGE_BYTES
     assert buffer(ScoringConfig(concurrency=4), 0, 2, 0) == 8 * 2 * 2 * encoded // 3
     assert buffer(ScoringConfig(buffer_mb=64), 448, 15, 1) == 64 * 2**20
 
@@ -153,7 +148,7 @@ def test_ray_data_passes_each_decoded_block_on_as_it_was_yielded(crop, batch, jp
     from ray.data.context import DataContext
 
     rows = rows_per_block(crop, batch)
-    target = labeling.ray_block_target(crop, batch)
+    target = stream.ray_block_target(crop, batch)
     if rows == batch:
         assert target == batch * crop * crop * 3
     else:
@@ -167,14 +162,15 @@ def test_ray_data_passes_each_decoded_block_on_as_it_was_yielded(crop, batch, jp
             "key": f"k{i}",
             "shard": "s.tar",
             "image": b"j" * (jpeg_kb * 1024),
-            "label": None,
+            "mos": None,
             "reason": None,
             "pixels": np.zeros((crop, crop, 3), np.uint8),
         }
         for i in range(rows)
     ]
+    job = ScoreJob(shards=[], out_dir="", source="x", model_path="m", crop=crop)
     for _ in range(3):  # a shard's blocks, as `read_and_decode` yields them
-        out.add_batch(labeling._to_batch(recs, -1, crop, True))
+        out.add_batch(to_batch(recs, -1, job))
         while out.has_next():
             sizes.append(out.next().num_rows)
     out.finalize()

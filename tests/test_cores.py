@@ -130,8 +130,10 @@ def test_a_cpu_scoring_actor_claims_a_core_and_decoding_keeps_off_it(ray_on_ever
     """The real actor class and decode UDF on a local Ray whose CPUs are this machine's cores."""
     import time
 
-    from fiqa.labeling import ScoreJob, Scorer, read_and_decode
     from fiqa.models import create_model, save_checkpoint
+    from fiqa.scoring import ScoreJob
+    from fiqa.scoring.decode_task import read_and_decode
+    from fiqa.scoring.scorer import Scorer
 
     from conftest import labeled_members, write_tar
 

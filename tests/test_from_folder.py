@@ -28,7 +28,7 @@ def test_shard_folder_round_trips(tmp_path):
         for s in expand_shard_spec(str(tmp_path / "out"))
         for r in read_shard(s, require_label=True)
     ]
-    assert sorted(r["label"] for r in recs) == [1.5, 2.0, 2.5, 3.5, 4.5, 5.5]
+    assert sorted(r["mos"] for r in recs) == [1.5, 2.0, 2.5, 3.5, 4.5, 5.5]
     assert all(r["reason"] is None for r in recs) and "face_0" in {r["key"] for r in recs}
 
 

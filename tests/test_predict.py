@@ -1,7 +1,7 @@
 """`fiqa predict`: files, folders and shards, with a checkpoint, an ONNX or a TorchScript export.
 
 Scores are checked against the scoring engine itself (`read_and_decode` and
-`Scorer` from `fiqa.labeling`, which pseudo-labeling runs on Ray): an image
+`Scorer` from `fiqa.scoring.scorer`, which pseudo-labeling runs on Ray): an image
 scored here gets the raw score the engine gives it.
 """
 
@@ -17,9 +17,11 @@ import torch
 from ray.data.block import BlockAccessor
 
 from fiqa.calibration import Logistic4
-from fiqa.labeling import ScoreJob, Scorer, read_and_decode
 from fiqa.models import create_model, export_checkpoint, save_checkpoint
 from fiqa.predict import open_predictor, predict, resolve_inputs
+from fiqa.scoring import ScoreJob
+from fiqa.scoring.decode_task import read_and_decode
+from fiqa.scoring.scorer import Scorer
 
 from conftest import fiqa_cmd, jpeg_bytes, subprocess_env, write_tar
 

@@ -28,13 +28,13 @@ def test_every_sample_is_accounted_for(tmp_path):
     }
     good = [r for r in recs if not r["reason"]]
     assert [r["key"] for r in good] == ["s0000", "s0001", "s0002"]
-    assert good[1]["label"] == 1.1 and good[0]["image"].startswith(b"\xff\xd8")
+    assert good[1]["mos"] == 1.1 and good[0]["image"].startswith(b"\xff\xd8")
 
 
 def test_unlabeled_samples_are_fine_without_labels(tmp_path):
     shard = write_tar(tmp_path / "u.tar", [("u1.jpg", jpeg_bytes()), ("u1.json", b"{}")])
     (rec,) = read_shard(shard, require_label=False)
-    assert rec["reason"] is None and rec["label"] is None
+    assert rec["reason"] is None and rec["mos"] is None
 
 
 def test_truncated_and_unreadable_shards_are_reported(tmp_path):

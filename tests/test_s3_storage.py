@@ -88,7 +88,7 @@ def test_tables_on_object_storage(s3):
             "key": ["k1", "k2"],
             "shard": ["s", "s"],
             "image": [b"a", b"b"],
-            "label": [1.0, None],
+            "mos": [1.0, None],
             "raw_score": [0.1, 0.2],
             "score": [1.0, 2.0],
             "model_id": ["m", "m"],

@@ -1,7 +1,7 @@
 """Reading one WebDataset shard into records, accounting for every sample.
 
 The unit of work everywhere is the shard. `read_shard` streams a shard's
-samples as records ``{key, shard, image, label, reason}``; a sample that
+samples as records ``{key, shard, image, mos, reason}``; a sample that
 cannot be used still yields a record, with ``reason`` set, so that for every
 shard *used + rejected == samples read*. Shard-level failures (unreadable or
 truncated tar) yield a record with an empty key and the failure as reason.
@@ -95,7 +95,7 @@ def read_shard(
     try:
         for sample in _samples(url, storage_options):
             key = sample["__key__"]
-            rec = {"key": key, "shard": url, "image": b"", "label": None, "reason": None}
+            rec = {"key": key, "shard": url, "image": b"", "mos": None, "reason": None}
             if key in seen:
                 rec["reason"] = "duplicate_key"
             else:
@@ -107,7 +107,7 @@ def read_shard(
                     label, why = _parse_label(sample.get("json"), label_field)
                     if why is None and require_label and label is None:
                         why = "no_label"
-                    rec.update(image=image, label=label, reason=why)
+                    rec.update(image=image, mos=label, reason=why)
             seen.add(key)
             yield rec
     except Exception as e:  # an unreadable or truncated tar: report it, keep what was read
@@ -122,6 +122,6 @@ def read_shard(
             "key": "",
             "shard": url,
             "image": b"",
-            "label": None,
+            "mos": None,
             "reason": f"{kind}: {type(e).__name__}: {str(e)[:160]}",
         }

@@ -5,7 +5,7 @@ input shard, named after the shard, each written whole and only then renamed
 into place (or PUT in one request on object storage; see `fiqa.storage`), so
 a part that exists is complete.
 
-Scored table (``labels/``): key, shard, image, label, raw_score, score, model_id, source
+Scored table (``labels/``): key, shard, image, mos, raw_score, score, model_id, source
 Rejects table (``rejects/``): key, shard, reason
 """
 
@@ -19,14 +19,18 @@ import pyarrow.parquet as pq
 
 from fiqa import storage
 
+# Part of every stage's fingerprint: a run made with older tables rebuilds them.
+# 2: the MOS column is ``mos`` (was ``label``).
+TABLES_VERSION = 2
+
 SCORED_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
         ("shard", pa.string()),
         ("image", pa.binary()),
-        ("label", pa.float32()),  # MOS from the shard's json (labeled data) or null
+        ("mos", pa.float32()),  # from the shard's json (labeled data), else null
         ("raw_score", pa.float32()),  # the model's output (null when no model ran)
-        ("score", pa.float32()),  # on the MOS scale: label if present, else calibrated raw_score
+        ("score", pa.float32()),  # on the MOS scale: mos if present, else calibrated raw_score
         ("model_id", pa.string()),
         ("source", pa.string()),
     ]

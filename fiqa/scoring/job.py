@@ -1,0 +1,81 @@
+"""A scoring job: which shards, which model, where the tables go."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from fiqa import calibration, storage
+from fiqa.calibration import Logistic4
+from fiqa.config import ScoringConfig
+
+
+@dataclass
+class ScoreJob:
+    """What to score and where to write it."""
+
+    shards: list[str]
+    out_dir: str  # writes out_dir/labels/ and out_dir/rejects/
+    source: str  # value of the `source` column (e.g. "pseudo_u1", "labeled")
+    label_field: str = "mos"  # the field of each sample's json that holds its MOS
+    require_label: bool = False  # a sample without one is rejected (labeled data)
+    model_path: str | None = None  # None: no model, only read + validate (ingest)
+    calibration: Logistic4 | None = None
+    model_id: str = ""
+    resize: int = 128
+    crop: int = 112
+    max_pixels: int = 40_000_000
+    min_side: int = 16
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    # The driver's object-storage settings (`fiqa.storage.configure`), travelling with the
+    # job to the Ray tasks that read its shards, whatever environment their workers have.
+    storage_options: dict = field(default_factory=storage.options)
+
+    @property
+    def with_model(self) -> bool:
+        return self.model_path is not None
+
+
+def model_id_of(meta: dict) -> str:
+    """``arch:digest`` of a model's metadata (its training fingerprint and calibration)."""
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{meta.get('arch', 'model')}:{digest}"
+
+
+def job_for_model(
+    model_path: str,
+    shards: list[str],
+    out_dir: str,
+    source: str,
+    *,
+    scoring: ScoringConfig,
+    calibration_override: Logistic4 | None = None,
+    model_id: str | None = None,
+    label_field: str = "mos",
+    require_label: bool = False,
+    max_pixels: int = 40_000_000,
+    min_side: int = 16,
+) -> ScoreJob:
+    """A scoring job for a trained checkpoint: input size and calibration from its model.json.
+
+    ``calibration_override`` replaces the model's own; ``model_id`` defaults to `model_id_of`.
+    """
+    from fiqa.models.checkpoint import read_meta
+
+    meta = read_meta(model_path)
+    return ScoreJob(
+        shards=shards,
+        out_dir=out_dir,
+        source=source,
+        label_field=label_field,
+        require_label=require_label,
+        model_path=model_path,
+        calibration=calibration_override or calibration.from_meta(meta),
+        model_id=model_id if model_id is not None else model_id_of(meta),
+        resize=int(meta.get("resize", meta["image_size"])),
+        crop=int(meta["image_size"]),
+        max_pixels=max_pixels,
+        min_side=min_side,
+        scoring=scoring,
+    )

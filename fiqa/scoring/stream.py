@@ -1,0 +1,88 @@
+"""The shape of a scoring stream: rows per decoded block, Ray Data's block target, and the
+object-store bound that keeps memory flat however large the pool.
+
+The figures behind each rule are in benchmarks/RESULTS.md (label_throughput, decode_admission).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from fiqa.config import ScoringConfig
+
+# Bytes, not rows: a block of 448 px faces would otherwise be 16x one of 112 px faces, and
+# larger blocks cost the actor less Ray Data overhead per image.
+BLOCK_BYTES = 32 * 2**20
+MEAN_IMAGE_BYTES = 16_384  # an encoded face, for sizing blocks before any is read
+BUFFER_ROWS_PER_ACTOR = 1024  # decoded images the stream may hold per actor, at least
+
+
+def rows_per_block(crop: int | None, batch_size: int) -> int:
+    """Rows of one decoded block: whole scoring batches, as many as fit in ``BLOCK_BYTES``
+    and at least one (``crop`` None or 0: no pixels, the encoded images only)."""
+    row = (crop or 0) ** 2 * 3 + MEAN_IMAGE_BYTES
+    return max(1, BLOCK_BYTES // (row * batch_size)) * batch_size
+
+
+def ray_block_target(crop: int | None, batch_size: int) -> int | None:
+    """Ray Data's ``target_max_block_size`` where a block is a single batch: the batch's
+    pixels, so that Ray Data neither merges nor slices it; None otherwise (its default).
+
+    Merged into 128 MB blocks, each running decode task counts as holding two of them, and
+    the stream admits about one decode task at a time."""
+    if not crop or rows_per_block(crop, batch_size) != batch_size:
+        return None
+    return batch_size * crop * crop * 3
+
+
+def stream_buffer_bytes(cfg: ScoringConfig, crop: int, *, decode_tasks: int, actors: int) -> int:
+    """Object store a scoring stream may hold: ``cfg.buffer_mb``, or what the actors or the
+    decode tasks need to run at full speed, whichever is more.
+
+    Per actor: 4 decoded blocks or 1,024 images, whichever is more (a fast GPU's slack when
+    a block is one batch of large images). Per decode task: 16/3 blocks, because Ray Data
+    admits a task only while its operator's share of the budget covers two blocks for every
+    task running, and that share is about 3/8 of the budget.
+    """
+    if cfg.buffer_mb is not None:
+        return cfg.buffer_mb * 2**20
+    row = crop * crop * 3 + MEAN_IMAGE_BYTES
+    rows = rows_per_block(crop, cfg.batch_size)
+    per_actor = max(4 * rows, BUFFER_ROWS_PER_ACTOR) * row
+    decoding = 16 * max(1, decode_tasks) * rows * row // 3
+    return max(actors * per_actor, decoding)
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """What a scoring stream was sized for; the engine logs it."""
+
+    buffer_bytes: int
+    cap_bytes: int  # Ray Data never lets a stream use more than this share of the object store
+    actors: int
+    decode_tasks: int
+    block_rows: int
+    target_block_bytes: int | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_stream(
+    cfg: ScoringConfig,
+    crop: int,
+    *,
+    actors: int,
+    decode_tasks: int,
+    object_store: float,
+    cap_fraction: float,
+) -> StreamPlan:
+    """The plan for a stream of ``crop`` px pixels (0: no model, no pixels)."""
+    return StreamPlan(
+        buffer_bytes=stream_buffer_bytes(cfg, crop, decode_tasks=decode_tasks, actors=actors),
+        cap_bytes=int(object_store * cap_fraction),
+        actors=actors,
+        decode_tasks=decode_tasks,
+        block_rows=rows_per_block(crop, cfg.batch_size),
+        target_block_bytes=ray_block_target(crop, cfg.batch_size),
+    )

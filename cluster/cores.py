@@ -2,11 +2,8 @@
 
 A scoring actor on a CPU node runs a model with a fixed number of torch threads
 beside the decode tasks that feed it. Left to the kernel, the two keep landing
-on the same core while another stands idle: measured on 2 cores in the
-middle of a labeling run of the demo student, the actor's thread waited to run
-11 % of the time while the processes together used 1.6 cores
-(`benchmarks/RESULTS.md`, run 15). CPU inference guides give the same advice
-(one model instance per set of cores): each such actor claims cores of its own
+on the same core while another stands idle, so (as CPU inference guides advise:
+one model instance per set of cores) each such actor claims cores of its own
 and pins itself to them, and the decode tasks keep off claimed cores while
 they run.
 

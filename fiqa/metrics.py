@@ -48,7 +48,7 @@ def rmse(pred: np.ndarray, mos: np.ndarray, fit: bool = True) -> float:
 
 
 def quality_metrics(pred: np.ndarray, mos: np.ndarray) -> dict[str, float]:
-    """SRCC, PLCC, KRCC and RMSE (the last two after the logistic fit), plus n."""
+    """SRCC, PLCC, KRCC and RMSE (PLCC and RMSE after the logistic fit), plus n."""
     from scipy import stats
 
     pred = np.asarray(pred, dtype=np.float64)

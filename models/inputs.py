@@ -23,9 +23,9 @@ SCALE, SHIFT = normalisation(IMAGENET_MEAN, IMAGENET_STD)
 
 def to_model_input(pixels: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """uint8 NHWC -> normalised float NCHW, on the tensor's device."""
-    # One pass over the batch: addcmul reads the uint8 pixels and writes the normalised floats
-    # (converting, subtracting and dividing as three passes cost twice as long on CPU). The
-    # permuted view keeps NHWC memory (channels_last), which CPU convolutions prefer too.
+    # One pass: addcmul reads the uint8 pixels and writes the normalised floats, where
+    # converting, subtracting and dividing would be three. The permuted view keeps NHWC
+    # memory (channels_last), which CPU convolutions prefer too.
     x = torch.addcmul(SHIFT.to(pixels.device), pixels.permute(0, 3, 1, 2), SCALE.to(pixels.device))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -4,22 +4,23 @@ for each stream buffer: whether the engine's resource plan can keep a fast GPU f
 A GPU node decodes on every CPU the actors leave (15 of 16 on one H200); the scoring actor
 takes a 448 px batch in a fraction of the time a core decodes it, so the stream is only as
 fast as the decode tasks Ray Data admits. It admits a task when the operator's share of the
-stream's object-store budget (`fiqa.labeling.stream_buffer_bytes`) covers the output the task
-will hold (Ray Data's estimate: its last blocks' size, two blocks per task), so large decoded
-blocks and a small buffer admit few tasks whatever the CPUs.
+stream's object-store budget (`fiqa.scoring.stream.stream_buffer_bytes`) covers the output
+the task will hold (Ray Data's estimate: its last blocks' size, two blocks per task), so
+large decoded blocks and a small buffer admit few tasks whatever the CPUs.
 
 What runs is the engine's own `label_shards` on a local Ray of ``--cpus`` logical CPUs, with
-one change: the scoring actor is a stand-in that sleeps ``--rate`` images/s instead of
-running a model (no GPU here; the stand-in's speed is a GPU's, the decode tasks are the real
-ones). The decode tasks running at once are counted from the Ray workers' process titles.
-The count is of tasks admitted (one paused by Ray Data's backpressure still counts) while
-decoding is the bottleneck, as it is behind a fast GPU: on a machine with fewer cores than
-``--cpus`` the stand-in is never short of work, no decoded blocks queue for it, and admission
-depends on the stream's budget and its blocks' size alone, as on a GPU node whose decoding
-cannot keep up. (Where decoding outruns the GPU, queued blocks count against the decode
-tasks' budget and fewer run: that is the backpressure meant to happen.) The images/s printed
-beside it are this machine's decode speed, not a GPU's. Ray Data caps a stream at half the
-object store whatever its bound; each line prints the bound and the cap.
+one change, passed through the engine's ``scorer`` seam: the scoring actor is a stand-in
+that sleeps ``--rate`` images/s instead of running a model (no GPU here; the stand-in's
+speed is a GPU's, the decode tasks are the real ones). The decode tasks running at once are
+counted from the Ray workers' process titles. The count is of tasks admitted (one paused by
+Ray Data's backpressure still counts) while decoding is the bottleneck, as it is behind a
+fast GPU: on a machine with fewer cores than ``--cpus`` the stand-in is never short of work,
+no decoded blocks queue for it, and admission depends on the stream's budget and its blocks'
+size alone, as on a GPU node whose decoding cannot keep up. (Where decoding outruns the GPU,
+queued blocks count against the decode tasks' budget and fewer run: that is the
+backpressure meant to happen.) The images/s printed beside it are this machine's decode
+speed, not a GPU's. Ray Data caps a stream at half the object store whatever its bound;
+each line prints the bound and the cap.
 
     python benchmarks/decode_admission.py                      # 448 px, 16 CPUs, 800 img/s
     python benchmarks/decode_admission.py --buffer-mb 0 2048 8192
@@ -30,24 +31,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from label_gpu import make_pool
-from label_throughput import RunningTasks, label_run, steady_window
-
-import fiqa.labeling as engine
+from harness import MIN_STEADY_SHARDS, RunningTasks, label_run, make_pool, scratch, steady_window
 
 
 class PacedScorer:
-    """Stands in for the engine's scoring actor (`fiqa.labeling.Scorer`) on a GPU: holds no
-    model, takes ``len(batch) / RATE`` s a batch and returns the columns the engine's actor
-    returns (raw_score 0, NaN for the rows decoding rejected)."""
+    """Stands in for the engine's scoring actor (`fiqa.scoring.scorer.Scorer`) on a GPU:
+    holds no model, takes ``len(batch) / RATE`` s a batch and returns the columns the
+    engine's actor returns (raw_score 0, NaN for the rows decoding rejected)."""
 
     RATE = 800.0
 
@@ -63,8 +58,8 @@ class PacedScorer:
 
 def main() -> None:
     from fiqa.config import ScoringConfig
-    from fiqa.labeling import rows_per_block
     from fiqa.models import create_model, save_checkpoint
+    from fiqa.scoring.stream import rows_per_block
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--crop", type=int, default=448, help="the model's input size (Swin-B: 448)")
@@ -78,17 +73,14 @@ def main() -> None:
     p.add_argument("--work", default=None, help="keep the pool here (default: a temp dir)")
     args = p.parse_args()
 
-    work = Path(args.work or tempfile.mkdtemp(prefix="fiqa-admission-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with scratch(args.work, "fiqa-admission-") as work:
         shards = make_pool(work, args.images, args.source_size, args.copies)
         ckpt = str(work / "model")  # never loaded: its model.json gives the engine the crop
         resize = args.crop * 8 // 7
         meta = {"arch": "resnet10t", "image_size": args.crop, "resize": resize}
         save_checkpoint(ckpt, create_model("resnet10t"), meta)
-        PacedScorer.RATE = args.rate
-        engine.Scorer = PacedScorer  # the engine looks its actor class up when it runs
-        label = ScoringConfig(
+        PacedScorer.RATE = args.rate  # a class attribute travels with the class to the actor
+        scoring = ScoringConfig(
             batch_size=args.batch_size, num_gpus=0.0, num_cpus=1.0, torch_threads=1
         )
         slots = args.cpus - 1
@@ -101,15 +93,18 @@ def main() -> None:
             flush=True,
         )
         for mb in args.buffer_mb:
-            cfg = dataclasses.replace(label, buffer_mb=mb or None)
+            cfg = dataclasses.replace(scoring, buffer_mb=mb or None)
             tasks = RunningTasks()
-            run = label_run(ckpt, shards, work / "out", cfg, [tasks], cpus=args.cpus)
+            run = label_run(
+                ckpt, shards, work / "out", cfg, [tasks], cpus=args.cpus, scorer=PacedScorer
+            )
             window = steady_window(run.commit_times)
             steady = (
                 f"{np.mean(tasks.between(*(run.commit_times[i] for i in window))):5.1f} in "
                 f"steady state (the middle half of the shards)"
                 if window
-                else f"n/a in steady state ({len(shards)} shards; it needs 16 or more)"
+                else f"n/a in steady state ({len(shards)} shards; it needs "
+                f"{MIN_STEADY_SHARDS} or more)"
             )
             plan = run.plan
             buffer, cap = plan["buffer_bytes"] / 2**20, plan["cap_bytes"] / 2**20
@@ -123,9 +118,6 @@ def main() -> None:
                 f"{run.stats['rejected']} rejected",
                 flush=True,
             )
-    finally:
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

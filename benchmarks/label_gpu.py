@@ -8,7 +8,7 @@ every method), on a pool of synthetic faces as large as the crop (``--source-siz
   (a)  model-only: forward passes over decoded uint8 batches already in GPU memory,
        normalisation included: the bound. Measured for every ``--batch-sizes``; the pipeline
        runs at the fastest (``--batch-size`` fixes it): the batch size is measured, not guessed.
-  (a') actor-only: the engine's own scoring actor (`fiqa.labeling.Scorer`) called in this
+  (a') actor-only: the engine's own scoring actor (`fiqa.scoring.scorer.Scorer`) called in this
        process on Arrow batches in host memory, as Ray Data hands them over: (a) plus the
        host-to-GPU copy and the per-call work, no decoding.
   decode: the engine's decode (`decode_image`: resize + crop) on one core, and times the CPUs
@@ -38,57 +38,29 @@ is scored and written, as in a real job.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from label_throughput import RunningTasks, label_run, steady_rate, steady_window
+from harness import (
+    RunningTasks,
+    label_run,
+    make_pool,
+    no_steady_state,
+    scratch,
+    steady_rate,
+    steady_window,
+)
 
 from fiqa.data.decode import decode_image
 from fiqa.data.reader import read_shard
-
-
-def make_pool(work: Path, images: int, source_size: int, copies: int) -> list[str]:
-    """``images`` synthetic faces of ``source_size`` px in shards of 512, then ``copies`` - 1
-    more copies of those shards with every key prefixed, so all keys are distinct."""
-    from fiqa.data.synthetic import make_demo_data
-
-    sizes = dict.fromkeys(("labeled_train", "labeled_val", "test", "unlabeled_2"), 0)
-    make_demo_data(
-        work / "synthetic",
-        seed=0,
-        sizes={**sizes, "unlabeled_1": images},
-        shard_size=512,
-        image_size=source_size,
-    )
-    base = sorted((work / "synthetic" / "unlabeled_1").glob("*.tar"))
-    shards = [str(s) for s in base]
-    for c in range(1, copies):
-        folder = work / f"copy{c}"
-        folder.mkdir(exist_ok=True)
-        for s in base:
-            shards.append(prefix_keys(s, folder / s.name, f"c{c}-"))
-    return shards
-
-
-def prefix_keys(src: Path, dst: Path, prefix: str) -> str:
-    """A copy of the shard ``src`` whose sample keys start with ``prefix``."""
-    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
-        for m in tin:
-            data = tin.extractfile(m).read() if m.isfile() else None
-            m.name = prefix + m.name
-            tout.addfile(m, io.BytesIO(data) if data is not None else None)
-    return str(dst)
 
 
 def decoded(shards: list[str], n: int, resize: int, crop: int) -> np.ndarray:
@@ -149,7 +121,7 @@ def actor_only(ckpt: str, pixels: np.ndarray, batch: int, compile: bool, seconds
     import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
 
-    from fiqa.labeling import Scorer
+    from fiqa.scoring.scorer import Scorer
 
     scorer = Scorer(ckpt, threads=torch.get_num_threads(), compile=compile, pin_cores=False)
     n = min(batch, len(pixels))
@@ -235,11 +207,11 @@ class GpuUtilisation:
 
 def pipeline(ckpt, shards, out: Path, crop, batch, gpus_per_actor, actors, compile, buffer_mb):
     """`fiqa label`'s engine on a fresh local Ray (every CPU, every GPU), into an empty ``out``;
-    ``buffer_mb`` 0: the engine's own stream buffer (`fiqa.labeling.stream_buffer_bytes`).
+    ``buffer_mb`` 0: the engine's own stream buffer (`fiqa.scoring.stream.stream_buffer_bytes`).
     None, with the engine's reason printed, for a plan the engine refuses."""
     from fiqa.config import ConfigError, ScoringConfig
 
-    label = ScoringConfig(
+    scoring = ScoringConfig(
         batch_size=batch,
         concurrency=actors,
         num_gpus=gpus_per_actor,
@@ -251,7 +223,7 @@ def pipeline(ckpt, shards, out: Path, crop, batch, gpus_per_actor, actors, compi
     )
     util, decoding = GpuUtilisation(), RunningTasks()
     try:
-        run = label_run(ckpt, shards, out, label, [util, decoding])
+        run = label_run(ckpt, shards, out, scoring, [util, decoding])
     except ConfigError as e:  # too many actors for the CPUs, or fewer GPUs than torch sees
         hint = (
             f" (torch sees {torch.cuda.device_count()} GPU(s); Ray counts them with NVML, "
@@ -278,7 +250,7 @@ def pipeline(ckpt, shards, out: Path, crop, batch, gpus_per_actor, actors, compi
         "steady_decode_tasks": np.mean(decoding.between(*steady)) if steady else None,
         "max_decode_tasks": decoding.peak,
         "decode_task_peak_mib": decoding.peak_uss / 2**20,
-        "decode_task_reserved_mib": label.decode_memory_mb,
+        "decode_task_reserved_mib": scoring.decode_memory_mb,
     }
 
 
@@ -342,9 +314,7 @@ def main() -> None:
         sys.exit("label_gpu.py: --gpus-per-actor takes fractions of a GPU in (0, 1]")
     spec = resolve_spec(args.model, args.image_size)
     crop, resize = spec.image_size, spec.resize
-    work = Path(args.work or tempfile.mkdtemp(prefix="fiqa-gpu-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with scratch(args.work, "fiqa-gpu-bench-") as work:
         t0 = time.perf_counter()
         shards = make_pool(work, args.images, args.source_size, args.copies)
         print(
@@ -422,7 +392,7 @@ def main() -> None:
                 + (
                     f"{steady:8.1f} img/s per GPU   d/a {steady / a:.2f}  d/a' {steady / a1:.2f}"
                     if steady
-                    else f"n/a ({len(shards)} shards; it needs 16 or more)"
+                    else no_steady_state(len(shards))
                 )
                 + (
                     f"   GPU utilisation {', '.join(f'{u:.0f} %' for u in util)}"
@@ -438,9 +408,6 @@ def main() -> None:
                 f"{d['decode_task_reserved_mib']} MiB)",
                 flush=True,
             )
-    finally:
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

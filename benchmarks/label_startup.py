@@ -11,35 +11,35 @@ seconds from the call (a local Ray already up, as in `label_throughput.py`'s (d)
     python benchmarks/label_startup.py                    # the student, ../shared real faces
     python benchmarks/label_startup.py --model teacher --synthetic 10240
 
-The actor and the decode function are the engine's own (`fiqa.labeling.Scorer`,
-`read_and_decode`), wrapped to note the time; the run is otherwise `fiqa label`'s.
+The actor and the decode task are the engine's own (`fiqa.scoring.scorer.Scorer`,
+`fiqa.scoring.decode_task.read_and_decode`), subclassed and wrapped to note the time and
+passed through the engine's seams; the run is otherwise `fiqa label`'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import shutil
-import tempfile
 import time
-from pathlib import Path
+from collections.abc import Callable
 
-from label_throughput import MODELS, make_checkpoint, pool_shards
+from harness import MODELS, label_run, make_checkpoint, pool_shards, scratch
 
-import fiqa.labeling as engine
+from fiqa.scoring.decode_task import read_and_decode
+from fiqa.scoring.scorer import Scorer
 
 
-def timed_engine(events_file: str) -> None:
-    """Swap the engine's actor and decode function for ones that append their times to
-    ``events_file`` (one JSON line each, wall-clock): they run in other processes."""
+def timed_seams(events_file: str) -> tuple[type, Callable]:
+    """The engine's actor class and decode task, noting their times in ``events_file`` (one
+    JSON line each, wall-clock: they run in other processes). A closure rather than module
+    globals: Ray ships it to the workers with the file's name in it."""
 
     def note(**event) -> None:
         with open(events_file, "a") as f:
             f.write(json.dumps({**event, "pid": os.getpid()}) + "\n")
 
-    class TimedScorer(engine.Scorer):
+    class TimedScorer(Scorer):
         def __init__(self, *args, **kwargs):
             start = time.time()
             import torch  # noqa: F401  (what the constructor imports first, timed apart)
@@ -58,29 +58,15 @@ def timed_engine(events_file: str) -> None:
                 self._first = False
             return super().__call__(batch)
 
-    decode = engine.read_and_decode
-
     def timed_read_and_decode(batch, job):
         note(decode_task=time.time())
-        yield from decode(batch, job)
+        yield from read_and_decode(batch, job)
 
-    engine.Scorer = TimedScorer
-    engine.read_and_decode = timed_read_and_decode
-
-
-class Commits(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.times: list[float] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage().startswith("committed "):
-            self.times.append(time.time())
+    return TimedScorer, timed_read_and_decode
 
 
 def main() -> None:
-    from fiqa.cluster.local import ensure_ray, shutdown_ray
-    from fiqa.config import RayConfig, ScoringConfig
+    from fiqa.config import ScoringConfig
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="student", choices=list(MODELS))
@@ -89,60 +75,53 @@ def main() -> None:
     args = p.parse_args()
 
     cpus = os.cpu_count() or 2
-    work = Path(tempfile.mkdtemp(prefix="fiqa-startup-"))
-    try:
-        shards = pool_shards(args, work)
+    with scratch(None, "fiqa-startup-") as work:
+        shards = pool_shards(work, args.synthetic)
         ckpt = make_checkpoint(MODELS[args.model], work / "model")
         events_file = str(work / "events.jsonl")
-        timed_engine(events_file)
-        commits = Commits()
-        log = logging.getLogger("fiqa.labeling")
-        log.addHandler(commits)
-        log.setLevel(logging.INFO)
-        before_ray = time.time()
-        ensure_ray(RayConfig(num_cpus=cpus))
-        t0 = time.time()
-        label = ScoringConfig(
+        scorer, decode = timed_seams(events_file)
+        scoring = ScoringConfig(
             batch_size=args.batch_size,
             concurrency=1,
             num_cpus=cpus - 1,
             torch_threads=cpus - 1,
             decode_cpus=1,
         )
-        stats = engine.label_shards(ckpt, shards, str(work / "out"), label, progress=False)
-        end = time.time()
-        shutdown_ray()
-        events = [json.loads(line) for line in open(events_file)]
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        run = label_run(ckpt, shards, work / "out", scoring, scorer=scorer, decode=decode)
+        with open(events_file) as f:
+            events = [json.loads(line) for line in f]
 
-    n = stats["scored"] + stats["rejected"]
+    def at(wall: float) -> float:  # seconds from the call, for a time.time() of a worker
+        return wall - run.wall_t0
+
+    commits = [t - run.t0 for t in run.commit_times]
     actor = next(e for e in events if "actor_start" in e)
     first_batch = next(e["first_batch"] for e in events if "first_batch" in e)
     decodes = sorted(e["decode_task"] for e in events if "decode_task" in e)
+    n = run.images
     print(
         f"# {MODELS[args.model]}, {len(shards)} shards, {n} images, {cpus} cores; "
-        f"ray.init took {t0 - before_ray:.2f} s before the clock starts"
+        f"ray.init took {run.ray_start_s:.2f} s before the clock starts"
     )
     rows = [
-        ("first decode task starts", decodes[0] - t0),
-        ("scoring actor's constructor starts", actor["actor_start"] - t0),
-        (f"  imports torch ({actor['torch'] - actor['actor_start']:.2f} s)", actor["torch"] - t0),
-        (f"  imports timm ({actor['timm'] - actor['torch']:.2f} s)", actor["timm"] - t0),
+        ("first decode task starts", at(decodes[0])),
+        ("scoring actor's constructor starts", at(actor["actor_start"])),
+        (f"  imports torch ({actor['torch'] - actor['actor_start']:.2f} s)", at(actor["torch"])),
+        (f"  imports timm ({actor['timm'] - actor['torch']:.2f} s)", at(actor["timm"])),
         (
             f"  loads the model ({actor['actor_ready'] - actor['timm']:.2f} s)",
-            actor["actor_ready"] - t0,
+            at(actor["actor_ready"]),
         ),
-        ("first batch reaches the actor", first_batch - t0),
-        ("first shard committed", commits.times[0] - t0),
-        (f"last shard committed ({len(commits.times)} shards)", commits.times[-1] - t0),
+        ("first batch reaches the actor", at(first_batch)),
+        ("first shard committed", commits[0]),
+        (f"last shard committed ({len(commits)} shards)", commits[-1]),
     ]
-    for what, at in rows:
-        print(f"  {at:6.2f} s  {what}")
-    steady = (n - n / len(shards)) / max(1e-9, commits.times[-1] - commits.times[0])
+    for what, when in rows:
+        print(f"  {when:6.2f} s  {what}")
+    steady = (n - n / len(shards)) / max(1e-9, commits[-1] - commits[0])
     print(
-        f"  end to end {n / (end - t0):.1f} img/s; after the first commit {steady:.1f} img/s: "
-        f"the start-up is {100 * (commits.times[0] - t0) / (end - t0):.0f} % of this run"
+        f"  end to end {n / run.seconds:.1f} img/s; after the first commit {steady:.1f} img/s: "
+        f"the start-up is {100 * commits[0] / run.seconds:.0f} % of this run"
     )
 
 

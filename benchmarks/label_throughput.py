@@ -37,69 +37,29 @@ plain DataLoader and is left to the kernel's scheduler.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import os
 import platform
-import shutil
 import statistics
-import tempfile
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
+from harness import (
+    MODELS,
+    REAL_FACES,
+    RESIZE,
+    SIZE,
+    PeakRSS,
+    label_run,
+    make_checkpoint,
+    no_steady_state,
+    pool_shards,
+    replicate,
+    scratch,
+    steady_rate,
+)
 from torch.utils.data import DataLoader, IterableDataset
-
-REAL_FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-faces"
-MODELS = {"teacher": "resnet10t", "student": "mobilenetv3_small_100"}
-SIZE, RESIZE = 112, 128
-
-
-def make_checkpoint(arch: str, out: Path) -> str:
-    from fiqa.models import create_model, save_checkpoint
-
-    save_checkpoint(
-        str(out), create_model(arch), {"arch": arch, "image_size": SIZE, "resize": RESIZE}
-    )
-    return str(out)
-
-
-def pool_shards(args: argparse.Namespace, work: Path) -> list[str]:
-    if args.synthetic or not REAL_FACES.is_dir():
-        from fiqa.data.synthetic import make_demo_data
-
-        n = args.synthetic or 10_240  # the real pool's shape: 20 shards of 512
-        sizes = {
-            "labeled_train": 0,
-            "labeled_val": 0,
-            "test": 0,
-            "unlabeled_1": n,
-            "unlabeled_2": 0,
-        }
-        make_demo_data(work / "synthetic", seed=0, sizes=sizes, shard_size=512, image_size=112)
-        return sorted(str(p) for p in (work / "synthetic" / "unlabeled_1").glob("*.tar"))
-    return sorted(str(p) for p in REAL_FACES.glob("*.tar"))
-
-
-def replicate(shards: list[str], times: int, work: Path, name: str = "copy") -> list[str]:
-    """The pool ``times`` over, as distinct shard files (hard links where possible)."""
-    out = []
-    for t in range(times):
-        d = work / f"{name}{t}"
-        d.mkdir(exist_ok=True)
-        for s in shards:
-            dst = d / Path(s).name
-            if not dst.exists():
-                try:
-                    os.link(s, dst)
-                except OSError:
-                    shutil.copyfile(s, dst)
-            out.append(str(dst))
-    return out
 
 
 def read_images(shards: list[str]) -> list[bytes]:
@@ -189,146 +149,6 @@ def dataloader(model, shards: list[str], batch: int, workers: int) -> float:
 
 
 # (d) ---------------------------------------------------------------------------------------------
-class Sampler:
-    """Samples ``_sample()`` every ``every`` seconds in a thread while in its ``with`` block,
-    keeping (time.perf_counter(), value) pairs."""
-
-    def __init__(self, every: float = 0.25):
-        self.every, self.samples, self._stop = every, [], threading.Event()
-
-    def _sample(self):
-        raise NotImplementedError
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), self._sample()))
-            self._stop.wait(self.every)
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def between(self, t0: float, t1: float) -> list:
-        return [v for t, v in self.samples if t0 <= t <= t1]
-
-    @property
-    def peak(self):
-        return max((v for _, v in self.samples), default=0)
-
-
-class PeakRSS(Sampler):
-    """Peak of RSS summed over this process and all its descendants."""
-
-    def _sample(self) -> int:
-        me = psutil.Process()
-        total = 0
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
-
-DECODE_TASK = "MapBatches(read_and_decode)"  # the engine's decode operator, as Ray names it
-
-
-def ray_task_processes(task: str) -> list[psutil.Process]:
-    """The Ray workers running a task named ``task`` in the Ray this process started (its
-    descendants): a Ray worker's process title is ``ray::<task name>`` while it runs one
-    (``ray::IDLE`` between tasks)."""
-    title = f"ray::{task}"
-    found = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            cmd = p.cmdline()
-        except psutil.Error:
-            continue
-        if cmd and cmd[0].startswith(title):
-            found.append(p)
-    return found
-
-
-class RunningTasks(Sampler):
-    """How many Ray tasks named ``task`` run at once (`ray_task_processes`; a task paused by
-    Ray Data's backpressure still counts), and ``peak_uss``: the most memory one of them held
-    (unique set size: what a process alone holds, what Ray Data compares with a task's
-    ``memory`` request)."""
-
-    def __init__(self, task: str = DECODE_TASK, every: float = 0.1):
-        super().__init__(every)
-        self.task, self.peak_uss = task, 0
-
-    def _sample(self) -> int:
-        procs = ray_task_processes(self.task)
-        for p in procs:
-            try:
-                self.peak_uss = max(self.peak_uss, p.memory_full_info().uss)
-            except psutil.Error:
-                pass
-        return len(procs)
-
-
-@dataclass
-class LabelRun:
-    """One `fiqa label` run: the engine's counts, its duration, when each shard committed."""
-
-    stats: dict
-    t0: float  # time.perf_counter() when labeling started (after Ray's start)
-    seconds: float
-    commit_times: list[float]
-    plan: dict  # the stream's plan, as the engine logged it (fiqa.labeling.run_score_job)
-
-    @property
-    def images(self) -> int:
-        return self.stats["scored"] + self.stats["rejected"]
-
-    @property
-    def first_shard_s(self) -> float:
-        return self.commit_times[0] - self.t0 if self.commit_times else self.seconds
-
-
-def label_run(
-    ckpt: str, shards: list[str], out: Path, label, monitors=(), cpus: int | None = None
-) -> LabelRun:
-    """`fiqa label`'s engine on a fresh local Ray of ``cpus`` CPUs (default: every CPU), so
-    that runs are measured alike, into an empty ``out`` (a reused ``--work`` must not find its
-    shards committed), removed afterwards. ``monitors``, context managers (peak RSS, GPU
-    utilisation, running tasks), span the run."""
-    import ray
-
-    from fiqa.cluster.local import ensure_ray, shutdown_ray
-    from fiqa.config import RayConfig
-    from fiqa.labeling import label_shards
-
-    shutil.rmtree(out, ignore_errors=True)
-    commits = CommitTimes()
-    engine_log = logging.getLogger("fiqa.labeling")
-    engine_log.addHandler(commits)
-    engine_log.setLevel(logging.INFO)
-    try:
-        with contextlib.ExitStack() as stack:
-            for m in monitors:
-                stack.enter_context(m)
-            ensure_ray(RayConfig(num_cpus=cpus or os.cpu_count() or 2))
-            try:
-                t0 = time.perf_counter()
-                stats = label_shards(ckpt, shards, str(out), label, progress=False)
-                seconds = time.perf_counter() - t0
-            finally:
-                shutdown_ray()
-    finally:
-        engine_log.removeHandler(commits)
-        shutil.rmtree(out, ignore_errors=True)
-    assert not ray.is_initialized()
-    return LabelRun(stats, t0, seconds, commits.times, commits.plan)
-
-
 def pipeline(
     ckpt: str, shards: list[str], out: Path, batch: int, threads: int, memory: bool = False
 ) -> dict:
@@ -340,7 +160,7 @@ def pipeline(
     from fiqa.config import ScoringConfig
 
     cpus = os.cpu_count() or 2
-    label = ScoringConfig(
+    scoring = ScoringConfig(
         batch_size=batch,
         concurrency=1,
         num_cpus=threads,
@@ -348,11 +168,10 @@ def pipeline(
         decode_cpus=max(1, cpus - threads),
     )
     mem = PeakRSS() if memory else None
-    run = label_run(ckpt, shards, out, label, [mem] if mem else [])
+    run = label_run(ckpt, shards, out, scoring, [mem] if mem else [])
     n, seconds, first = run.images, run.seconds, run.first_shard_s
     per_shard = n / max(1, len(shards))
-    # After the first shard (as runs 1 to 13 of RESULTS.md measured the steady state): the
-    # actor's start and model load excluded, but not the final drain, which flatters it.
+    # Without the actor's start and model load, but with the final drain, which flatters it.
     after_first = (n - per_shard) / max(1e-9, seconds - first) if len(shards) > 1 else None
     return {
         "images": n,
@@ -365,49 +184,7 @@ def pipeline(
     }
 
 
-MIN_STEADY_SHARDS = 16
-
-
-def steady_rate(commit_times: list[float], per_shard: float) -> float | None:
-    """Images/s over the middle half of the shards' commits; None under 16 shards, where
-    the stream's buffer (about 6 shards of 512 faces) leaves no steady middle.
-
-    Clear of the start-up, when decoding fills the stream's buffer while the actor starts,
-    and of the end, when decoding has finished and the model has the machine to itself: over
-    the last quarter of a 20-shard pool the student ran 1.4 to 1.8 times its middle-half rate.
-    """
-    window = steady_window(commit_times)
-    if window is None:
-        return None
-    a, b = window
-    return per_shard * (b - a) / max(1e-9, commit_times[b] - commit_times[a])
-
-
-def steady_window(commit_times: list[float]) -> tuple[int, int] | None:
-    """The middle half of the commits (indices), None under ``MIN_STEADY_SHARDS``."""
-    n = len(commit_times)
-    return None if n < MIN_STEADY_SHARDS else (n // 4, (3 * n) // 4)
-
-
-class CommitTimes(logging.Handler):
-    """When the engine committed each shard (it logs "committed <shard>"), and the stream's
-    plan it logged (object-store bound, Ray Data's cap, actors, decode tasks, block rows)."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.times: list[float] = []
-        self.plan: dict = {}
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage().startswith("committed "):
-            self.times.append(time.perf_counter())
-        self.plan = getattr(record, "stream_plan", self.plan)
-
-
 def main() -> None:
-    from fiqa.models import load_checkpoint
-    from fiqa.models.allocator import retain_freed_memory
-
     cpus = os.cpu_count() or 2
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -431,14 +208,20 @@ def main() -> None:
     )
     p.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     args = p.parse_args()
+    with scratch(args.work, "fiqa-bench-") as work:
+        compare(args, work)
 
+
+def compare(args: argparse.Namespace, work: Path) -> None:
+    """(a) to (d) for each of ``args.models``, then (d)'s peak memory on two pools."""
+    from fiqa.models import load_checkpoint
+    from fiqa.models.allocator import retain_freed_memory
+
+    cpus = os.cpu_count() or 2
     torch.set_num_threads(args.threads)
-    # The scoring actor keeps freed activation memory for the next batch (fiqa.models.allocator);
-    # (a), (b) and (c) run in this process, so they get the same heap settings.
+    # (a), (b) and (c) run in this process: the same heap settings as the scoring actor's.
     heap = "retains freed memory" if retain_freed_memory() else "default"
-    work = Path(args.work or tempfile.mkdtemp(prefix="fiqa-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    base = pool_shards(args, work)
+    base = pool_shards(work, args.synthetic)
     small = base[: max(1, len(base) // args.memory_scale)]
     big = replicate(small, args.memory_scale, work)  # the small pool x10, distinct shards
     pool = replicate(base, args.repeat, work, "repeat") if args.repeat > 1 else base
@@ -456,9 +239,8 @@ def main() -> None:
         arch = MODELS[role]
         ckpt = make_checkpoint(arch, work / f"model-{role}")
         model = load_checkpoint(ckpt).model.eval()
-        # (a) before and after every round of (c) and (d): the machine's speed drifts (by up to
-        # 20 % within minutes on a shared 2-vCPU VM), so each round's bound is the mean of the
-        # (a) on either side of it; with several rounds the median ratio is the figure.
+        # (a) before and after every round of (c) and (d), since the machine's speed drifts:
+        # each round's bound is the mean of the two; over several rounds, the median ratio.
         naive_rate = naive(model, images[: args.naive_images], work)
         a = [model_only(model, images, args.batch_size)]
         rounds = []
@@ -488,7 +270,7 @@ def main() -> None:
                 + (
                     f"{steady:6.1f} img/s   d/a {steady / r['a']:.2f}  d/c {steady / r['c']:.2f}"
                     if steady
-                    else f"n/a ({len(pool)} shards; it needs {MIN_STEADY_SHARDS} or more)"
+                    else no_steady_state(len(pool))
                 )
                 + f"   (first shard at {r['first_shard_s']:.1f} s"
                 + (f"; everything after it: {after:.1f} img/s)" if after else ")"),
@@ -516,8 +298,6 @@ def main() -> None:
             f"(+{100 * (m10['peak_gb'] / m1['peak_gb'] - 1):.1f}%)",
             flush=True,
         )
-    if not args.work:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

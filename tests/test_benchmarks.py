@@ -203,3 +203,12 @@ def test_decode_admission_counts_the_decode_tasks_of_each_buffer(tmp_path):
     assert 1 <= int(peak) <= 3  # the decode tasks were seen running, never more than the CPUs
     assert int(task_mib) >= 20  # and measured: a Ray worker with numpy, pyarrow, its blocks
     assert (int(n), int(rejected)) == (1024, 0)
+
+
+def test_commit_ceiling_commits_every_row_of_both_pools():
+    out = run_benchmark("commit_ceiling.py", "--scale", "0.1")
+    for source in (112, 512):
+        line = re.search(rf"{source} px sources: 256 rows, .*: ([0-9,]+) rows/s, {RATE} MiB/s", out)
+        assert line and int(line[1].replace(",", "")) > 0, out
+    shares = [float(s) for s in re.findall(r"([0-9.]+) % of the driver's time", out)]
+    assert len(shares) == 6 and all(0 <= s <= 100 for s in shares), out

@@ -1,0 +1,113 @@
+"""The driver's commit ceiling: how many rows/s the scoring engine commits when nothing else limits it.
+
+Every scored row, its encoded image included, reaches the driver, which writes every Parquet
+part. With a stand-in actor that returns at once and a stand-in decode task that reads the tar
+but decodes nothing (both passed to the engine through its seams), the driver's side is the
+bottleneck: this prints the rows/s and MB/s of encoded images it sustains, for small (112 px)
+and large (512 px) source images, and where the driver's time goes (cProfile of the driver).
+
+    python benchmarks/commit_ceiling.py                 # 20,480 x 112 px and 5,120 x 512 px
+    python benchmarks/commit_ceiling.py --scale 0.1     # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import platform
+import pstats
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from harness import label_run, make_checkpoint, make_pool
+
+from fiqa.config import ScoringConfig
+from fiqa.data.reader import read_shard
+from fiqa.scoring.decode_task import to_batch
+from fiqa.scoring.stream import rows_per_block
+
+
+class InstantScorer:
+    """The scoring actor's interface, scoring nothing: raw_score 0 at once."""
+
+    def __init__(self, model_path: str, threads=None, compile=False, pin_cores=None):
+        pass
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        zeros = pa.array(np.zeros(batch.num_rows))
+        return batch.drop_columns(["pixels"]).append_column("raw_score", zeros)
+
+
+def read_only(batch: dict, job):
+    """The decode task's output shape (pixels included, all zero) from the tar alone."""
+    rows_per = rows_per_block(job.crop, job.scoring.batch_size)
+    for url in batch["shard"]:
+        recs = [{**r, "pixels": None} for r in read_shard(url, job.label_field)]
+        for i in range(0, len(recs), rows_per):
+            last = i + rows_per >= len(recs)
+            yield to_batch(recs[i : i + rows_per], len(recs) if last else -1, job)
+
+
+def driver_profile(stats: pstats.Stats, total: float) -> dict[str, float]:
+    """Shares of the driver's wall time (start-up included) spent on the commit path."""
+
+    def cumulative(name: str) -> float:
+        return max((v[3] for (_, _, fn), v in stats.stats.items() if fn == name), default=0.0)
+
+    add, writes = cumulative("add"), cumulative("write_part")
+    return {
+        "collector: group rows by shard, write parts": add / total,
+        "  of which Parquet writes": writes / total,
+        "the rest: start-up, waiting for and converting batches": 1 - add / total,
+    }
+
+
+def measure(name: str, shards: list[str], ckpt: str, work: Path, batch: int) -> None:
+    cfg = ScoringConfig(batch_size=batch, concurrency=1, num_cpus=0.5, num_gpus=0.0)
+    bytes_ = sum(os.path.getsize(s) for s in shards)
+    prof = cProfile.Profile()
+    prof.enable()
+    run = label_run(ckpt, shards, work / "out", cfg, scorer=InstantScorer, decode=read_only)
+    prof.disable()
+    steady = run.commit_times
+    rows = run.images
+    print(
+        f"{name}: {rows} rows, {bytes_ / 2**20:.0f} MiB of shards in {run.seconds:.1f} s: "
+        f"{rows / run.seconds:,.0f} rows/s, {bytes_ / 2**20 / run.seconds:.1f} MiB/s end to end"
+    )
+    if len(steady) > 2:
+        per = rows / len(shards)
+        span = steady[-1] - steady[0]
+        print(
+            f"  after the first commit: {(len(steady) - 1) * per / span:,.0f} rows/s, "
+            f"{(len(steady) - 1) * bytes_ / len(shards) / 2**20 / span:.1f} MiB/s"
+        )
+    for label, share in driver_profile(pstats.Stats(prof), run.seconds).items():
+        print(f"  {label:<56} {100 * share:5.1f} % of the driver's time")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the pools' sizes")
+    p.add_argument("--batch-size", type=int, default=256)
+    args = p.parse_args()
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    work = Path(tempfile.mkdtemp(prefix="fiqa-ceiling-"))
+    try:
+        ckpt = make_checkpoint("mobilenetv3_small_100", work / "model")
+        for source, images, copies in ((112, 2048, 10), (512, 512, 10)):
+            n = max(256, int(images * args.scale))
+            shards = make_pool(
+                work / f"pool{source}", n, source, max(1, round(copies * args.scale))
+            )
+            measure(f"{source} px sources", shards, ckpt, work, args.batch_size)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,10 @@
-"""Runs as Ray jobs on an existing cluster: ``fiqa submit``, ``fiqa jobs``, ``fiqa stop``.
+"""Runs as Ray jobs on an existing cluster: the library under ``fiqa submit``, ``jobs`` and ``stop``.
 
 ``fiqa submit`` talks to the cluster's Jobs API (the dashboard, port 8265)
 through Ray's ``JobSubmissionClient``. What a job needs travels in its
 ``runtime_env``:
 
-* the config, resolved (``--set`` applied, validated here so a bad config
+* the config, resolved (``--set`` applied, validated by ``fiqa submit`` so a bad config
   fails before anything is submitted), as ``config.yaml`` in a small
   ``working_dir``; the job's entrypoint is ``python -m fiqa.cli run config.yaml``
   (or ``stage NAME config.yaml``) run from that directory;
@@ -28,11 +28,10 @@ stages are skipped).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import functools
 import hashlib
+import importlib
 import os
 import re
 import shutil
@@ -40,14 +39,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 
-from fiqa.config import ConfigError, RunConfig, load_config
+import fiqa
+from fiqa.config import ConfigError, RunConfig
 
 DEFAULT_DASHBOARD_PORT = 8265
 ACTIVE = ("PENDING", "RUNNING")
@@ -202,10 +201,6 @@ def entrypoint(stage: str | None, config_name: str = "config.yaml") -> str:
 def package_code(dest: str | Path) -> Path:
     """Copy the importable ``fiqa`` package, with every sub-package in place, to
     ``dest/fiqa`` (in a checkout, models/ pipelines/ cluster/ are separate folders)."""
-    import importlib
-
-    import fiqa
-
     root = Path(dest) / "fiqa"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(Path(fiqa.__file__).parent, root, ignore=ignore)
@@ -272,14 +267,14 @@ def submit_run(
         jobs = client.list_jobs()
         for job in jobs:
             meta = job.metadata or {}
-            if _status(job.status) in ACTIVE and meta.get("fiqa_run_dir") == run_dir:
+            if status_name(job.status) in ACTIVE and meta.get("fiqa_run_dir") == run_dir:
                 if meta.get("fiqa_stage") == metadata["fiqa_stage"] and (
                     meta.get("fiqa_config") == fingerprint
                 ):
                     return job.submission_id, True
                 raise ClusterError(
                     f"run {run_dir} already has an active job {job.submission_id} "
-                    f"({_status(job.status)}, stage {meta.get('fiqa_stage')}, "
+                    f"({status_name(job.status)}, stage {meta.get('fiqa_stage')}, "
                     f"{'same' if meta.get('fiqa_config') == fingerprint else 'another'} config); "
                     f"wait for it to end, or stop it: fiqa stop {job.submission_id}"
                 )
@@ -302,15 +297,16 @@ def submit_run(
     raise ClusterError(f"could not find a free submission id for {base}")
 
 
-def _status(value: Any) -> str:
-    return str(getattr(value, "value", value))  # JobStatus is a str enum
+def status_name(value: Any) -> str:
+    """A job's status as a plain string (``JobStatus`` is a str enum)."""
+    return str(getattr(value, "value", value))
 
 
 def wait_for(client, submission_id: str, quiet: bool = False) -> str:
     """Poll until the job ends; report each status change on stderr; return the status."""
     last = None
     while True:
-        status = _status(client.get_job_status(submission_id))
+        status = status_name(client.get_job_status(submission_id))
         if status != last and not quiet:
             print(f"{submission_id}: {status}", file=sys.stderr, flush=True)
             last = status
@@ -332,143 +328,3 @@ def follow(client, submission_id: str) -> str:
     except Exception as e:  # the stream broke before the job ended: fall back to polling
         print(f"log stream closed ({e}); waiting for the job", file=sys.stderr)
     return wait_for(client, submission_id, quiet=True)
-
-
-def _finish(client, submission_id: str, status: str, brief: bool) -> int:
-    if status == "SUCCEEDED":
-        print(f"job {submission_id} succeeded", file=sys.stderr)
-        return 0
-    message = client.get_job_info(submission_id).message or ""
-    if brief:  # the logs were just streamed; the message would repeat their tail
-        message = message.split("\n", 1)[0]
-    print(f"fiqa: job {submission_id} {status.lower()}: {message}", file=sys.stderr)
-    return 1
-
-
-# ---------------------------------------------------------------------------
-# Commands
-
-
-def _handles_cluster_errors(func):
-    @functools.wraps(func)
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except ClusterError as e:
-            print(f"fiqa: error: {e}", file=sys.stderr)
-            return 2
-
-    return wrapper
-
-
-@_handles_cluster_errors
-def cmd_submit(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)  # fails here, before any network call
-    address = resolve_address(args.address, cfg.ray.address)
-    client = connect(address)
-    submission_id, attached = submit_run(client, cfg, args.stage, ship_code=args.ship_code)
-    print(submission_id, flush=True)
-    if attached:
-        print(
-            f"{submission_id} is already active for this run and config; "
-            + ("attaching to it" if args.wait or args.follow else "not submitting again"),
-            file=sys.stderr,
-        )
-    else:
-        print(
-            f"submitted {submission_id} to {address} ({args.stage or 'all stages'}); "
-            f"logs: fiqa submit ... --follow, or ray job logs -f {submission_id}",
-            file=sys.stderr,
-        )
-    if not (args.wait or args.follow):
-        return 0
-    try:
-        status = follow(client, submission_id) if args.follow else wait_for(client, submission_id)
-    except KeyboardInterrupt:
-        print(
-            f"\nstopped watching; the job goes on (fiqa stop {submission_id} ends it)",
-            file=sys.stderr,
-        )
-        return 130
-    return _finish(client, submission_id, status, brief=args.follow)
-
-
-def _when(ms: int | None) -> str:
-    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
-
-
-@_handles_cluster_errors
-def cmd_jobs(args: argparse.Namespace) -> int:
-    client = connect(resolve_address(args.address))
-    jobs = sorted(
-        (j for j in client.list_jobs() if j.submission_id), key=lambda j: j.start_time or 0
-    )
-    rows = [
-        (j.submission_id, _status(j.status), _when(j.start_time))
-        + (_when(j.end_time), j.entrypoint)
-        for j in jobs
-    ]
-    header = ("SUBMISSION ID", "STATUS", "START", "END", "ENTRYPOINT")
-    widths = [max([len(header[i])] + [len(r[i]) for r in rows]) for i in range(4)]
-    for row in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
-    return 0
-
-
-@_handles_cluster_errors
-def cmd_stop(args: argparse.Namespace) -> int:
-    client = connect(resolve_address(args.address))
-    try:
-        stopping = client.stop_job(args.job_id)
-    except RuntimeError as e:
-        raise ClusterError(f"cannot stop {args.job_id}: {e}") from None
-    if not stopping:
-        print(f"{args.job_id} is not running ({_status(client.get_job_status(args.job_id))})")
-        return 0
-    deadline = time.time() + args.timeout
-    while time.time() < deadline:  # Ray sends SIGTERM, then SIGKILL a few seconds later
-        status = _status(client.get_job_status(args.job_id))
-        if status in TERMINAL:
-            print(f"{args.job_id}: {status}")
-            return 0
-        time.sleep(0.5)
-    print(f"{args.job_id}: stop requested; still ending after {args.timeout:.0f} s")
-    return 0
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``submit``, ``jobs`` and ``stop`` on the ``fiqa`` parser."""
-    from fiqa.pipelines import STAGE_NAMES
-
-    address_help = (
-        "the Ray dashboard, e.g. http://127.0.0.1:8265 "
-        "(default: $RAY_ADDRESS, then ray.address when it is an http URL)"
-    )
-    s = sub.add_parser("submit", help="run the pipeline (or one stage) as a job on a Ray cluster")
-    s.add_argument("config")
-    s.add_argument("--address", help=address_help)
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--stage", choices=STAGE_NAMES, help="run only this stage")
-    s.add_argument("--wait", action="store_true", help="wait for the job; exit 1 if it fails")
-    s.add_argument(
-        "--follow", action="store_true", help="stream the job's logs until it ends (implies --wait)"
-    )
-    s.add_argument(
-        "--no-ship-code",
-        dest="ship_code",
-        action="store_false",
-        help="run the fiqa installed on the cluster instead of shipping this one",
-    )
-    s.set_defaults(func=cmd_submit)
-
-    s = sub.add_parser("jobs", help="list the jobs of a Ray cluster")
-    s.add_argument("--address", help=address_help)
-    s.set_defaults(func=cmd_jobs)
-
-    s = sub.add_parser("stop", help="stop a job on a Ray cluster")
-    s.add_argument("job_id")
-    s.add_argument("--address", help=address_help)
-    s.add_argument(
-        "--timeout", type=float, default=60.0, help="seconds to wait for it to end (default 60)"
-    )
-    s.set_defaults(func=cmd_stop)

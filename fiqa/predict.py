@@ -1,44 +1,28 @@
-"""Score images with a trained model, in-process: `fiqa predict` (and the `fiqa export` command).
+"""Score images with a model in-process, no Ray: what `fiqa predict` runs on a laptop or edge box.
 
-For a laptop or an edge box, no Ray: inputs are read and decoded on a small
-thread pool (PIL releases the GIL) while the model scores the previous batch.
-
-- The model is a checkpoint directory (``model.json`` + ``model.safetensors``,
-  local or s3://), an ONNX export (run with ONNX Runtime) or a TorchScript
-  export (see `fiqa.models.export`). All three go through the same contract:
-  uint8 NHWC pixels in, ``raw_score`` and calibrated ``score`` out.
+- The model is anything `fiqa.models.predictor.open_predictor` opens: a checkpoint
+  directory (local or s3://), an ONNX or a TorchScript export.
 - Inputs are image files, folders (searched recursively for images and
   ``.tar`` shards), and shard specs (a tar path, glob, brace pattern or
   ``s3://`` URL, as in the run config).
 - Images are prepared exactly as the scoring engine prepares them
-  (`fiqa.data.decode.decode_image`: ``resize`` px, center crop of
-  ``image_size``), so a checkpoint scores
-  an image here as it did when it pseudo-labeled it (in float32; the engine
-  uses bfloat16 on GPU).
+  (`fiqa.data.decode.decode_image`: ``resize`` px, center crop of ``image_size``), so a
+  checkpoint scores an image here as it did when it pseudo-labeled it (in float32; the
+  engine uses bfloat16 on GPU). Decoding runs on a small thread pool (PIL releases the
+  GIL) while the model scores the previous batch.
 - An input that cannot be used (not an image, truncated, too small, a bad
   shard) gets a row with a ``reason`` instead of scores; it never stops the run.
-
-This module imports neither torch nor onnxruntime at import time: the CLI
-stays quick, and an ONNX model never loads torch.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import glob as globlib
-import io
 import json
-import math
 import os
-import sys
 import time
-import zipfile
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
 
 import braceexpand
 import numpy as np
@@ -47,187 +31,13 @@ from fiqa import storage
 from fiqa.data.decode import RejectedSample, decode_image
 from fiqa.data.reader import read_shard
 from fiqa.data.shards import expand_shard_spec
+from fiqa.models.predictor import Predictor
 from fiqa.storage import is_remote
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 OUTPUT_FORMATS = (".csv", ".parquet", ".json", ".jsonl")
-DEVICES = ("auto", "cpu", "cuda")
-TABLE_MAX_ROWS = 20
-# As in fiqa.models.export (not imported here: it imports torch, and the CLI builds its parser).
-EXPORT_FORMATS = ("onnx", "torchscript")
-ONNX_EXPORTERS = ("auto", "dynamo", "legacy")
 # Label problems in a shard's json do not stop an image from being scored.
 _LABEL_REASONS = ("bad_json", "bad_label", "no_label")
-
-
-# --------------------------------------------------------------------------- the model
-
-
-@dataclass
-class Predictor:
-    """A loaded model: ``predictor(pixels)`` -> ``(raw_score, score)`` as float64 arrays.
-
-    ``pixels`` is uint8 ``[N, image_size, image_size, 3]`` (RGB), prepared as
-    described in `fiqa.models.export`.
-    """
-
-    meta: dict[str, Any]
-    backend: str  # "torch" (checkpoint), "torchscript" or "onnxruntime"
-    device: str
-    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] = field(repr=False)
-
-    @property
-    def image_size(self) -> int:
-        return int(self.meta["image_size"])
-
-    @property
-    def resize(self) -> int:
-        return int(self.meta.get("resize", self.meta["image_size"]))
-
-    @property
-    def calibrated(self) -> bool:
-        return bool(self.meta.get("calibration"))
-
-    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        s = self.image_size
-        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != (s, s, 3):
-            raise ValueError(
-                f"expected uint8 pixels of shape [N, {s}, {s}, 3], got {pixels.dtype} {pixels.shape}"
-            )
-        raw, score = self.run(np.ascontiguousarray(pixels))
-        return np.asarray(raw, dtype=np.float64), np.asarray(score, dtype=np.float64)
-
-
-def model_kind(path: str) -> str:
-    """``checkpoint``, ``onnx`` or ``torchscript``: what ``path`` holds."""
-    if not is_remote(path) and not os.path.exists(path):
-        raise FileNotFoundError(
-            f"model {path!r} does not exist (expected a checkpoint directory, an .onnx or a "
-            "TorchScript .pt export)"
-        )
-    if path.endswith(".onnx"):
-        return "onnx"
-    if is_remote(path):
-        fs, key = storage.filesystem(path)
-        if storage.retry(lambda: fs.isdir(key), path, "stat"):
-            return "checkpoint"
-        head = storage.retry(lambda: fs.cat_file(key, start=0, end=4), path, "read")
-        return "torchscript" if head.startswith(b"PK") else "onnx"
-    if os.path.isdir(path):
-        return "checkpoint"
-    # TorchScript files are zip archives; anything else is given to ONNX Runtime to judge.
-    return "torchscript" if zipfile.is_zipfile(path) else "onnx"
-
-
-def _sidecar(path: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(storage.read_bytes(path + ".json"))
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _torch_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: PyTorch sees no CUDA GPU on this machine")
-    return device
-
-
-def open_predictor(path: str, device: str = "auto") -> Predictor:
-    """Load a checkpoint directory, an ONNX or a TorchScript export for scoring."""
-    if device not in DEVICES and not device.startswith("cuda:"):
-        raise ValueError(f"--device {device!r}: expected one of {DEVICES} (or cuda:N)")
-    kind = model_kind(path)
-    if kind == "onnx":
-        return _open_onnx(path, device)
-    if kind == "torchscript":
-        return _open_torchscript(path, device)
-    return _open_checkpoint(path, device)
-
-
-def _open_checkpoint(path: str, device: str) -> Predictor:
-    import torch
-
-    from fiqa.models.export import scoring_module
-
-    dev = _torch_device(device)
-    module, meta = scoring_module(path, map_location=dev)
-
-    def run(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        with torch.inference_mode():
-            raw, score = module(torch.from_numpy(pixels).to(dev))
-        return raw.double().cpu().numpy(), score.double().cpu().numpy()
-
-    return Predictor(meta, "torch", dev, run)
-
-
-def _open_torchscript(path: str, device: str) -> Predictor:
-    import warnings
-
-    import torch
-
-    from fiqa.models.export import TORCHSCRIPT_META
-
-    dev = _torch_device(device)
-    extra = {TORCHSCRIPT_META: ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream
-        try:
-            module = torch.jit.load(
-                io.BytesIO(storage.read_bytes(path)), map_location=dev, _extra_files=extra
-            )
-        except RuntimeError as e:
-            raise ValueError(f"{path}: not a TorchScript file ({str(e).splitlines()[0]})") from None
-    meta = json.loads(extra[TORCHSCRIPT_META]) if extra[TORCHSCRIPT_META] else _sidecar(path)
-    if not meta:
-        raise ValueError(f"{path}: a TorchScript file without fiqa metadata (not a `fiqa export`)")
-    module.eval()
-
-    def run(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        with torch.inference_mode():
-            raw, score = module(torch.from_numpy(pixels).to(dev))
-        return raw.double().cpu().numpy(), score.double().cpu().numpy()
-
-    return Predictor(meta, "torchscript", dev, run)
-
-
-def _open_onnx(path: str, device: str) -> Predictor:
-    from fiqa.models.export import METADATA_KEY, require_onnx
-
-    require_onnx("onnxruntime")
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if device.startswith("cuda") and "CUDAExecutionProvider" not in available:
-        raise ValueError(
-            f"--device {device}: this onnxruntime has no CUDAExecutionProvider "
-            "(install onnxruntime-gpu, or use --device cpu)"
-        )
-    use_cuda = device != "cpu" and "CUDAExecutionProvider" in available
-    providers = (["CUDAExecutionProvider"] if use_cuda else []) + ["CPUExecutionProvider"]
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only: ORT warns about unused initialisers otherwise
-    # Decode threads share the cores: spinning pool threads starve them (2-5x slower on 2 cores).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    source = storage.read_bytes(path) if is_remote(path) else path
-    try:
-        session = ort.InferenceSession(source, sess_options=opts, providers=providers)
-    except Exception as e:  # ORT raises its own error types on files that are not ONNX
-        raise ValueError(f"{path}: not an ONNX model ONNX Runtime can load ({e})") from None
-    embedded = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-    meta = json.loads(embedded) if embedded else _sidecar(path)
-    if not meta:
-        raise ValueError(f"{path}: an ONNX model without fiqa metadata (not a `fiqa export`)")
-    input_name = session.get_inputs()[0].name
-
-    def run(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        raw, score = session.run(["raw_score", "score"], {input_name: pixels})
-        return raw, score
-
-    return Predictor(meta, "onnxruntime", "cuda" if use_cuda else "cpu", run)
 
 
 # --------------------------------------------------------------------------- the inputs
@@ -458,138 +268,3 @@ def format_table(rows: list[dict]) -> str:
         else:
             lines.append(f"{name:<{width}} {r['score']:>9.4f} {r['raw_score']:>10.4f}")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- the commands
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    if "torch" not in sys.modules:
-        # The model's OpenMP threads share the cores with the decode threads; spinning
-        # OpenMP workers then stall every parallel region (measured on a busy 2-core box:
-        # 61 img/s spinning, 1451 img/s passive). Read when torch loads, hence set here.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if args.out:
-        check_output_path(args.out)
-    inputs = resolve_inputs(args.inputs)
-    predictor = open_predictor(args.model, args.device)
-    n_files = sum(1 for kind, _ in inputs if kind == "file")
-    total = n_files if n_files == len(inputs) else None  # a shard's size is known once read
-    rows: list[dict] = []
-    stats: dict = {}
-    t0 = time.perf_counter()
-    with tqdm(total=total, unit="img", desc="scoring", disable=None, leave=False) as bar:
-        for row in predict(predictor, inputs, args.batch_size, args.workers, stats=stats):
-            rows.append(row)
-            bar.update(1)
-    seconds = time.perf_counter() - t0
-    rejected = Counter(r["reason"].split(":")[0] for r in rows if r["reason"])
-    scored = len(rows) - sum(rejected.values())
-
-    if len(rows) <= TABLE_MAX_ROWS:
-        print(format_table(rows))
-    if args.out:
-        write_predictions(rows, args.out)
-    summary = (
-        f"scored {scored} of {len(rows)} image(s) in {seconds:.1f} s "
-        f"({scored / seconds if seconds > 0 else math.inf:.0f} img/s; model "
-        f"{stats.get('model_s', 0.0):.1f} s) with {predictor.backend} on {predictor.device}"
-    )
-    if rejected:
-        summary += "; rejected: " + ", ".join(f"{k} {v}" for k, v in rejected.most_common())
-    print(summary)
-    if not predictor.calibrated:
-        print("note: the model has no calibration; score = raw_score", file=sys.stderr)
-    if args.out:
-        print(f"wrote {len(rows)} row(s) to {args.out}")
-    elif len(rows) > TABLE_MAX_ROWS:
-        valid = [r["score"] for r in rows if r["score"] is not None]
-        if valid:
-            print(
-                f"score: mean {np.mean(valid):.4f}, min {np.min(valid):.4f}, "
-                f"max {np.max(valid):.4f}"
-            )
-        print(f"hint: add --out FILE.csv (or .parquet, .json, .jsonl) to keep all {len(rows)} rows")
-    return 0 if scored else 1
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from fiqa.models.export import export_checkpoint
-
-    meta = export_checkpoint(
-        args.checkpoint,
-        args.format,
-        args.out,
-        batch=args.batch,
-        opset=args.opset,
-        exporter=args.exporter,
-        check=not args.no_check,
-    )
-    size = meta["image_size"]
-    print(
-        f"wrote {args.out} ({args.format}, {meta['exporter']}"
-        + (f", opset {meta['opset']}" if meta.get("opset") else "")
-        + f") and {args.out}.json: "
-        f"{meta['arch']}, input pixels uint8 [batch, {size}, {size}, 3] RGB "
-        f"(resize {meta['resize']}, center crop {size}), outputs raw_score, score"
-        + ("" if meta["calibration"] else " (= raw_score: no calibration)")
-    )
-    if "parity" in meta:
-        p = meta["parity"]
-        print(
-            f"parity with PyTorch on a batch of {p['batch']}: max abs diff raw "
-            f"{p['max_abs_diff_raw']:.2e}, score {p['max_abs_diff_score']:.2e}"
-        )
-    return 0
-
-
-def add_commands(sub: Any) -> None:
-    """Register ``fiqa export`` and ``fiqa predict`` on the CLI's subparsers."""
-    s = sub.add_parser(
-        "export",
-        help="export a checkpoint to ONNX or TorchScript (uint8 NHWC pixels in, scores out)",
-    )
-    s.add_argument(
-        "checkpoint",
-        metavar="CHECKPOINT",
-        help="a checkpoint directory (model.json + model.safetensors)",
-    )
-    s.add_argument("--format", required=True, choices=EXPORT_FORMATS)
-    s.add_argument(
-        "--out", required=True, metavar="PATH", help="the file to write; PATH.json goes beside it"
-    )
-    s.add_argument(
-        "--batch",
-        type=int,
-        default=2,
-        metavar="N",
-        help="example batch to trace with (the axis is dynamic)",
-    )
-    s.add_argument(
-        "--opset", type=int, default=None, metavar="N", help="ONNX opset (default: the exporter's)"
-    )
-    s.add_argument(
-        "--exporter",
-        choices=ONNX_EXPORTERS,
-        default="auto",
-        help="ONNX exporter: torch.export-based (dynamo), the legacy tracer, or dynamo then legacy",
-    )
-    s.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
-    s.set_defaults(func=cmd_export)
-
-    s = sub.add_parser("predict", help="score image files, folders and shards with a model")
-    s.add_argument(
-        "model", metavar="MODEL", help="a checkpoint directory, an .onnx or a TorchScript export"
-    )
-    s.add_argument("inputs", nargs="+", metavar="INPUT", help="image, folder or shard spec")
-    s.add_argument(
-        "--out", metavar="FILE", help="write every row to FILE.csv, .parquet, .json or .jsonl"
-    )
-    s.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per model call")
-    s.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda")
-    s.add_argument(
-        "--workers", type=int, default=None, metavar="N", help="decode threads (default: up to 4)"
-    )
-    s.set_defaults(func=cmd_predict)

@@ -2,10 +2,11 @@
 
 Nothing outside this package needs to know which backbone is inside a model:
 build with `create_model`, save and load with `save_checkpoint` /
-`load_checkpoint`, measure with `model_cost`, export for deployment (ONNX,
-TorchScript) with `export_checkpoint`. Attributes are imported lazily,
-so that importing a light submodule (``fiqa.models.inputs``) does not pull in
-timm.
+`load_checkpoint` (its metadata typed as `ModelMeta`), measure with
+`model_cost`, export for deployment (ONNX, TorchScript) with
+`export_checkpoint`, and score with any of them through `open_predictor`.
+Attributes are imported lazily, so that importing a light submodule
+(``fiqa.models.meta``) does not pull in torch or timm.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ _EXPORTS = {
     "create_model": "registry",
     "resolve_spec": "registry",
     "QualityRegressor": "regressor",
+    "ModelMeta": "meta",
     "LoadedModel": "checkpoint",
     "load_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint",
     "model_cost": "cost",
-    "ScoringModule": "export",
+    "ScoringModule": "graph",
     "export_checkpoint": "export",
+    "Predictor": "predictor",
+    "open_predictor": "predictor",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -9,7 +9,8 @@ so a checkpoint in object storage is read with its retries of transient errors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import io
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,28 +21,43 @@ from torch import nn
 from fiqa import storage
 from fiqa.calibration import Logistic4
 from fiqa.models.inputs import IMAGENET_MEAN, IMAGENET_STD
+from fiqa.models.meta import ModelMeta
 from fiqa.models.regressor import QualityRegressor
 
 FORMAT_VERSION = 1
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LoadedModel",
+    "ModelMeta",
+    "load_checkpoint",
+    "load_pretrained_backbone",
+    "read_meta",
+    "save_checkpoint",
+]
 
 
 @dataclass
 class LoadedModel:
     model: nn.Module
-    meta: dict[str, Any] = field(default_factory=dict)
+    info: ModelMeta
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """``model.json`` as read."""
+        return self.info.raw
 
     @property
     def image_size(self) -> int:
-        return int(self.meta["image_size"])
+        return self.info.image_size
 
     @property
     def resize(self) -> int:
-        return int(self.meta.get("resize", self.meta["image_size"]))
+        return self.info.resize
 
     @property
     def calibration(self) -> Logistic4 | None:
-        c = self.meta.get("calibration")
-        return Logistic4.from_dict(c) if c else None
+        return self.info.calibration
 
 
 def _join(path: str, name: str) -> str:
@@ -70,12 +86,12 @@ def read_meta(path: str) -> dict[str, Any]:
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild the model a checkpoint describes and load its weights."""
-    meta = read_meta(path)
-    model = QualityRegressor(meta["arch"], image_size=int(meta["image_size"]))
+    info = ModelMeta.from_dict(read_meta(path))
+    model = QualityRegressor(info.arch, image_size=info.image_size)
     state = load_safetensors(storage.read_bytes(_join(path, "model.safetensors")))
     model.load_state_dict(state)
     model.to(map_location).eval()
-    return LoadedModel(model, meta)
+    return LoadedModel(model, info)
 
 
 def load_pretrained_backbone(model: QualityRegressor, path: str) -> None:
@@ -88,8 +104,6 @@ def load_pretrained_backbone(model: QualityRegressor, path: str) -> None:
     if path.endswith(".safetensors"):
         state = load_safetensors(blob)
     else:
-        import io
-
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
         for k in ("state_dict", "model", "state_dict_ema"):
             if isinstance(state, dict) and k in state and isinstance(state[k], dict):

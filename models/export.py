@@ -1,6 +1,6 @@
 """Export a checkpoint for deployment: ONNX or TorchScript, one self-describing file.
 
-The exported graph is `ScoringModule`: it takes what a decoder produces and
+The exported graph is `fiqa.models.graph.ScoringModule`: it takes what a decoder produces and
 returns what a user wants, so a deployer needs no Python of ours:
 
 - input ``pixels``: uint8, NHWC ``[batch, S, S, 3]``, RGB, where S is the
@@ -42,87 +42,37 @@ import torch
 from torch import nn
 
 from fiqa.calibration import Logistic4
-from fiqa.models.inputs import IMAGENET_MEAN, IMAGENET_STD, normalisation
+from fiqa.models.graph import ScoringModule, scoring_module
+from fiqa.models.inputs import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+from fiqa.models.meta import (
+    EXPORT_FORMATS,
+    METADATA_KEY,
+    ONNX_EXPORTERS,
+    TORCHSCRIPT_META,
+    MissingExtraError,
+    ModelMeta,
+    require_onnx,
+)
+from fiqa.models.predictor import open_predictor
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "MissingExtraError",
+    "ScoringModule",
+    "export_checkpoint",
+    "export_metadata",
+    "export_onnx",
+    "export_torchscript",
+    "parity",
+    "require_onnx",
+    "scoring_module",
+]
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT_VERSION = 1
-FORMATS = ("onnx", "torchscript")
-ONNX_EXPORTERS = ("auto", "dynamo", "legacy")
 PARITY_TOLERANCE = 1e-4
 DYNAMO_MIN_OPSET = 18  # the lowest opset torch's dynamo exporter implements directly
-METADATA_KEY = "fiqa"  # ONNX metadata_props key
-TORCHSCRIPT_META = "fiqa.json"  # TorchScript extra file name
-ONNX_EXTRA_HINT = "pip install 'fiqa-pseudolabel[onnx]'"
-
-
-class MissingExtraError(ImportError, ValueError):
-    """An optional dependency is not installed (a ValueError too, so the CLI reports it plainly)."""
-
-
-def require_onnx(*modules: str) -> None:
-    """Import-check the ONNX extra's packages; a clear error naming the extra if one is missing."""
-    missing = []
-    for name in modules:
-        try:
-            __import__(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise MissingExtraError(
-            f"ONNX support needs {', '.join(missing)}, which is not installed: {ONNX_EXTRA_HINT}"
-        )
-
-
-class ScoringModule(nn.Module):
-    """uint8 NHWC pixels -> (raw_score, score): normalisation and calibration in the graph."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        mean: tuple[float, ...] = IMAGENET_MEAN,
-        std: tuple[float, ...] = IMAGENET_STD,
-        calibration: Logistic4 | None = None,
-    ):
-        super().__init__()
-        self.model = model
-        scale, shift = normalisation(mean, std)  # as fiqa.models.inputs.to_model_input does
-        self.register_buffer("scale", scale)
-        self.register_buffer("shift", shift)
-        self.calibrated = calibration is not None
-        c = calibration or Logistic4(1.0, 0.0, 0.0, 1.0)
-        self.register_buffer(
-            "calib", torch.tensor([c.b1, c.b2, c.b3, abs(c.b4)], dtype=torch.float64)
-        )
-
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # The same arithmetic as fiqa.models.inputs.to_model_input, so scores match the engine's.
-        x = pixels.permute(0, 3, 1, 2).float() * self.scale + self.shift
-        raw = self.model(x)
-        if not self.calibrated:
-            return raw, raw.clone()
-        # fiqa.calibration.Logistic4, in float64 like its numpy original.
-        b1, b2, b3, b4 = self.calib[0], self.calib[1], self.calib[2], self.calib[3]
-        z = torch.clamp(-(raw.double() - b3) / b4, -50.0, 50.0)
-        score = b2 + (b1 - b2) / (1.0 + torch.exp(z))
-        return raw, score.float()
-
-
-def scoring_module(
-    checkpoint: str, map_location: str | torch.device = "cpu"
-) -> tuple[ScoringModule, dict[str, Any]]:
-    """``(ScoringModule, checkpoint meta)`` for a checkpoint directory (local or s3://)."""
-    from fiqa.models.checkpoint import load_checkpoint
-
-    loaded = load_checkpoint(checkpoint, map_location=map_location)
-    meta = loaded.meta
-    module = ScoringModule(
-        loaded.model,
-        tuple(meta.get("mean", IMAGENET_MEAN)),
-        tuple(meta.get("std", IMAGENET_STD)),
-        loaded.calibration,
-    )
-    return module.to(map_location).eval(), meta
 
 
 def weights_sha256(checkpoint: str) -> str:
@@ -137,19 +87,19 @@ def weights_sha256(checkpoint: str) -> str:
     return h.hexdigest()
 
 
-def export_metadata(checkpoint: str, meta: dict[str, Any], fmt: str) -> dict[str, Any]:
+def export_metadata(checkpoint: str, info: ModelMeta, fmt: str) -> dict[str, Any]:
     """The deployment contract of an export of ``checkpoint`` (see the module docstring)."""
     import timm
 
-    size = int(meta["image_size"])
+    meta, size = info.raw, info.image_size
     return {
         "format": "fiqa-export",
         "format_version": EXPORT_FORMAT_VERSION,
         "export_format": fmt,
-        "arch": meta["arch"],
+        "arch": info.arch,
         "name": meta.get("name"),
         "image_size": size,
-        "resize": int(meta.get("resize", size)),
+        "resize": info.resize,
         "mean": list(meta.get("mean", IMAGENET_MEAN)),
         "std": list(meta.get("std", IMAGENET_STD)),
         "calibration": meta.get("calibration"),
@@ -301,9 +251,6 @@ def parity(
     The reference is computed the way the pipeline computes it (``to_model_input``,
     the network, `Logistic4` in numpy), not with the export wrapper.
     """
-    from fiqa.models.inputs import to_model_input
-    from fiqa.predict import open_predictor
-
     x = _example(batch, size, seed)
     with torch.inference_mode():
         ref_raw = model(to_model_input(x)).double().numpy()
@@ -333,15 +280,15 @@ def export_checkpoint(
     compared with the PyTorch model; above ``tolerance`` the export is deleted
     and a ValueError raised. Returns the metadata written beside the export.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"export format {fmt!r}: expected one of {FORMATS}")
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"export format {fmt!r}: expected one of {EXPORT_FORMATS}")
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
     if fmt == "onnx":
         # Fail before the model is built; the check needs onnxruntime as well.
         require_onnx("onnx", "onnxscript", *(["onnxruntime"] if check else []))
-    module, meta = scoring_module(checkpoint)
-    metadata = export_metadata(checkpoint, meta, fmt)
+    module, info = scoring_module(checkpoint)
+    metadata = export_metadata(checkpoint, info, fmt)
     # torch.export specialises a batch of 1 to a constant; trace with at least 2.
     example = _example(max(2, batch), metadata["image_size"])
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -353,8 +300,9 @@ def export_checkpoint(
         used = export_torchscript(module, out, example, metadata)
     metadata.update(used)
     if check:
-        calib = Logistic4.from_dict(meta["calibration"]) if meta.get("calibration") else None
-        result = parity(module.model, calib, out, max(2, batch) + 1, metadata["image_size"])
+        result = parity(
+            module.model, info.calibration, out, max(2, batch) + 1, metadata["image_size"]
+        )
         metadata["parity"] = {**result, "tolerance": tolerance}
         worst = max(result["max_abs_diff_raw"], result["max_abs_diff_score"])
         if not worst <= tolerance:

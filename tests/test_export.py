@@ -3,7 +3,7 @@
 Parity is measured against the checkpoint loaded the ordinary way
 (`load_checkpoint`, `to_model_input`, `Logistic4` in numpy), not against the
 export wrapper, and the exports are run with ONNX Runtime and `torch.jit.load`
-directly, not through `fiqa.predict`.
+directly, not through `fiqa.models.predictor`.
 """
 
 import hashlib

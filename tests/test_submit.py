@@ -411,7 +411,7 @@ def test_attach_conflict_and_stop(head, tiny_data, tmp_path):
     )  # fmt: skip
     assert watcher.stdout.readline().strip() == sid  # it printed the id: it has attached
     client, deadline = head.client(), time.time() + 180
-    while submit._status(client.get_job_status(sid)) != "RUNNING":
+    while submit.status_name(client.get_job_status(sid)) != "RUNNING":
         assert time.time() < deadline, "the job never started"
         time.sleep(1)
     stop = fiqa("stop", sid, "--address", head.address, env=env)
@@ -463,7 +463,7 @@ def test_pipeline_runs_as_a_job_and_resubmitting_resumes(head, tiny_data, tmp_pa
         s: m["output_id"] for s, m in before.items()
     }
     client = head.client()
-    assert [submit._status(client.get_job_status(i)) for i in (sid, f"{sid}-2")] == [
+    assert [submit.status_name(client.get_job_status(i)) for i in (sid, f"{sid}-2")] == [
         "SUCCEEDED",
         "SUCCEEDED",
     ]

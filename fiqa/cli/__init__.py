@@ -1,0 +1,55 @@
+"""The `fiqa` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from fiqa.cli import cluster, label, predict, run
+from fiqa.cluster.submit import ClusterError
+from fiqa.config import ConfigError
+from fiqa.storage import StorageError
+
+# The subcommands in the order `fiqa --help` lists them.
+COMMANDS = (
+    run.add_make_demo_data,
+    run.add_shard,
+    run.add_run,
+    run.add_stage,
+    label.add_label,
+    run.add_models,
+    run.add_status,
+    predict.add_export,
+    predict.add_predict,
+    cluster.add_submit,
+    cluster.add_jobs,
+    cluster.add_stop,
+)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fiqa", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError, StorageError, ClusterError) as e:
+        print(f"fiqa: error: {e}", file=sys.stderr)
+        return 2

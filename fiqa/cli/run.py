@@ -1,0 +1,181 @@
+"""Commands that run the recipe and prepare its data: run, stage, status, make-demo-data, shard, models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from fiqa import storage
+from fiqa.cluster.local import ensure_ray
+from fiqa.config import ConfigError, load_config
+from fiqa.pipelines import STAGE_NAMES, STAGES
+from fiqa.runner import load_run_config, run_stages, stage_states
+
+
+def cmd_make_demo_data(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from fiqa.data.synthetic import DEFAULT_SIZES, make_demo_data  # imports torch
+
+    sizes = dict(DEFAULT_SIZES)
+    for item in args.size or []:
+        split, _, n = item.partition("=")
+        if split not in sizes or not n.isdigit():
+            raise ConfigError(f"--size {item!r}: expected SPLIT=N with SPLIT one of {list(sizes)}")
+        sizes[split] = int(n)
+    if args.scale != 1.0:
+        sizes = {k: max(1, int(v * args.scale)) for k, v in sizes.items()}
+    with tqdm(total=sum(sizes.values()), unit="img", desc="generating") as bar:
+        summary = make_demo_data(
+            args.out,
+            seed=args.seed,
+            sizes=sizes,
+            shard_size=args.shard_size,
+            image_size=args.image_size,
+            workers=args.workers,
+            progress=bar.update,
+        )
+    print(
+        f"wrote {sum(summary['sizes'].values())} samples to {args.out}: "
+        + ", ".join(f"{k}={v}" for k, v in summary["sizes"].items())
+    )
+    return 0
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from fiqa.data.from_folder import shard_folder  # imports torch
+
+    res = shard_folder(
+        args.images,
+        args.labels,
+        args.out,
+        shard_size=args.shard_size,
+        label_field=args.label_field,
+        prefix=args.prefix,
+    )
+    print(f"wrote {res['written']} samples in {len(res['shards'])} shard(s) to {args.out}")
+    if res["missing"]:
+        print(
+            f"warning: {len(res['missing'])} CSV row(s) name no image, e.g. {res['missing'][:3]}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _run(args: argparse.Namespace, only: str | None) -> int:
+    cfg = load_config(args.config, args.set)
+    outcome = run_stages(
+        cfg,
+        STAGES,
+        only=only,
+        force=getattr(args, "force", False),
+        on_start=lambda: ensure_ray(cfg.ray),
+    )
+    ran = [k for k, v in outcome.items() if v == "ran"]
+    print(
+        f"run {cfg.run_dir}: ran {len(ran)} stage(s)"
+        + (f" ({', '.join(ran)})" if ran else "")
+        + f", {len(outcome) - len(ran)} up to date"
+    )
+    report = f"{cfg.run_dir.rstrip('/')}/evaluate/report.md"
+    if storage.exists(report):
+        print(f"report: {report}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _run(args, None)
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    return _run(args, args.name)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = load_run_config(args.run_dir, args.set)
+    rows = stage_states(cfg, STAGES)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    print(f"{'stage':<22} {'state':<8} {'seconds':>8}")
+    for r in rows:
+        secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"
+        print(f"{r['stage']:<22} {r['state']:<8} {secs:>8}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from fiqa.models import REGISTRY, create_model, model_cost  # imports timm
+
+    print(f"{'name':<24} {'role':<8} {'px':>4} {'params M':>9} {'GFLOPs':>8}  note")
+    for name, spec in REGISTRY.items():
+        if args.cost:
+            cost = model_cost(create_model(name), spec.image_size)
+            params, gflops = f"{cost['params_m']:.2f}", f"{cost['gflops']:.3f}"
+        else:
+            params = gflops = "-"
+        print(
+            f"{name:<24} {spec.role:<8} {spec.image_size:>4} {params:>9} {gflops:>8}  {spec.note}"
+        )
+    return 0
+
+
+def add_make_demo_data(sub: Any) -> None:
+    s = sub.add_parser("make-demo-data", help="generate the synthetic FIQA dataset")
+    s.add_argument("out")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--size", action="append", metavar="SPLIT=N", help="samples in a split (repeatable)"
+    )
+    s.add_argument("--scale", type=float, default=1.0, help="multiply every split's size")
+    s.add_argument("--shard-size", type=int, default=500)
+    s.add_argument("--image-size", type=int, default=112)
+    s.add_argument("--workers", type=int, default=None)
+    s.set_defaults(func=cmd_make_demo_data)
+
+
+def add_shard(sub: Any) -> None:
+    s = sub.add_parser("shard", help="turn a folder of images + name,score CSV into labeled shards")
+    s.add_argument("--images", required=True)
+    s.add_argument("--labels", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--shard-size", type=int, default=1000)
+    s.add_argument("--label-field", default="mos")
+    s.add_argument("--prefix", default="labeled")
+    s.set_defaults(func=cmd_shard)
+
+
+def add_run(sub: Any) -> None:
+    s = sub.add_parser("run", help="run all stages (skipping finished ones)")
+    s.add_argument("config")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.set_defaults(func=cmd_run)
+
+
+def add_stage(sub: Any) -> None:
+    s = sub.add_parser("stage", help="run one stage (its upstream stages must be done)")
+    s.add_argument("name", choices=STAGE_NAMES)
+    s.add_argument("config")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--force", action="store_true", help="run even if it is up to date")
+    s.set_defaults(func=cmd_stage)
+
+
+def add_models(sub: Any) -> None:
+    s = sub.add_parser("models", help="list the model registry (any timm name works too)")
+    s.add_argument(
+        "--cost", action="store_true", help="also build each model and count params, GFLOPs"
+    )
+    s.set_defaults(func=cmd_models)
+
+
+def add_status(sub: Any) -> None:
+    s = sub.add_parser("status", help="print the stages of a run and their state")
+    s.add_argument("run_dir", help="a run directory or s3:// prefix")
+    s.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. storage.endpoint_url"
+    )
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)

@@ -42,15 +42,8 @@ import pyarrow as pa
 from fiqa.config import TrainConfig
 from fiqa.data.synthetic import make_sample
 from fiqa.data.tables import SCORED_SCHEMA, list_parts, write_part
-from fiqa.training import (
-    GradAccumulator,
-    TrainJob,
-    batch_plan,
-    decode_train_batch,
-    effective_lr,
-    fit,
-    table_stats,
-)
+from fiqa.training import TrainJob, batch_plan, effective_lr, fit
+from fiqa.training.data import decode_train_batch, table_stats
 
 
 def write_table(directory: str, split: str, n: int, draw: int, parts: int) -> str:
@@ -63,7 +56,7 @@ def write_table(directory: str, split: str, n: int, draw: int, parts: int) -> st
                 "key": [s.key for s in samples],
                 "shard": [f"bench-{p}"] * len(samples),
                 "image": [s.jpeg for s in samples],
-                "label": [s.mos for s in samples],
+                "mos": [s.mos for s in samples],
                 "raw_score": [None] * len(samples),
                 "score": [s.mos for s in samples],
                 "model_id": [None] * len(samples),
@@ -82,7 +75,8 @@ def plain_loop(args: argparse.Namespace, table: str, threads: int) -> list[dict]
     from torch.utils.data import DataLoader
 
     from fiqa.models.allocator import retain_freed_memory
-    from fiqa.models.regressor import QualityRegressor
+    from fiqa.models.registry import create_model
+    from fiqa.training.step import GradAccumulator
 
     rows = pq.read_table(list_parts(table), columns=["image", "score", "source"]).to_pydict()
     images = np.array(rows["image"], dtype=object)
@@ -101,7 +95,7 @@ def plain_loop(args: argparse.Namespace, table: str, threads: int) -> list[dict]
     torch.set_num_threads(threads)
     retain_freed_memory()  # as the Ray Train workers do
     torch.manual_seed(0)
-    model = QualityRegressor(args.arch, image_size=args.image_size).to(device)
+    model = create_model(args.arch, args.image_size).to(device)
     if args.gpu:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=effective_lr(t), weight_decay=t.weight_decay)

@@ -412,6 +412,16 @@ def listdir(url: str) -> list[str]:
     return sorted(entries)
 
 
+def glob(pattern: str) -> list[str]:
+    """Full paths / URLs matching ``pattern`` (``*``, ``?``, ``[...]``), sorted; [] if none."""
+    fs, path = filesystem(pattern)
+    found = retry(lambda: fs.glob(path), pattern, "list")
+    if is_remote(pattern):
+        scheme = pattern.split("://", 1)[0]
+        found = [f if "://" in f else f"{scheme}://{f}" for f in found]
+    return sorted(found)
+
+
 def publish(local_dir: str, url: str, files: list[str]) -> None:
     """Copy ``files`` of ``local_dir`` to ``url``; the last one is the commit marker.
 

@@ -7,8 +7,13 @@ from dataclasses import dataclass
 import timm
 from torch import nn
 
+from fiqa import storage
+from fiqa.models.checkpoint import load_pretrained_backbone
 from fiqa.models.inputs import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
-from fiqa.models.regressor import QualityRegressor
+from fiqa.models.regressor import QualityRegressor, timm_backbone
+
+# ``pretrained="timm"`` asks for timm's own hub weights: the only code path that downloads.
+TIMM_HUB_WEIGHTS = "timm"
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,27 @@ def resolve_spec(name: str, image_size: int | None = None, resize: int | None = 
     return spec
 
 
-def create_model(name: str, image_size: int | None = None) -> nn.Module:
-    """Build an untrained regressor by registry or timm name (never downloads weights)."""
+def create_model(
+    name: str, image_size: int | None = None, pretrained: str | None = None
+) -> nn.Module:
+    """A regressor by registry or timm name; the backbone's weights as ``pretrained`` says.
+
+    ``pretrained``: None for random weights, a local or s3:// weights file, or ``"timm"``
+    for timm's hub weights (network access needed; nothing else downloads).
+    """
     spec = resolve_spec(name, image_size)
-    return QualityRegressor(spec.arch, image_size=spec.image_size)
+    model = QualityRegressor(spec.arch, image_size=spec.image_size)
+    if pretrained == TIMM_HUB_WEIGHTS:
+        hub = timm_backbone(spec.arch, spec.image_size, pretrained=True)
+        model.backbone.load_state_dict(hub.state_dict())
+    elif pretrained:
+        load_pretrained_backbone(model, pretrained)
+    return model
+
+
+def check_pretrained(pretrained: str | None) -> None:
+    """Fail before Ray starts when the ``pretrained`` weights file of `create_model` is missing."""
+    if not pretrained or pretrained == TIMM_HUB_WEIGHTS:
+        return
+    if not storage.exists(pretrained):
+        raise FileNotFoundError(f"pretrained_weights {pretrained!r} not found")

@@ -29,18 +29,14 @@ from PIL import Image
 from fiqa.cluster.resources import check_training, worker_threads
 from fiqa.config import ConfigError, TrainConfig, from_dict
 from fiqa.data.tables import SCORED_SCHEMA, write_part
-from fiqa.training import (
-    GradAccumulator,
-    TensorBoardLog,
-    TrainJob,
-    batch_plan,
-    build_model,
-    check_pretrained,
-    decode_train_batch,
-    effective_lr,
-    fit,
-    table_stats,
-)
+from fiqa.models import registry
+from fiqa.models.registry import check_pretrained
+from fiqa.training import TrainJob, batch_plan, effective_lr, fit
+from fiqa.training.data import decode_train_batch, table_stats
+from fiqa.training.job import fit_marks, run_paths
+from fiqa.training.loop import build_model
+from fiqa.training.step import GradAccumulator
+from fiqa.training.tensorboard import TensorBoardLog
 
 SOURCES = ["labeled", "pseudo_u1"]
 
@@ -78,7 +74,7 @@ def write_table(directory, n: int, source: str, seed: int, parts: int = 2) -> st
                 "key": [f"{source}-{i}" for i in idx],
                 "shard": [f"shard-{p}"] * len(rows),
                 "image": [r[0] for r in rows],
-                "label": [r[1] for r in rows],
+                "mos": [r[1] for r in rows],
                 "raw_score": [None] * len(rows),
                 "score": [r[1] for r in rows],
                 "model_id": [None] * len(rows),
@@ -178,11 +174,9 @@ def _stop_before_training(*_args, **_kwargs):
 
 
 def test_a_finished_fit_returns_its_summary_without_training(tmp_path, monkeypatch):
-    import fiqa.training as training
-
-    monkeypatch.setattr(training, "check_pretrained", _stop_before_training)
+    monkeypatch.setattr(registry, "check_pretrained", _stop_before_training)
     job = job_for({"labeled": "t/l", "pseudo_u1": "t/p", "val": "t/v"}, tmp_path)
-    paths = training.run_paths(job)
+    paths = run_paths(job)
     assert paths.fit == f"{tmp_path}/fit.json"
     summary = {
         "model": paths.model,
@@ -199,7 +193,7 @@ def test_a_finished_fit_returns_its_summary_without_training(tmp_path, monkeypat
     (tmp_path / "model" / "model.json").write_text("{}")
     with pytest.raises(WouldTrain):  # a model, but no fit.json: its fit did not finish
         fit(job)
-    (tmp_path / "fit.json").write_text(json.dumps({**summary, **training.fit_marks(job)}))
+    (tmp_path / "fit.json").write_text(json.dumps({**summary, **fit_marks(job)}))
     assert fit(job) == summary  # the stored summary, the markers left out; Ray not started
 
     # another config fingerprint, or another job under the same one: trained again
@@ -212,7 +206,7 @@ def test_a_finished_fit_returns_its_summary_without_training(tmp_path, monkeypat
     with pytest.raises(WouldTrain):
         fit(job)
     # the exported model gone: trained again
-    (tmp_path / "fit.json").write_text(json.dumps({**summary, **training.fit_marks(job)}))
+    (tmp_path / "fit.json").write_text(json.dumps({**summary, **fit_marks(job)}))
     assert fit(job) == summary
     (tmp_path / "model" / "model.json").unlink()
     with pytest.raises(WouldTrain):
@@ -560,13 +554,11 @@ def test_one_and_two_workers_with_the_same_global_batch_agree(parity_runs):
 
 @pytest.mark.slow
 def test_a_finished_fit_commits_its_summary_and_is_not_trained_again(parity_runs, monkeypatch):
-    import fiqa.training as training
-
     run = parity_runs[2]
     marker = json.loads((run["out"] / "fit.json").read_text())
-    assert marker == {**run["result"], **training.fit_marks(run["job"])}
+    assert marker == {**run["result"], **fit_marks(run["job"])}
     assert marker["config_fingerprint"] == "test"
-    monkeypatch.setattr(training, "check_pretrained", _stop_before_training)
+    monkeypatch.setattr(registry, "check_pretrained", _stop_before_training)
     assert fit(run["job"]) == run["result"]
 
 

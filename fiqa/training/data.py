@@ -1,0 +1,131 @@
+"""The Ray Data side of training: Parquet parts to decoded batches, and the tables' statistics.
+
+::
+
+    Parquet parts (image bytes, score, source) --read_parquet--> Ray Data
+        --(CPU tasks: decode, resize, random crop + flip, source id, loss weight)-->
+        get_dataset_shard("train") on each worker
+
+Ray Data tasks import this module: it imports neither torch nor timm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+
+from fiqa.data.decode import decode_image
+from fiqa.data.tables import list_parts, read_part
+from fiqa.data.transforms import random_crop_flip
+from fiqa.training.job import TrainJob
+
+DECODE_BATCH_ROWS = 128
+
+
+def decode_train_batch(
+    batch: dict, resize: int, crop: int, weights: dict[str, float], source_ids: dict[str, int]
+) -> dict:
+    """Bytes -> randomly cropped and flipped uint8 pixels, target, loss weight, source id."""
+    rng = np.random.default_rng()
+    n = len(batch["image"])
+    pixels = np.empty((n, crop, crop, 3), dtype=np.uint8)
+    for i, data in enumerate(batch["image"]):
+        pixels[i] = random_crop_flip(decode_image(data, resize), crop, rng)
+    sources = [str(s) for s in batch["source"]]
+    return {
+        "pixels": pixels,
+        "target": batch["score"].astype(np.float32),
+        "weight": np.array([weights.get(s, 1.0) for s in sources], dtype=np.float32),
+        "source_id": np.array([source_ids[s] for s in sources], dtype=np.int64),
+    }
+
+
+def decode_eval_batch(batch: dict, resize: int, crop: int) -> dict:
+    """Bytes -> centre-cropped uint8 pixels and target."""
+    n = len(batch["image"])
+    pixels = np.empty((n, crop, crop, 3), dtype=np.uint8)
+    for i, data in enumerate(batch["image"]):
+        pixels[i] = decode_image(data, resize, crop=crop)
+    return {"pixels": pixels, "target": batch["score"].astype(np.float32)}
+
+
+def read_parts(parts: list[str], **kwargs: Any) -> Any:
+    """``ray.data.read_parquet`` of part files already listed, through Ray Data's V1 reader."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    # V2 reads every footer again at each epoch's execution; V1 reads them once, here.
+    before, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(parts, **kwargs)
+    finally:
+        ctx.use_datasource_v2 = before
+
+
+def train_dataset(job: TrainJob, parts: list[str], sources: list[str]) -> Any:
+    """The training stream: files in a new order every epoch, decoded, cropped and flipped."""
+    import ray
+
+    # Reproducible from the run's seed (row order across workers depends on who asks first).
+    shuffle = ray.data.FileShuffleConfig(seed=job.seed)
+    # select_columns is pushed down into the Parquet read: only these columns are read.
+    return (
+        read_parts(parts, shuffle=shuffle)
+        .select_columns(["image", "score", "source"])
+        .map_batches(
+            decode_train_batch,
+            batch_size=DECODE_BATCH_ROWS,
+            fn_kwargs={
+                "resize": job.resize,
+                "crop": job.image_size,
+                "weights": job.train.source_weights,
+                "source_ids": {s: i for i, s in enumerate(sources)},
+            },
+        )
+    )
+
+
+def val_slices(job: TrainJob, parts: list[str]) -> list[Any]:
+    """The validation set decoded once, in one fixed slice per worker (whole rows, none dropped)."""
+    val_ds = (
+        read_parts(parts)
+        .select_columns(["image", "score"])
+        .map_batches(
+            decode_eval_batch,
+            batch_size=DECODE_BATCH_ROWS,
+            fn_kwargs={"resize": job.resize, "crop": job.image_size},
+        )
+        .materialize()  # small and the same every epoch
+    )
+    workers, n = job.train.num_workers, val_ds.count()
+    cuts = [round(n * i / workers) for i in range(1, workers)]
+    return val_ds.split_at_indices(cuts) if cuts else [val_ds]
+
+
+@dataclass
+class TableStats:
+    target_mean: float
+    target_std: float
+    rows_by_source: dict[str, int]
+
+
+def table_stats(tables: list[str]) -> TableStats:
+    """Mean and standard deviation of ``score`` and row counts per ``source`` over the tables."""
+    total, total_sq, n = 0.0, 0.0, 0
+    rows: dict[str, int] = {}
+    for d in tables:
+        for p in list_parts(d):
+            tab = read_part(p, columns=["score", "source"])
+            col = tab.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+            col = col[~np.isnan(col)]
+            total, total_sq, n = total + col.sum(), total_sq + (col**2).sum(), n + len(col)
+            for vc in pc.value_counts(tab.column("source")).to_pylist():
+                rows[str(vc["values"])] = rows.get(str(vc["values"]), 0) + int(vc["counts"])
+    if n < 2:
+        raise RuntimeError(f"need at least 2 labeled rows to train, found {n} in {tables}")
+    mean = total / n
+    std = float(max(np.sqrt(max(total_sq / n - mean**2, 0.0)), 1e-6))
+    return TableStats(float(mean), std, dict(sorted(rows.items())))

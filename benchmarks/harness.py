@@ -249,9 +249,9 @@ def label_run(
     the engine's actor class and decode task (`fiqa.scoring.engine.run_score_job`'s seams)."""
     import ray
 
+    from fiqa.cli.label import label_shards
     from fiqa.cluster.local import ensure_ray, shutdown_ray
     from fiqa.config import RayConfig
-    from fiqa.labeling import label_shards
 
     seams = {k: v for k, v in (("scorer", scorer), ("decode", decode)) if v is not None}
     shutil.rmtree(out, ignore_errors=True)

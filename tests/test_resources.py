@@ -100,7 +100,7 @@ def test_decoded_blocks_reach_the_actor_as_the_engine_yields_them(
 ):
     """Not merged into Ray Data's 128 MB blocks: at 224 px a batch of 256 (39 MB) is a block
     of its own, so a shard of 512 travels as two, each scored in one actor call."""
-    from fiqa.labeling import label_shards
+    from fiqa.cli.label import label_shards
     from fiqa.models import create_model, save_checkpoint
     from fiqa.scoring.commit import ShardCollector
 

@@ -1,5 +1,8 @@
 """Where a run's files live: local paths and ``s3://`` URLs behind one small API.
 
+(Over 400 lines on purpose: every storage call of the product goes through this one
+module, so that configuration, the commit protocol and retries are written once.)
+
 Everything a run writes (tables, manifests, models, reports, plots, Ray Train
 checkpoints) goes through here, so a run directory may be a local folder or
 an ``s3://bucket/prefix`` and a new machine resumes a run from the bucket alone.
@@ -405,21 +408,21 @@ def listdir(url: str) -> list[str]:
         except FileNotFoundError:
             return []
 
-    entries = retry(ls, url, "list")
-    if is_remote(url):
-        scheme = url.split("://", 1)[0]
-        entries = [e if "://" in e else f"{scheme}://{e}" for e in entries]
-    return sorted(entries)
+    return _as_urls(retry(ls, url, "list"), url)
 
 
 def glob(pattern: str) -> list[str]:
     """Full paths / URLs matching ``pattern`` (``*``, ``?``, ``[...]``), sorted; [] if none."""
     fs, path = filesystem(pattern)
-    found = retry(lambda: fs.glob(path), pattern, "list")
-    if is_remote(pattern):
-        scheme = pattern.split("://", 1)[0]
-        found = [f if "://" in f else f"{scheme}://{f}" for f in found]
-    return sorted(found)
+    return _as_urls(retry(lambda: fs.glob(path), pattern, "list"), pattern)
+
+
+def _as_urls(paths: list[str], like: str) -> list[str]:
+    """fsspec's paths as full URLs of ``like``'s scheme (it drops ``s3://``), sorted."""
+    if is_remote(like):
+        scheme = like.split("://", 1)[0]
+        paths = [p if "://" in p else f"{scheme}://{p}" for p in paths]
+    return sorted(paths)
 
 
 def publish(local_dir: str, url: str, files: list[str]) -> None:

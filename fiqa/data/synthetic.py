@@ -1,5 +1,8 @@
 """The embedded default dataset: procedurally drawn faces with known quality.
 
+(Over 400 lines on purpose: the face drawing, the distortions and the label that depends
+on them are one recipe, read together.)
+
 `fiqa make-demo-data OUT` writes a small FIQA benchmark that needs no download,
 no licence and no GPU, so the whole recipe can be run and tested anywhere.
 

@@ -122,8 +122,8 @@ def check_training(t: TrainConfig) -> None:
 def worker_threads(t: TrainConfig) -> int:
     """Intra-op threads per Train worker: ``torch_threads``, else the CPUs it reserved (Ray's
     convention for ``OMP_NUM_THREADS``); on the local Ray, whose CPUs are all known, the
-    workers share all of them when that is more (the demo teacher trains 1.75x faster on
-    2 cores with 2 threads than with 1)."""
+    workers share all of them when that is more, since the decode tasks feeding them sleep
+    much of the time."""
     if t.torch_threads:
         return t.torch_threads
     reserved = max(1, round(t.cpus_per_worker))

@@ -21,7 +21,7 @@ from torch import nn
 from fiqa import storage
 from fiqa.calibration import Logistic4
 from fiqa.models.inputs import IMAGENET_MEAN, IMAGENET_STD
-from fiqa.models.meta import ModelMeta
+from fiqa.models.meta import ModelMeta, read_meta
 from fiqa.models.regressor import QualityRegressor
 
 FORMAT_VERSION = 1
@@ -75,13 +75,6 @@ def save_checkpoint(path: str, model: nn.Module, meta: dict[str, Any]) -> None:
     # Each object is written whole (with retries on object storage), model.json last.
     storage.write_bytes(_join(path, "model.safetensors"), save_safetensors(state))
     storage.write_json(_join(path, "model.json"), meta)
-
-
-def read_meta(path: str) -> dict[str, Any]:
-    try:
-        return storage.read_json(_join(path, "model.json"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {path!r} (model.json missing)") from None
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> LoadedModel:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fiqa import storage
 from fiqa.calibration import Logistic4, from_meta
 
 EXPORT_FORMATS = ("onnx", "torchscript")
@@ -15,6 +16,14 @@ ONNX_EXPORTERS = ("auto", "dynamo", "legacy")
 METADATA_KEY = "fiqa"  # ONNX metadata_props key
 TORCHSCRIPT_META = "fiqa.json"  # TorchScript extra file name
 ONNX_EXTRA_HINT = "pip install 'fiqa-pseudolabel[onnx]'"
+
+
+def read_meta(checkpoint: str) -> dict[str, Any]:
+    """A checkpoint directory's ``model.json`` (local or s3://), as read."""
+    try:
+        return storage.read_json(checkpoint.rstrip("/") + "/model.json")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {checkpoint!r} (model.json missing)") from None
 
 
 @dataclass(frozen=True)

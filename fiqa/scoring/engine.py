@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 
 from fiqa.cluster.resources import decode_task_slots, plan_scoring
+from fiqa.config import ScoringConfig
 from fiqa.data.tables import part_name
 from fiqa.scoring.commit import ShardCollector, committed_shards, scored_keys_of
 from fiqa.scoring.decode_task import read_and_decode
@@ -102,7 +103,7 @@ def run_score_job(
     }
 
 
-def _bound_stream(ds, job: ScoreJob, cfg) -> StreamPlan:
+def _bound_stream(ds, job: ScoreJob, cfg: ScoringConfig) -> StreamPlan:
     """Bound the stream's object store (memory stays flat however large the pool: decoding
     cannot run ahead of slow actors) and keep Ray Data's blocks at the engine's size."""
     import ray

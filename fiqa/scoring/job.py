@@ -6,9 +6,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from fiqa import calibration, storage
+from fiqa import storage
 from fiqa.calibration import Logistic4
 from fiqa.config import ScoringConfig
+from fiqa.models.meta import ModelMeta, read_meta
 
 
 @dataclass
@@ -61,9 +62,7 @@ def job_for_model(
 
     ``calibration_override`` replaces the model's own; ``model_id`` defaults to `model_id_of`.
     """
-    from fiqa.models.checkpoint import read_meta
-
-    meta = read_meta(model_path)
+    meta = ModelMeta.from_dict(read_meta(model_path))
     return ScoreJob(
         shards=shards,
         out_dir=out_dir,
@@ -71,10 +70,10 @@ def job_for_model(
         label_field=label_field,
         require_label=require_label,
         model_path=model_path,
-        calibration=calibration_override or calibration.from_meta(meta),
-        model_id=model_id if model_id is not None else model_id_of(meta),
-        resize=int(meta.get("resize", meta["image_size"])),
-        crop=int(meta["image_size"]),
+        calibration=calibration_override or meta.calibration,
+        model_id=model_id if model_id is not None else model_id_of(meta.raw),
+        resize=meta.resize,
+        crop=meta.image_size,
         max_pixels=max_pixels,
         min_side=min_side,
         scoring=scoring,

@@ -11,6 +11,7 @@ from fiqa import storage
 from fiqa.cluster.resources import check_training, worker_threads
 from fiqa.config import batch_plan, effective_lr
 from fiqa.data.tables import list_parts
+from fiqa.models.meta import read_meta
 from fiqa.training.checkpoints import check_resumable, export_best
 from fiqa.training.data import table_stats, train_dataset, val_slices
 from fiqa.training.job import RunPaths, TrainJob, finished_fit, fit_marks, run_paths
@@ -102,8 +103,6 @@ def target_scale(job: TrainJob, mean: float, std: float) -> tuple[float, float]:
     """The standardisation of targets: the initial model's when there is one, else the tables'."""
     if not job.init_checkpoint:
         return mean, std
-    from fiqa.models.checkpoint import read_meta  # torch: imported only for a warm start
-
     init_meta = read_meta(job.init_checkpoint)
     return init_meta["target_mean"], init_meta["target_std"]
 

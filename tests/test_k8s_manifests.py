@@ -18,10 +18,12 @@ import copy
 import dataclasses
 import functools
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -66,14 +68,45 @@ def _kustomizations() -> list[str]:
 
 KUSTOMIZATIONS = _kustomizations()
 
+# Components on top of a kustomization, as a user's own kustomization would
+# combine them (docs/kubernetes.md): rendered and checked like the rest.
+COMBOS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "overlays/gpu+aws-iam-role+gcs-fault-tolerance": (
+        "overlays/gpu",
+        ("components/aws-iam-role", "components/gcs-fault-tolerance"),
+    ),
+    "base+gcs-fault-tolerance": ("base", ("components/gcs-fault-tolerance",)),
+    "stages/train-teacher+gpu-nodes": ("stages/train-teacher", ("components/gpu-nodes",)),
+}
+TARGETS = KUSTOMIZATIONS + list(COMBOS)
+
+
+def _kustomize(path: Path) -> tuple[dict, ...]:
+    proc = subprocess.run(
+        [KUBECTL, "kustomize", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, f"kubectl kustomize {path} failed:\n{proc.stderr}"
+    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+
+
+def _write_combo(where: Path, k8s: Path, target: str) -> Path:
+    """A kustomization under ``where`` combining ``target``'s parts from ``k8s``."""
+    resource, components = COMBOS[target]
+    out = where / target.replace("/", "_")
+    out.mkdir(parents=True, exist_ok=True)
+    # kustomize takes bases and components by relative path only.
+    rel = lambda part: os.path.relpath(k8s / part, out)  # noqa: E731
+    doc = {"resources": [rel(resource)], "components": [rel(c) for c in components]}
+    (out / "kustomization.yaml").write_text(yaml.safe_dump(doc))
+    return out
+
 
 @functools.cache
 def _render(target: str) -> tuple[dict, ...]:
-    proc = subprocess.run(
-        [KUBECTL, "kustomize", str(K8S / target)], capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 0, f"kubectl kustomize k8s/{target} failed:\n{proc.stderr}"
-    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+    if target in COMBOS:
+        with tempfile.TemporaryDirectory() as tmp:
+            return _kustomize(_write_combo(Path(tmp), K8S, target))
+    return _kustomize(K8S / target)
 
 
 def rendered(target: str) -> list[dict]:
@@ -585,6 +618,7 @@ def rule_kuberay_operator_accepts(docs: list[dict]) -> list[str]:
                 found.append(
                     f"{_name(doc)}: ttlSecondsAfterFinished without shutdownAfterJobFinishes"
                 )
+        found += _gcs_ft_operator_problems(doc, cluster)
         groups = [("head", cluster["headGroupSpec"])] + [
             (g["groupName"], g) for g in cluster.get("workerGroupSpecs", [])
         ]
@@ -609,6 +643,124 @@ def rule_kuberay_operator_accepts(docs: list[dict]) -> list[str]:
 _DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 
 
+def _gcs_ft_operator_problems(doc: dict, cluster: dict) -> list[str]:
+    """KubeRay's checks of GCS fault tolerance settings (ValidateRayClusterSpec)."""
+    found, name = [], _name(doc)
+    ft = cluster.get("gcsFaultToleranceOptions")
+    annotations = doc["metadata"].get("annotations") or {}
+    head = cluster["headGroupSpec"]
+    env = {e["name"] for e in head["template"]["spec"]["containers"][0].get("env", [])}
+    if ft is not None and annotations.get("ray.io/ft-enabled"):
+        found.append(f"{name}: ray.io/ft-enabled annotation and gcsFaultToleranceOptions")
+    if ft is None and "RAY_REDIS_ADDRESS" in env:
+        found.append(f"{name}: RAY_REDIS_ADDRESS without gcsFaultToleranceOptions")
+    if ft is not None:
+        if head.get("rayStartParams", {}).get("redis-password"):
+            found.append(f"{name}: redis-password in rayStartParams")
+        found += [f"{name}: head env {v} with gcsFaultToleranceOptions" for v in env & _FT_ENV]
+        if ft.get("backend", "redis") == "redis" and ft.get("storage"):
+            found.append(f"{name}: gcsFaultToleranceOptions.storage with the redis backend")
+    return found
+
+
+_FT_ENV = {"RAY_REDIS_ADDRESS", "REDIS_PASSWORD"}
+
+
+def _secret_refs(container: dict) -> list[dict]:
+    """Every reference to a Secret in a container's env and envFrom."""
+    refs = [e["secretRef"] for e in container.get("envFrom", []) if "secretRef" in e]
+    refs += [
+        e["valueFrom"]["secretKeyRef"]
+        for e in container.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    ]
+    return refs
+
+
+def rule_secrets_required(docs: list[dict]) -> list[str]:
+    """A referenced Secret is required: a missing one stops the pod from starting.
+
+    An optional Secret would let the pods start without credentials, and the
+    job fail much later at its first bucket access.
+    """
+    found = []
+    for doc in docs:
+        for box in containers(doc):
+            found += [
+                f"{box.where}: Secret {ref.get('name')} is optional"
+                for ref in _secret_refs(box.container)
+                if ref.get("optional")
+            ]
+        for _, cluster in ray_clusters([doc]):
+            password = (cluster.get("gcsFaultToleranceOptions") or {}).get("redisPassword") or {}
+            ref = (password.get("valueFrom") or {}).get("secretKeyRef") or {}
+            if ref.get("optional"):
+                found.append(f"{_name(doc)}: the Redis password Secret is optional")
+    return found
+
+
+def rule_head_fault_tolerance(docs: list[dict]) -> list[str]:
+    """With GCS fault tolerance, a lost head takes neither the state nor the driver.
+
+    Redis is named, its password comes from a Secret (never a literal), and
+    the driver is placed on a worker group that offers the entrypoint's
+    resources and mounts the config, so it outlives the head.
+    """
+    found = []
+    for doc in _by_kind(docs, "RayJob"):
+        spec, name = doc["spec"], _name(doc)
+        ft = spec.get("rayClusterSpec", {}).get("gcsFaultToleranceOptions")
+        if ft is None:
+            continue
+        if not ft.get("redisAddress"):
+            found.append(f"{name}: gcsFaultToleranceOptions without redisAddress")
+        password = ft.get("redisPassword") or {}
+        if "value" in password or "secretKeyRef" not in (password.get("valueFrom") or {}):
+            found.append(f"{name}: the Redis password is not taken from a Secret")
+        wanted = json.loads(spec.get("entrypointResources") or "{}")
+        if not wanted:
+            found.append(f"{name}: no entrypointResources: the driver would run on the head")
+        hosts = [
+            g
+            for g in spec["rayClusterSpec"].get("workerGroupSpecs", [])
+            if wanted and set(wanted) <= set(g.get("resources") or {})
+        ]
+        if wanted and not hosts:
+            found.append(f"{name}: no worker group offers {sorted(wanted)} for the driver")
+        for g in hosts:
+            mounts = g["template"]["spec"]["containers"][0].get("volumeMounts", [])
+            if str(Path(CONFIG).parent) not in [m["mountPath"] for m in mounts]:
+                found.append(f"{name}: group {g['groupName']} runs the driver without {CONFIG}")
+    return found
+
+
+# Values a user must set are spelled CHANGE_ME_<WHAT>: invalid as an image,
+# bucket, ARN or address, so an unset one fails where it is used, and listed in
+# docs/kubernetes.md. Placeholders that look real are not allowed.
+MUST_SET = re.compile(r"CHANGE_ME_[A-Z0-9_]+")
+_LOOKS_REAL = re.compile(
+    r"\b(?:111122223333|123456789012|my-bucket|PROJECT_ID)\b"
+    r"|\b[\w.-]+\.example(?:\.(?:com|org|net|internal))?\b"
+    r"|\bexample\.(?:com|org|net|internal)\b"
+)
+
+
+def must_set(docs: list[dict]) -> set[str]:
+    """The CHANGE_ME_ values left in ``docs``."""
+    return {m for d in docs for s in _strings(d) for m in MUST_SET.findall(s)}
+
+
+def rule_no_placeholder_identifiers(docs: list[dict]) -> list[str]:
+    """No value that looks like a real identifier but is a placeholder."""
+    found = []
+    for doc in docs:
+        for s in _strings(doc):
+            m = _LOOKS_REAL.search(s)
+            if m:
+                found.append(f"{_name(doc)}: placeholder {m.group(0)!r} in {s[:60]!r}")
+    return found
+
+
 RULES: list[Rule] = [
     rule_images_pinned,
     rule_resources,
@@ -620,6 +772,9 @@ RULES: list[Rule] = [
     rule_autoscaling,
     rule_rayjob_lifecycle,
     rule_kuberay_operator_accepts,
+    rule_secrets_required,
+    rule_head_fault_tolerance,
+    rule_no_placeholder_identifiers,
 ]
 
 
@@ -636,7 +791,7 @@ def test_the_expected_kustomizations_exist():
     assert kinds >= {"RayJob", "ServiceAccount", "Deployment", "Service"}, kinds
 
 
-@pytest.mark.parametrize("target", KUSTOMIZATIONS)
+@pytest.mark.parametrize("target", TARGETS)
 def test_rendered_documents_match_their_schemas(target):
     assert_valid(rendered(target))
 
@@ -646,7 +801,7 @@ def test_raw_manifests_match_their_schemas():
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: r.__name__)
-@pytest.mark.parametrize("target", KUSTOMIZATIONS)
+@pytest.mark.parametrize("target", TARGETS)
 def test_rendered_documents_follow_the_rules(target, rule):
     findings = rule(rendered(target))
     assert not findings, "\n".join(findings)
@@ -914,10 +1069,81 @@ BROKEN_RULES: list[tuple[Rule, str, Callable[[list[dict]], Any]]] = [
     ),
     (
         rule_kuberay_operator_accepts,
+        "redis-password in rayStartParams with GCS fault tolerance",
+        lambda d: _set(
+            _gcs_ft(d)["headGroupSpec"]["rayStartParams"], "redis-password", "not-literal"
+        ),
+    ),
+    (
+        rule_secrets_required,
+        "optional credentials Secret",
+        lambda d: _set(_head_container(d)["envFrom"][0]["secretRef"], "optional", True),
+    ),
+    (
+        rule_head_fault_tolerance,
+        "driver on the head",
+        lambda d: _gcs_ft_driver_on_head(d),
+    ),
+    (
+        rule_head_fault_tolerance,
+        "literal Redis password",
+        lambda d: _set(_gcs_ft(d)["gcsFaultToleranceOptions"], "redisPassword", {"value": "x"}),
+    ),
+    (
+        rule_head_fault_tolerance,
+        "driver group without the config",
+        lambda d: _gcs_ft(d)["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].pop(
+            "volumeMounts"
+        ),
+    ),
+    (
+        rule_no_placeholder_identifiers,
+        "a fake role ARN",
+        lambda d: (
+            _one(d, "ServiceAccount")["metadata"]
+            .setdefault("annotations", {})
+            .update({"eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/fiqa"})
+        ),
+    ),
+    (
+        rule_no_placeholder_identifiers,
+        "an example registry",
+        lambda d: _set(_head_container(d), "image", "registry.example.com/fiqa:0.1.0"),
+    ),
+    (
+        rule_kuberay_operator_accepts,
         "restarting pods with autoscaler v2",
         lambda d: _set(_gpu_group(d)["template"]["spec"], "restartPolicy", "Always"),
     ),
 ]
+
+
+def _gcs_ft(docs: list[dict]) -> dict:
+    """GCS fault tolerance set up on the raw RayJob as the component does; its cluster."""
+    rayjob = _rayjob(docs)
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    cluster["gcsFaultToleranceOptions"] = {
+        "redisAddress": "redis:6379",
+        "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "r", "key": "password"}}},
+    }
+    rayjob["spec"]["entrypointResources"] = '{"fiqa-driver": 1}'
+    cpu = cluster["workerGroupSpecs"][0]
+    cpu["resources"] = {"fiqa-driver": "1"}
+    cpu["template"]["spec"]["containers"][0]["volumeMounts"].append(
+        {"name": "fiqa-config", "mountPath": str(Path(CONFIG).parent)}
+    )
+    return cluster
+
+
+def _gcs_ft_driver_on_head(docs: list[dict]) -> None:
+    _gcs_ft(docs)
+    _rayjob(docs)["spec"].pop("entrypointResources")
+
+
+def test_gcs_ft_as_set_up_for_the_broken_documents_passes():
+    docs = raw_documents()
+    _gcs_ft(docs)
+    assert [f for rule in RULES for f in rule(docs)] == []
 
 
 @pytest.mark.parametrize(
@@ -1044,7 +1270,7 @@ def fit_problems(config: dict, groups: list[Group]) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("target", KUSTOMIZATIONS)
+@pytest.mark.parametrize("target", TARGETS)
 def test_the_cluster_fits_the_config(target):
     docs = rendered(target)
     for rayjob in _by_kind(docs, "RayJob"):
@@ -1172,15 +1398,130 @@ def test_gpu_overlay_schedules_the_gpu_group_onto_gpu_nodes():
     assert not groups["cpu"].get("tolerations"), "CPU workers should stay off GPU nodes"
     for g in _groups(rayjob):
         assert g.cpu >= base[g.name].cpu and g.max_replicas >= base[g.name].max_replicas
-    annotations = _one(docs, "ServiceAccount")["metadata"].get("annotations", {})
-    assert "eks.amazonaws.com/role-arn" in annotations
+    # Credentials from the Secret unless an IAM role is added (aws-iam-role).
+    assert not _one(docs, "ServiceAccount")["metadata"].get("annotations")
+    assert all(_secret_refs(b.container) for b in containers(rayjob) if b.ray_node)
     images = {b.container["image"] for b in containers(rayjob) if b.container.get("image")}
     assert len(images) == 1 and "/" in images.pop(), "the GPU overlay pulls from a registry"
 
 
+def test_aws_iam_role_component_replaces_the_secret_with_a_role():
+    docs = rendered("overlays/gpu+aws-iam-role+gcs-fault-tolerance")
+    annotations = _one(docs, "ServiceAccount")["metadata"]["annotations"]
+    assert annotations == {"eks.amazonaws.com/role-arn": "CHANGE_ME_IAM_ROLE_ARN"}
+    rayjob = _rayjob(docs)
+    ray_nodes = [b for b in containers(rayjob) if b.ray_node]
+    assert len(ray_nodes) == 3 and not any(_secret_refs(b.container) for b in ray_nodes)
+
+
+def test_gcs_fault_tolerance_component_keeps_the_driver_off_the_head():
+    rayjob = _rayjob(rendered("base+gcs-fault-tolerance"))
+    spec = rayjob["spec"]
+    ft = spec["rayClusterSpec"]["gcsFaultToleranceOptions"]
+    assert ft["redisAddress"] == "CHANGE_ME_REDIS_ADDRESS"
+    assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] == {
+        "name": "fiqa-redis",
+        "key": "password",
+    }
+    # The driver's group always has a pod; KubeRay replaces a terminated head
+    # whose restartPolicy is Never.
+    (host,) = [g for g in spec["rayClusterSpec"]["workerGroupSpecs"] if g.get("resources")]
+    assert host["groupName"] == "cpu" and host["minReplicas"] >= 1
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert head["restartPolicy"] == "Never"
+    assert spec["entrypointNumCpus"] >= 1
+    assert spec["submitterConfig"]["backoffLimit"] >= 6
+    # The rest of the base is untouched.
+    base = _rayjob(rendered("base"))
+    assert _groups(base) == _groups(rayjob)
+
+
+# --------------------------------------------------------------------------
+# Values the user must set, and patches that address list items by name
+
+
+def test_values_to_set_are_named_and_documented():
+    """Every CHANGE_ME_ value in k8s/ is listed in docs/kubernetes.md, and only those."""
+    in_files = {
+        m for path in K8S.rglob("*") if path.is_file() for m in MUST_SET.findall(path.read_text())
+    }
+    rendered_values = set().union(*(must_set(rendered(t)) for t in TARGETS))
+    assert rendered_values <= in_files
+    documented = set(MUST_SET.findall((REPO / "docs/kubernetes.md").read_text()))
+    assert in_files == documented, (in_files, documented)
+
+
+def test_which_kustomizations_need_values_set():
+    assert must_set(rendered("overlays/local")) == set(), "the local overlay runs as it is"
+    assert must_set(rendered("overlays/gpu")) == {"CHANGE_ME_REGISTRY", "CHANGE_ME_BUCKET"}
+    assert must_set(rendered("overlays/gpu+aws-iam-role+gcs-fault-tolerance")) == {
+        "CHANGE_ME_REGISTRY",
+        "CHANGE_ME_BUCKET",
+        "CHANGE_ME_IAM_ROLE_ARN",
+        "CHANGE_ME_REDIS_ADDRESS",
+    }
+
+
+def _patches() -> Iterator[tuple[str, Any]]:
+    """(where, parsed patch) of every patch a kustomization or component applies."""
+    for path in sorted(K8S.rglob("kustomization.yaml")):
+        for i, entry in enumerate(yaml.safe_load(path.read_text()).get("patches", [])):
+            text = entry.get("patch") or (path.parent / entry["path"]).read_text()
+            where = f"{path.parent.relative_to(K8S)} patch {entry.get('path', i)}"
+            for doc in yaml.safe_load_all(text):
+                yield where, doc
+
+
+def test_patches_address_list_items_by_name():
+    """No JSON patch path indexes a list: a reordered base would patch the wrong item."""
+    seen = 0
+    for where, doc in _patches():
+        seen += 1
+        if isinstance(doc, list):  # a JSON patch
+            for op in doc:
+                assert not any(p.isdigit() for p in op["path"].split("/")), (where, op)
+    assert seen >= 10
+
+
+def _by_name(node: Any) -> Any:
+    """``node`` with its named lists sorted, to compare documents regardless of order."""
+    if isinstance(node, dict):
+        return {k: _by_name(v) for k, v in node.items()}
+    if isinstance(node, list):
+        items = [_by_name(v) for v in node]
+        for key in ("groupName", "name", "mountPath"):
+            if items and all(isinstance(v, dict) and key in v for v in items):
+                return sorted(items, key=lambda v: str(v[key]))
+        return items
+    return node
+
+
+def test_overlays_do_not_depend_on_the_order_of_the_base(tmp_path):
+    """Reverse every list of the base's RayJob: every kustomization renders the same."""
+    rendered("base")  # skips without kubectl
+    copy_of_k8s = tmp_path / "k8s"
+    shutil.copytree(K8S, copy_of_k8s)
+    rayjob_file = copy_of_k8s / "base/rayjob.yaml"
+    rayjob = yaml.safe_load(rayjob_file.read_text())
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    cluster["workerGroupSpecs"].reverse()
+    for _, pod, _ in pod_specs(rayjob):
+        pod.get("volumes", []).reverse()
+        for c in pod["containers"]:
+            c.get("volumeMounts", []).reverse()
+    rayjob_file.write_text(yaml.safe_dump(rayjob))
+    for target in TARGETS:
+        where = (
+            _write_combo(tmp_path / "combos", copy_of_k8s, target)
+            if target in COMBOS
+            else copy_of_k8s / target
+        )
+        assert _by_name(list(_kustomize(where))) == _by_name(rendered(target)), target
+
+
 def test_the_config_map_reference_follows_the_generated_name():
     """kustomize appends a hash to generated ConfigMaps; the RayJob must follow it."""
-    for target in KUSTOMIZATIONS:
+    for target in TARGETS:
         docs = rendered(target)
         names = {d["metadata"]["name"] for d in _by_kind(docs, "ConfigMap")}
         for doc in _by_kind(docs, "RayJob"):
@@ -1192,7 +1533,7 @@ def test_the_config_map_reference_follows_the_generated_name():
 
 def test_one_project_image_everywhere():
     """The `images:` transformer reached every container that runs the project."""
-    for target in KUSTOMIZATIONS:
+    for target in TARGETS:
         images = {b.container.get("image") for d in rendered(target) for b in containers(d)}
         ours = {i for i in images if i and re.search(r"(^|/)fiqa:", i)}
         assert len(ours) == 1, (target, ours)

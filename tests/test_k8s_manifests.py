@@ -1,6 +1,7 @@
 """The Kubernetes manifests (k8s/) and the container image (Dockerfile).
 
-Every kustomization (the base, the overlays, the per-stage RayJobs) is rendered
+Every kustomization (the base, the overlays, the per-stage RayJobs, and the
+components combined as docs/kubernetes.md shows) is rendered
 with ``kubectl kustomize``; the complete manifests among the source files are
 also checked as they are, so that something is tested without kubectl. Each
 document is validated against its schema: RayJobs against the KubeRay v1.7.0
@@ -8,8 +9,11 @@ CRDs (strictly: unknown fields are errors, as with ``kubectl apply``), core
 objects against Kubernetes' own schemas (``kubernetes-validate``). Then the
 rules of the house: pinned images, requests equal to limits on every
 container, non-root, no literal credentials, a head that runs no work, GPUs
-where the config trains on GPUs, ``/dev/shm`` for the object store. Every rule
-and validator is also run on a broken copy, so none can pass everything.
+where the config trains on GPUs, ``/dev/shm`` for the object store, required
+Secrets, GCS fault tolerance that keeps the driver off the head, CHANGE_ME_
+values instead of real-looking placeholders. Patches address list items by
+name: every kustomization renders the same from a base with its lists reversed.
+Every rule and validator is also run on a broken copy, so none can pass everything.
 """
 
 from __future__ import annotations

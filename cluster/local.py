@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from fiqa import storage
+from fiqa import console, storage
 from fiqa.config import RayConfig
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def ensure_ray(cfg: RayConfig) -> None:
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     _may_grow = may_grow(cfg, address)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    console.quiet_ray_in_driver()
     # The driver's working directory is the project checkout: keep Ray from
     # shipping it to workers, which already import the installed package.
     kwargs: dict = {"log_to_driver": True, "configure_logging": False}
@@ -48,9 +48,9 @@ def ensure_ray(cfg: RayConfig) -> None:
         # local cluster inherits its environment, a remote one gets them here. Never
         # credentials: there those come from the cluster's own environment (a
         # Kubernetes Secret, an instance role).
-        ray.init(address=address, runtime_env={"env_vars": storage.worker_env()}, **kwargs)
+        info = ray.init(address=address, runtime_env={"env_vars": storage.worker_env()}, **kwargs)
     else:
-        ray.init(
+        info = ray.init(
             num_cpus=cfg.num_cpus or os.cpu_count(),
             object_store_memory=cfg.object_store_memory,
             include_dashboard=True,  # the State API, which Ray Train uses to watch its actors
@@ -59,10 +59,14 @@ def ensure_ray(cfg: RayConfig) -> None:
         )
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = False
-    # Ray Data's per-operator bars help at a terminal and flood logs elsewhere.
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    # Ray Data's per-operator bars help at a terminal and flood logs elsewhere; by default
+    # the run's own bars say enough.
+    ctx.enable_progress_bars = console.verbose() and sys.stderr.isatty()
     res = ray.cluster_resources()
     log.info("Ray: %g CPU, %g GPU", res.get("CPU", 0), res.get("GPU", 0))
+    note = console.ray_logs_note(info.address_info.get("session_dir"))
+    if note:
+        log.info(note)
 
 
 def shutdown_ray() -> None:

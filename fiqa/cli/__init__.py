@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from fiqa import console
 from fiqa.cli import cluster, label, predict, run
 from fiqa.cluster.submit import ClusterError
 from fiqa.config import ConfigError
@@ -27,18 +27,15 @@ COMMANDS = (
     cluster.add_stop,
 )
 
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+# The commands that start or join Ray in this process: their console filters Ray's noise.
+RAY_COMMANDS = {"run", "stage", "label"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fiqa", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="debug lines, and Ray's own output in full"
+    )
     sub = p.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
@@ -47,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    console.configure(args.verbose, starts_ray=args.command in RAY_COMMANDS)
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, StorageError, ClusterError) as e:

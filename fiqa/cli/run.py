@@ -147,10 +147,22 @@ def add_shard(sub: Any) -> None:
     s.set_defaults(func=cmd_shard)
 
 
+def add_verbose(s: Any) -> None:
+    """``-v`` after the command as well as before it (SUPPRESS: absent, it keeps fiqa's)."""
+    s.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="debug lines, and Ray's own output in full (its logs are always in Ray's log dir)",
+    )
+
+
 def add_run(sub: Any) -> None:
     s = sub.add_parser("run", help="run all stages (skipping finished ones)")
     s.add_argument("config")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_verbose(s)
     s.set_defaults(func=cmd_run)
 
 
@@ -160,6 +172,7 @@ def add_stage(sub: Any) -> None:
     s.add_argument("config")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--force", action="store_true", help="run even if it is up to date")
+    add_verbose(s)
     s.set_defaults(func=cmd_stage)
 
 

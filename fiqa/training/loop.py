@@ -31,6 +31,7 @@ from fiqa.models.registry import create_model
 from fiqa.training import checkpoints
 from fiqa.training.checkpoints import Progress
 from fiqa.training.job import TrainJob
+from fiqa.training.progress import EpochProgress, duration, steps_per_epoch
 from fiqa.training.step import GradAccumulator
 from fiqa.training.tensorboard import STEP_EVERY, TensorBoardLog, epoch_scalars
 
@@ -55,6 +56,7 @@ class Worker:
     sched: Any
     tb: TensorBoardLog | None  # rank 0 only
     progress: Progress
+    train_rows: int = 0  # rows of the training tables: the epoch's length, for its ETA
 
     @property
     def cuda(self) -> bool:
@@ -128,6 +130,7 @@ def setup(config: dict) -> Worker:
         sched=sched,
         tb=TensorBoardLog(config["tensorboard_dir"]) if rank == 0 else None,
         progress=progress,
+        train_rows=config.get("train_rows", 0),
     )
 
 
@@ -162,6 +165,15 @@ def train_one_epoch(w: Worker, epoch: int) -> dict:
     )
     lr = w.opt.param_groups[0]["lr"]
     steps_before, waited, first_wait = p.step, 0.0, None
+    meter = None
+    if w.rank == 0:
+        meter = EpochProgress(
+            w.job.name,
+            epoch + 1,
+            w.job.train.epochs,
+            steps_per_epoch(w.train_rows, w.world, w.micro, w.accum),
+            w.job.train.batch_size,
+        )
     t0 = time.perf_counter()
     batches = iter(train_batches(w, epoch))
     while True:
@@ -178,6 +190,8 @@ def train_one_epoch(w: Worker, epoch: int) -> dict:
             p.step += 1
             if w.tb and p.step % STEP_EVERY == 0:
                 w.tb.scalars({"train/loss_step": float(acc.last_loss)}, p.step)
+            if meter:
+                meter.step()
     w.opt.zero_grad(set_to_none=True)  # an incomplete last global batch is dropped
     if w.cuda:
         torch.cuda.synchronize()
@@ -247,14 +261,16 @@ def record_epoch(w: Worker, epoch: int, train: dict, val: dict) -> dict:
     p.history.append(row)
     if w.tb:
         log.info(
-            "%s epoch %d/%d: loss %.4f val SRCC %.4f PLCC %.4f (%.0f img/s)",
+            "%s epoch %d/%d: loss %.4f, val SRCC %.4f PLCC %.4f (%d steps, %.0f img/s, %s)",
             w.job.name,
             epoch + 1,
             w.job.train.epochs,
             row["train_loss"],
             val["srcc"],
             val["plcc"],
+            row["steps"],
             row["images_per_s"],
+            duration(row["train_seconds"]),
         )
         w.tb.scalars(epoch_scalars(row), epoch + 1)
         w.tb.flush()

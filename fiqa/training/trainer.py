@@ -76,6 +76,7 @@ def fit(job: TrainJob) -> dict:
         "sources": sources,
         "tensorboard_dir": paths.tensorboard,
         "torch_threads": worker_threads(t),
+        "train_rows": sum(stats.rows_by_source.values()),
     }
     datasets = {"train": train_dataset(job, parts, sources)}
     datasets.update({f"val_{i}": v for i, v in enumerate(val_slices(job, val_parts))})
@@ -113,9 +114,11 @@ def torch_trainer(job: TrainJob, paths: RunPaths, loop_config: dict, datasets: d
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from fiqa.console import train_logging_config
     from fiqa.training.loop import train_loop_per_worker  # torch: the workers' side
 
     t = job.train
+    logging_config = train_logging_config()
     train_path, train_fs = storage.ray_storage(paths.storage)
     return TorchTrainer(
         train_loop_per_worker,
@@ -134,6 +137,7 @@ def torch_trainer(job: TrainJob, paths: RunPaths, loop_config: dict, datasets: d
                 num_to_keep=2, checkpoint_score_attribute="score", checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=MAX_FAILURES),
+            **({"logging_config": logging_config} if logging_config else {}),
         ),
         datasets=datasets,
         # Only the training stream is split; one worker reads it without a split coordinator.

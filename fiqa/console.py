@@ -43,6 +43,7 @@ RAY_NOISE = (
 NOISE = re.compile("|".join(f"(?:{p})" for p in RAY_NOISE))
 
 _verbose = False  # set by `configure`; read when Ray and Ray Train are set up
+CONSOLE_HANDLER = "fiqa-console"
 
 
 def verbose() -> bool:
@@ -93,8 +94,11 @@ def configure(verbose: bool, starts_ray: bool = False) -> None:
         NativeStderrFilter.install()
     handler = logging.StreamHandler()  # (sys.stderr as it is now: after the filter's swap)
     handler.setFormatter(ConsoleFormatter(with_names=verbose))
+    handler.set_name(CONSOLE_HANDLER)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    for h in [h for h in root.handlers if h.get_name() == CONSOLE_HANDLER]:
+        root.removeHandler(h)  # an earlier command's, in the same process (tests)
+    root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.getLogger("fiqa").setLevel(logging.DEBUG if verbose else logging.INFO)
 

@@ -21,7 +21,7 @@ def _save(fig, url: str) -> None:
     storage.write_bytes(url, buf.getvalue())
 
 
-def _plots(out: str, predictions: dict, pools: dict, histories: dict) -> list[str]:
+def _plots(out: str, predictions: dict, pools: dict, histories: dict, report: dict) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,7 +37,9 @@ def _plots(out: str, predictions: dict, pools: dict, histories: dict) -> list[st
         ax.scatter(m, mapped, s=6, alpha=0.5)
         lo, hi = float(np.min(m)), float(np.max(m))
         ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-        ax.set(title=name, xlabel="MOS", ylabel="prediction (logistic-mapped)")
+        r = report.get(name, {})
+        title = f"{name}\nSRCC {r['srcc']:.3f}  PLCC {r['plcc']:.3f}" if "srcc" in r else name
+        ax.set(title=title, xlabel="MOS", ylabel="prediction (logistic-mapped)")
     fig.tight_layout()
     files.append(storage.join(out, "pred_vs_mos.png"))
     _save(fig, files[-1])
@@ -51,7 +53,7 @@ def _plots(out: str, predictions: dict, pools: dict, histories: dict) -> list[st
         ax.hist(d["score"], bins=bins, alpha=0.6, label="pseudo-label")
         if d.get("truth") is not None:
             ax.hist(d["truth"], bins=bins, alpha=0.5, label="ground truth")
-        ax.set(title=f"{pool}: pseudo-labels", xlabel="score (MOS scale)", ylabel="count")
+        ax.set(title=_pool_title(pool, report), xlabel="score (MOS scale)", ylabel="count")
         ax.legend()
     fig.tight_layout()
     files.append(storage.join(out, "pseudo_label_hist.png"))
@@ -62,7 +64,8 @@ def _plots(out: str, predictions: dict, pools: dict, histories: dict) -> list[st
     for name, hist in histories.items():
         ep = [h["epoch"] for h in hist]
         line = a1.plot(ep, [h["train_loss"] for h in hist], marker="o", label=name)[0]
-        a3.plot(ep, [h["val_srcc"] for h in hist], marker="o", label=name)
+        best = max((h["val_srcc"] for h in hist), default=float("nan"))
+        a3.plot(ep, [h["val_srcc"] for h in hist], marker="o", label=f"{name} (best {best:.3f})")
         # One line per training source, in the model's colour: how well the model fits
         # the labeled rows versus the pseudo-labels it learns from.
         sources = sorted({s for h in hist for s in h.get("loss_by_source", {})})
@@ -90,48 +93,169 @@ def _plots(out: str, predictions: dict, pools: dict, histories: dict) -> list[st
     return files
 
 
+# The differences the findings judge: name -> (model, baseline).
+DELTAS = {
+    "self_training": ("teacher_plus", "teacher"),
+    "distillation": ("student", "student_labeled_only"),
+}
+# Pseudo-labels whose spread is under this fraction of the labeled MOS's are called compressed.
+COMPRESSED_BELOW = 0.8
+
+
+def _ci(d: dict | None, signed: bool = False) -> str:
+    """``0.8068 [0.7812, 0.8301]``; with ``signed``, ``+0.0025 [-0.0100, +0.0150]``."""
+    if not d:
+        return "n/a"
+    f = "{:+.4f}" if signed else "{:.4f}"
+    return f"{f.format(d['value'])} [{f.format(d['low'])}, {f.format(d['high'])}]"
+
+
+def _within_noise(d: dict) -> bool:
+    return d["low"] <= 0.0 <= d["high"]
+
+
+def _pool_title(pool: str, report: dict) -> str:
+    p = report.get("pseudo_label", {}).get(pool, {})
+    title = f"{pool}: pseudo-labels"
+    if "score_std" in p and report.get("labeled_mos"):
+        title += f"\nstd {p['score_std']:.2f} vs labeled MOS {report['labeled_mos']['std']:.2f}"
+    if p.get("agreement"):
+        title += f", SRCC vs truth {p['agreement']['srcc']:.3f}"
+    return title
+
+
+def headline_rows(report: dict) -> list[list[str]]:
+    """The headline table: a header, then per model SRCC and PLCC with their 95 % intervals,
+    GFLOPs and parameters."""
+    intervals = report.get("intervals", {}).get("models", {})
+    rows = [["model", "SRCC [95% CI]", "PLCC [95% CI]", "GFLOPs", "params (M)"]]
+    for name in MODEL_ORDER:
+        if name not in report:
+            continue
+        r, ci = report[name], intervals.get(name, {})
+        rows.append(
+            [
+                name,
+                _ci(ci.get("srcc")) if ci else f"{r['srcc']:.4f}",
+                _ci(ci.get("plcc")) if ci else f"{r['plcc']:.4f}",
+                f"{r['gflops']:.3f}",
+                f"{r['params_m']:.2f}",
+            ]
+        )
+    return rows
+
+
+def _verdict(d: dict, model: str, baseline: str) -> str:
+    if _within_noise(d):
+        return f"within noise: {model} and {baseline} cannot be told apart on this test set"
+    return f"{model} {'beats' if d['value'] > 0 else 'TRAILS'} {baseline}"
+
+
+def findings(report: dict) -> list[str]:
+    """The findings, one sentence each: the paired differences with their 95 % intervals
+    ("within noise" when one contains 0), the cost, and compressed pseudo-labels."""
+    out = []
+    deltas = report.get("intervals", {}).get("deltas", {})
+    names = {
+        "self_training": ("Self-training", "teacher-plus", "the teacher"),
+        "distillation": ("Distillation", "the distilled student", "the labeled-only student"),
+    }
+    for key, (model, baseline) in DELTAS.items():
+        title, m, b = names[key]
+        d = deltas.get(key)
+        if d:
+            out.append(
+                f"{title}: {model} - {baseline}: SRCC {_ci(d['srcc'], True)}, "
+                f"PLCC {_ci(d['plcc'], True)}; {_verdict(d['srcc'], m, b)}."
+            )
+        elif model in report and baseline in report:  # a report written before intervals
+            diff = report[model]["srcc"] - report[baseline]["srcc"]
+            out.append(f"{title}: {model} - {baseline}: SRCC {diff:+.4f} (no interval).")
+    if "student_teacher_gflops_ratio" in report:
+        out.append(
+            f"Cost: the student needs {100 * report['student_teacher_gflops_ratio']:.1f}% "
+            "of the teacher's GFLOPs."
+        )
+    out += compression_notes(report)
+    return out
+
+
+def compression_notes(report: dict) -> list[str]:
+    """A note per pool whose pseudo-labels spread less than the labeled MOS does."""
+    labeled = report.get("labeled_mos")
+    if not labeled or not labeled.get("std"):
+        return []
+    out = []
+    for pool, p in report.get("pseudo_label", {}).items():
+        if "score_std" not in p:
+            continue
+        ratio = p["score_std"] / labeled["std"]
+        if ratio < COMPRESSED_BELOW:
+            out.append(
+                f"Pseudo-labels of {pool} are compressed: std {p['score_std']:.2f} against "
+                f"{labeled['std']:.2f} for the labeled MOS ({100 * ratio:.0f}%), range "
+                f"{p['score_min']:.2f}-{p['score_max']:.2f} against "
+                f"{labeled['min']:.2f}-{labeled['max']:.2f}: models trained on them learn "
+                "a narrower scale."
+            )
+    return out
+
+
+def _intervals_note(report: dict) -> str:
+    iv = report.get("intervals")
+    n = next((report[m]["n"] for m in MODEL_ORDER if m in report and "n" in report[m]), None)
+    images = f"{n} test images" if n else "the test set"
+    if not iv:
+        return f"Test set metrics on {images} (PLCC after a 4-parameter logistic fit)."
+    return (
+        f"Test set metrics on {images} (PLCC after a 4-parameter logistic fit); 95% intervals "
+        f"from {iv['resamples']} paired bootstrap resamples of the test images (seed {iv['seed']})."
+    )
+
+
+def headline_text(report: dict) -> str:
+    """The last screen of a run: the headline table and the findings, as plain text."""
+    rows = headline_rows(report)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [_intervals_note(report), ""]
+    for r in rows:
+        cells = [r[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    lines.append("")
+    lines += [f"- {f}" for f in findings(report)]
+    return "\n".join(lines)
+
+
 def _markdown(report: dict, plots: list[str]) -> str:
+    rows = headline_rows(report)
     lines = [
         "# FIQA self-training and distillation: report",
         "",
-        "Test set metrics (PLCC and RMSE after a 4-parameter logistic fit).",
+        _intervals_note(report),
         "",
-        "| model | arch | px | SRCC | PLCC | KRCC | RMSE | GFLOPs | params (M) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| "
+        + " | ".join(rows[0][:1] + ["arch", "px"] + rows[0][1:3])
+        + " | KRCC | RMSE | "
+        + " | ".join(rows[0][3:])
+        + " |",
+        "|---" * (len(rows[0]) + 4) + "|",
     ]
-    for name in MODEL_ORDER:
-        if name in report:
-            r = report[name]
-            lines.append(
-                f"| {name} | {r['arch']} | {r['image_size']} | {r['srcc']:.4f} | {r['plcc']:.4f} | "
-                f"{r['krcc']:.4f} | {r['rmse']:.4f} | {r['gflops']:.3f} | {r['params_m']:.2f} |"
-            )
-    lines += ["", "## Findings", ""]
-    t, tp = report.get("teacher"), report.get("teacher_plus")
-    s, sl = report.get("student"), report.get("student_labeled_only")
-    if t and tp:
-        verdict = "does not trail" if tp["srcc"] >= t["srcc"] else "TRAILS"
-        lines.append(
-            f"- Self-training: teacher-plus {verdict} the teacher "
-            f"(SRCC {tp['srcc']:.4f} vs {t['srcc']:.4f})."
-        )
-    if s and sl:
-        verdict = "beats" if s["srcc"] > sl["srcc"] else "does NOT beat"
-        lines.append(
-            f"- Distillation: the distilled student {verdict} the labeled-only student "
-            f"(SRCC {s['srcc']:.4f} vs {sl['srcc']:.4f})."
-        )
-    if "student_teacher_gflops_ratio" in report:
-        lines.append(
-            f"- Cost: the student needs {100 * report['student_teacher_gflops_ratio']:.1f}% "
-            f"of the teacher's GFLOPs."
-        )
+    for row in rows[1:]:
+        r = report[row[0]]
+        cells = [row[0], r["arch"], str(r["image_size"]), row[1], row[2]]
+        cells += [f"{r['krcc']:.4f}", f"{r['rmse']:.4f}", row[3], row[4]]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Findings", ""] + [f"- {f}" for f in findings(report)]
     lines += [
         "",
         "## Pseudo-labels",
         "",
-        "| pool | labeled | rejected | SRCC vs truth | PLCC vs truth | RMSE vs truth |",
-        "|---|---|---|---|---|---|",
+        "| pool | labeled | rejected | std (labeled MOS: "
+        + (f"{report['labeled_mos']['std']:.3f}" if report.get("labeled_mos") else "n/a")
+        + ") | SRCC vs truth | PLCC vs truth | RMSE vs truth |",
+        "|---|---|---|---|---|---|---|",
     ]
     for pool, p in report.get("pseudo_label", {}).items():
         a = p.get("agreement")
@@ -140,7 +264,8 @@ def _markdown(report: dict, plots: list[str]) -> str:
             if a
             else "n/a | n/a | n/a"
         )
-        lines.append(f"| {pool} | {p['labeled']} | {p['rejected']} | {cells} |")
+        std = f"{p['score_std']:.3f}" if "score_std" in p else "n/a"
+        lines.append(f"| {pool} | {p['labeled']} | {p['rejected']} | {std} | {cells} |")
     lines += ["", "## Plots", ""] + [
         f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots
     ]
@@ -150,7 +275,7 @@ def _markdown(report: dict, plots: list[str]) -> str:
 def write_report(
     out_dir: str, report: dict, predictions: dict, pools: dict, histories: dict
 ) -> dict:
-    plots = _plots(storage.join(out_dir, "plots"), predictions, pools, histories)
+    plots = _plots(storage.join(out_dir, "plots"), predictions, pools, histories, report)
     json_path = storage.join(out_dir, "report.json")
     storage.write_text(json_path, json.dumps(report, indent=2, sort_keys=True))
     md_path = storage.join(out_dir, "report.md")

@@ -1,8 +1,8 @@
 """Running stages in order, with manifests that make reruns cheap and resumable.
 
 Each stage writes its outputs in ``run_dir/<stage>/`` and then, last, a
-``manifest.json`` (stage, fingerprint, input fingerprints, counts, timings,
-and a fresh ``output_id``). A stage's fingerprint hashes the config sections
+``manifest.json`` (stage, fingerprint, input fingerprints, the stage's summary and
+headline, timings in seconds and ISO 8601 UTC, and a fresh ``output_id``). A stage's fingerprint hashes the config sections
 it reads, the shards it reads (path, size, mtime or ETag) and the
 ``output_id`` of every stage it depends on. So on a rerun:
 
@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import yaml
 
@@ -51,6 +52,7 @@ class Stage:
     files: tuple[str, ...] = ()  # data.* keys holding optional single files it reads
     after: tuple[str, ...] = ()  # stages whose outputs it reads
     description: str = ""
+    headline: Callable[[dict], str] | None = None  # its summary -> the metric `status` shows
 
 
 class StageContext:
@@ -77,6 +79,22 @@ class StageContext:
         if data_key not in self._shards:
             self._shards[data_key] = expand_shard_spec(getattr(self.cfg.data, data_key))
         return self._shards[data_key]
+
+
+def iso_time(t: float | None = None) -> str:
+    """``2026-12-04T16:59:25Z``: a manifest's times, readable and sortable."""
+    when = datetime.fromtimestamp(time.time() if t is None else t, tz=timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def stage_headline(stage: Stage, summary: dict | None) -> str:
+    """The stage's headline metric, or "" (none defined, or a summary it cannot read)."""
+    if not summary or stage.headline is None:
+        return ""
+    try:
+        return stage.headline(summary)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return ""  # a manifest from an older version of the stage
 
 
 def _stamp(info: dict) -> str:
@@ -160,7 +178,7 @@ def _prepare_stage_dir(path: str, fingerprint: str, fresh: bool = False) -> None
         storage.rm(path)
     # (this write creates a local stage directory)
     storage.write_json(
-        storage.join(path, "attempt.json"), {"fingerprint": fingerprint, "started_at": time.time()}
+        storage.join(path, "attempt.json"), {"fingerprint": fingerprint, "started_at": iso_time()}
     )
 
 
@@ -212,22 +230,25 @@ def run_stages(
         finished = bool(current) and current.get("fingerprint") == fp
         _prepare_stage_dir(path, fp, fresh=finished)  # (only a forced rerun gets here finished)
         t0 = time.time()
-        counts = stage.run(StageContext(cfg, stage, manifests, shards))
+        summary = stage.run(StageContext(cfg, stage, manifests, shards))
         seconds = time.time() - t0
         manifest = {
             "stage": stage.name,
             "fingerprint": fp,
             "config_fingerprint": cfg.fingerprint(*stage.sections),
             "inputs": inputs,
-            "counts": counts,
+            "summary": summary,  # what the stage returned: its counts, models, metrics
+            "headline": stage_headline(stage, summary),
             "seconds": round(seconds, 2),
-            "finished_at": time.time(),
+            "started_at": iso_time(t0),
+            "finished_at": iso_time(),
             "output_id": uuid.uuid4().hex,
         }
         storage.write_json(storage.join(path, "manifest.json"), manifest)  # the commit
         manifests[stage.name] = manifest
         outcome[stage.name] = "ran"
-        log.info("[%d/%d] %s: done in %.1f s", i + 1, len(stages), stage.name, seconds)
+        done = f"[{i + 1}/{len(stages)}] {stage.name}: done in {seconds:.1f} s"
+        log.info(done + (f": {manifest['headline']}" if manifest["headline"] else ""))
     return outcome
 
 
@@ -249,12 +270,15 @@ def stage_states(cfg: RunConfig, stages: list[Stage]) -> list[dict]:
             state = "partial"
         else:
             state = "pending"
+        summary = (m.get("summary", m.get("counts")) if m else None) or None
         rows.append(
             {
                 "stage": stage.name,
                 "state": state,
                 "seconds": m.get("seconds") if m else None,
-                "counts": m.get("counts") if m else None,
+                "finished_at": m.get("finished_at") if m else None,
+                "headline": (m.get("headline") or stage_headline(stage, summary)) if m else "",
+                "summary": summary,
             }
         )
     return rows

@@ -14,7 +14,7 @@ stage is resumed (``fit`` returns the summary its ``fit.json`` recorded).
 from __future__ import annotations
 
 from fiqa.runner import Stage, StageContext
-from fiqa.training import TrainJob, fit
+from fiqa.training import TrainJob, fit, fit_headline
 
 
 def run(ctx: StageContext) -> dict:
@@ -47,10 +47,15 @@ def run(ctx: StageContext) -> dict:
     return out
 
 
+def headline(summary: dict) -> str:
+    return "; ".join(f"{name}: {fit_headline(fit)}" for name, fit in summary.items())
+
+
 STAGE = Stage(
     name="distill_student",
     run=run,
     sections=("seed", "student", "distill_student"),
     after=("train_teacher", "pseudo_label_1", "pseudo_label_2"),
     description="distil the student on labeled + PL(U1) + PL(U2), and its labeled-only ablation",
+    headline=headline,
 )

@@ -4,9 +4,12 @@ Recipe:
 1. score ``data.test`` with the teacher, teacher-plus, student and labeled-only
    student through the same streaming engine as pseudo-labeling;
 2. SRCC, KRCC, and PLCC / RMSE after the 4-parameter logistic fit, per model;
-   GFLOPs per image and parameters;
-3. pseudo-label counts per pool, and their agreement with the pools' ground
-   truth when ``data.unlabeled_*_truth`` exists;
+   GFLOPs per image and parameters; 95 % bootstrap intervals on SRCC and PLCC
+   and on the self-training and distillation differences (paired: the same
+   resampled test images for every model);
+3. pseudo-label counts per pool, their spread against the labeled MOS's, and
+   their agreement with the pools' ground truth when ``data.unlabeled_*_truth``
+   exists;
 4. ``report.json``, ``report.md`` and plots in ``evaluate/``.
 
 Every path here may be local or ``s3://`` (`fiqa.storage`).
@@ -19,9 +22,11 @@ import io
 import numpy as np
 
 from fiqa import storage
+from fiqa.bootstrap import model_intervals
+from fiqa.calibration import fit_logistic
 from fiqa.data.tables import read_table
 from fiqa.metrics import quality_metrics
-from fiqa.report import write_report
+from fiqa.report import DELTAS, write_report
 from fiqa.runner import Stage, StageContext
 from fiqa.scoring import job_for_model, run_score_job
 
@@ -71,9 +76,10 @@ def run(ctx: StageContext) -> dict:
             min_side=cfg.data.min_image_side,
         )
         counts = run_score_job(job)
-        table = read_table(out + "/labels", columns=["raw_score", "mos"])
+        table = read_table(out + "/labels", columns=["key", "raw_score", "mos"])
         pred = table.column("raw_score").to_numpy(zero_copy_only=False).astype(np.float64)
         mos = table.column("mos").to_numpy(zero_copy_only=False).astype(np.float64)
+        keys = table.column("key").to_pylist()
         metrics = quality_metrics(pred, mos)
         cost = model_cost(loaded.model, loaded.image_size)
         report[name] = {
@@ -84,11 +90,15 @@ def run(ctx: StageContext) -> dict:
             "best_epoch": loaded.meta.get("epoch"),
             "rejected": counts["rejected"],
         }
-        predictions[name] = {"pred": pred, "mos": mos}
+        predictions[name] = {"pred": pred, "mos": mos, "keys": keys}
         try:
             histories[name] = storage.read_json(storage.join(ctx.run_dir, sub, "history.json"))
         except FileNotFoundError:
             pass
+
+    report["intervals"] = paired_intervals(predictions, seed=cfg.seed)
+    labeled = read_table(f"{ctx.dir('train_teacher')}/tables/labeled_train/labels", columns=["mos"])
+    report["labeled_mos"] = spread(labeled.column("mos").to_numpy(zero_copy_only=False))
 
     pools: dict = {}
     pool_scores: dict[str, dict] = {}
@@ -100,9 +110,10 @@ def run(ctx: StageContext) -> dict:
         entry = {
             "labeled": table.num_rows,
             "rejected": rejects.num_rows,
-            "shards": ctx.manifests[stage]["counts"].get("shards_total"),
+            "shards": stage_summary(ctx.manifests[stage]).get("shards_total"),
         }
         scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+        entry.update({f"score_{k}": v for k, v in spread(scores).items()})
         truth = _read_truth(getattr(cfg.data, f"{pool}_truth"))
         pool_scores[pool] = {"score": scores, "truth": None}
         if truth:
@@ -121,13 +132,48 @@ def run(ctx: StageContext) -> dict:
             report["student"]["gflops"] / report["teacher"]["gflops"]
         )
     paths = write_report(ctx.dir(), report, predictions, pool_scores, histories)
-    print(f"\nReport: {paths['md']}\n")
     return {
         "report": paths["json"],
-        **{
-            k: round(v["srcc"], 4) for k, v in report.items() if isinstance(v, dict) and "srcc" in v
-        },
+        "test_srcc": {m: round(report[m]["srcc"], 4) for m in MODELS},
+        "test_plcc": {m: round(report[m]["plcc"], 4) for m in MODELS},
     }
+
+
+def stage_summary(manifest: dict) -> dict:
+    """What a stage returned, from its manifest (``counts`` in manifests before ``summary``)."""
+    return manifest.get("summary", manifest.get("counts")) or {}
+
+
+def spread(values: np.ndarray) -> dict[str, float]:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return {}
+    return {"std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
+
+
+def paired_intervals(predictions: dict[str, dict], seed: int) -> dict:
+    """Bootstrap intervals over the test images every model scored, matched by key."""
+    common = set.intersection(*(set(p["keys"]) for p in predictions.values()))
+    keys = sorted(common)
+    preds, mapped, mos = {}, {}, None
+    for name, p in predictions.items():
+        at = {k: i for i, k in enumerate(p["keys"])}
+        order = np.array([at[k] for k in keys], dtype=np.int64)
+        preds[name] = p["pred"][order]
+        mos = p["mos"][order]
+        # the logistic of the whole test set, as the model's PLCC has it
+        mapped[name] = (
+            fit_logistic(preds[name], mos)(preds[name]) if len(keys) >= 4 else preds[name]
+        )
+    if mos is None or len(keys) < 4:
+        return {}
+    return model_intervals(preds, mapped, mos, DELTAS, seed=seed)
+
+
+def headline(summary: dict) -> str:
+    srcc = summary.get("test_srcc") or {}
+    return "test SRCC " + ", ".join(f"{m} {v:.4f}" for m, v in srcc.items()) if srcc else ""
 
 
 STAGE = Stage(
@@ -144,4 +190,5 @@ STAGE = Stage(
         "distill_student",
     ),
     description="evaluate all models on the test set and write the report",
+    headline=headline,
 )

@@ -29,3 +29,11 @@ def pseudo_label(ctx: StageContext, pool: str, model_stage: str, source: str) ->
         min_side=cfg.data.min_image_side,
     )
     return run_score_job(job)
+
+
+def headline(summary: dict) -> str:
+    """``1600 scored, 0 rejected`` (this attempt's: shards committed earlier are not counted)."""
+    line = f"{summary['scored']} scored, {summary['rejected']} rejected"
+    if summary.get("shards_skipped"):
+        line += f" ({summary['shards_skipped']} shard(s) committed by an earlier attempt)"
+    return line

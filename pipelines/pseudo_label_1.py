@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fiqa.pipelines.pseudo_label import pseudo_label
+from fiqa.pipelines.pseudo_label import headline, pseudo_label
 from fiqa.runner import Stage, StageContext
 
 
@@ -17,4 +17,5 @@ STAGE = Stage(
     data=("unlabeled_1",),
     after=("train_teacher",),
     description="the teacher pseudo-labels pool U1",
+    headline=headline,
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fiqa.pipelines.pseudo_label import pseudo_label
+from fiqa.pipelines.pseudo_label import headline, pseudo_label
 from fiqa.runner import Stage, StageContext
 
 
@@ -19,4 +19,5 @@ STAGE = Stage(
     data=("unlabeled_2",),
     after=("train_teacher_plus",),
     description="the teacher-plus pseudo-labels pool U2",
+    headline=headline,
 )

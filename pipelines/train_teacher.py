@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from fiqa.runner import Stage, StageContext
 from fiqa.scoring import ScoreJob, run_score_job
-from fiqa.training import TrainJob, fit
+from fiqa.training import TrainJob, fit, fit_headline
 
 
 def ingest_labeled(ctx: StageContext, split: str) -> dict:
@@ -60,4 +60,5 @@ STAGE = Stage(
     sections=("seed", "data", "teacher", "train_teacher"),
     data=("labeled_train", "labeled_val"),
     description="train the teacher on labeled faces",
+    headline=lambda summary: fit_headline(summary["training"]),
 )

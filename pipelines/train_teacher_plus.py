@@ -11,7 +11,7 @@ instead of from scratch (or from ``teacher.pretrained_weights``).
 from __future__ import annotations
 
 from fiqa.runner import Stage, StageContext
-from fiqa.training import TrainJob, fit
+from fiqa.training import TrainJob, fit, fit_headline
 
 
 def run(ctx: StageContext) -> dict:
@@ -41,4 +41,5 @@ STAGE = Stage(
     sections=("seed", "teacher", "train_teacher_plus"),
     after=("train_teacher", "pseudo_label_1"),
     description="self-training: teacher-plus on labeled + PL(U1)",
+    headline=lambda summary: fit_headline(summary["training"]),
 )

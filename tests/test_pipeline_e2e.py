@@ -93,7 +93,7 @@ def test_every_stage_ran_and_wrote_its_manifest(finished_run):
 
 
 def test_labeled_tables_account_for_every_sample(finished_run):
-    m = manifest(finished_run["run_dir"], "train_teacher")["counts"]
+    m = manifest(finished_run["run_dir"], "train_teacher")["summary"]
     assert m["labeled_train"]["scored"] + m["labeled_train"]["rejected"] == 256
     assert m["labeled_val"]["scored"] == 64
     assert m["training"]["epochs"] == 2

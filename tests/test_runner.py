@@ -1,5 +1,7 @@
 """Manifests, fingerprints and reruns, with stand-in stages (no Ray needed)."""
 
+import dataclasses
+
 import pytest
 
 from fiqa.config import from_dict
@@ -93,3 +95,39 @@ def test_a_stage_reads_the_shards_listed_and_fingerprinted_at_the_start(setup, t
     # the next run sees the new shard, so b's inputs changed and it runs again
     assert run_stages(from_dict(raw), stages) == {"a": "skipped", "b": "ran"}
     assert seen == [["p0.tar"], ["p0.tar", "p1.tar"]]
+
+
+def test_a_manifest_names_its_fields_honestly_with_iso_times(setup):
+    import json
+    from datetime import datetime
+    from pathlib import Path
+
+    raw, stages, _ = setup
+    stages[0] = dataclasses.replace(stages[0], headline=lambda s: f"ok={s['ok']}")
+    run_stages(from_dict(raw), stages)
+    m = json.loads((Path(raw["run_dir"]) / "a" / "manifest.json").read_text())
+    assert m["summary"] == {"ok": 1} and "counts" not in m
+    assert m["headline"] == "ok=1"
+    started = datetime.fromisoformat(m["started_at"].replace("Z", "+00:00"))
+    finished = datetime.fromisoformat(m["finished_at"].replace("Z", "+00:00"))
+    assert started <= finished and finished.tzinfo is not None
+    rows = stage_states(from_dict(raw), stages)
+    assert [r["headline"] for r in rows] == ["ok=1", "", ""]
+    assert rows[0]["summary"] == {"ok": 1} and rows[0]["finished_at"] == m["finished_at"]
+
+
+def test_status_reads_manifests_written_before_summary_and_iso_times(setup):
+    import json
+    from pathlib import Path
+
+    raw, stages, _ = setup
+    stages[0] = dataclasses.replace(stages[0], headline=lambda s: f"ok={s['ok']}")
+    run_stages(from_dict(raw), stages)
+    path = Path(raw["run_dir"]) / "a" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["counts"] = m.pop("summary")
+    del m["headline"]
+    m["finished_at"] = 1764867565.0
+    path.write_text(json.dumps(m))
+    row = stage_states(from_dict(raw), stages)[0]
+    assert row["state"] == "done" and row["headline"] == "ok=1" and row["summary"] == {"ok": 1}

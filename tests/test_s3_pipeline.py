@@ -62,11 +62,11 @@ def reshard(src_dir: Path, out_dir: Path, per_shard: int) -> list[Path]:
 class Run:
     """`fiqa run` in its own process group; output to a log file; nothing else on disk."""
 
-    def __init__(self, workdir: Path, cfg_path: Path, env: dict, name: str):
+    def __init__(self, workdir: Path, cfg_path: Path, env: dict, name: str, *flags: str):
         self.log = workdir / f"{name}.log"
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(
-                [*fiqa_cmd(), "run", str(cfg_path)],
+                [*fiqa_cmd(), *flags, "run", str(cfg_path)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -177,7 +177,7 @@ def s3_pipeline(s3_server, tiny_data, tmp_path_factory):
     seen["logs"].append(run.text())
 
     # 3. resumed; the storage server goes away for a while as pseudo_label_2 starts
-    run = Run(work, cfg_path, env, "run3")
+    run = Run(work, cfg_path, env, "run3", "-v")  # -v: Ray Train's INFO lines, checked below
     run.wait_for(lambda: fs.exists(key("pseudo_label_2/attempt.json")), "pseudo_label_2")
     s3_server.stop()
     time.sleep(OUTAGE_S)
@@ -206,7 +206,7 @@ def test_kill_during_pseudo_labeling_resumes_at_shard_level(s3_pipeline):
     assert 1 <= len(committed) <= U1_SHARDS and not s3_pipeline["pl1_manifest_after_kill"]
     assert s3_pipeline["status_after_kill"]["train_teacher"] == "done"
     assert s3_pipeline["status_after_kill"]["pseudo_label_1"] == "partial"
-    counts = s3_pipeline["pl1_manifest"]["counts"]
+    counts = s3_pipeline["pl1_manifest"]["summary"]
     # the work was counted, not assumed: committed shards were skipped, the rest scored
     assert counts["shards_total"] == U1_SHARDS
     assert counts["shards_skipped"] == len(committed)
@@ -233,7 +233,7 @@ def test_kill_during_training_resumes_from_the_bucket_checkpoint(s3_pipeline):
     # The epochs trained before the kill come back from the checkpoint byte for byte
     # (timings included); a restart from scratch would have measured them again.
     assert after[: len(before)] == before and len(before) >= 1
-    training = s3_pipeline["manifests"]["train_teacher_plus"]["counts"]["training"]
+    training = s3_pipeline["manifests"]["train_teacher_plus"]["summary"]["training"]
     assert training["epochs"] == 3
     # Ray Train found the run's checkpoints in the bucket (not on this machine's disk)
     assert "A run snapshot was found in storage folder" in s3_pipeline["run3"]
@@ -242,7 +242,7 @@ def test_kill_during_training_resumes_from_the_bucket_checkpoint(s3_pipeline):
 def test_storage_outage_during_a_stage(s3_pipeline):
     m = s3_pipeline["manifests"]["pseudo_label_2"]
     assert m["seconds"] >= OUTAGE_S - 1  # the stage was running across the outage
-    assert m["counts"]["scored"] == 192 and m["counts"]["rejected"] == 0
+    assert m["summary"]["scored"] == 192 and m["summary"]["rejected"] == 0
 
 
 def test_finished_run_in_the_bucket(s3_pipeline):

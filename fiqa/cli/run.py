@@ -11,7 +11,7 @@ from fiqa import storage
 from fiqa.cluster.local import ensure_ray
 from fiqa.config import ConfigError, load_config
 from fiqa.pipelines import STAGE_NAMES, STAGES
-from fiqa.runner import load_run_config, run_stages, stage_states
+from fiqa.runner import iso_time, load_run_config, run_stages, stage_states
 
 
 def cmd_make_demo_data(args: argparse.Namespace) -> int:
@@ -79,10 +79,26 @@ def _run(args: argparse.Namespace, only: str | None) -> int:
         + (f" ({', '.join(ran)})" if ran else "")
         + f", {len(outcome) - len(ran)} up to date"
     )
-    report = f"{cfg.run_dir.rstrip('/')}/evaluate/report.md"
-    if storage.exists(report):
-        print(f"report: {report}")
+    print_results(cfg.run_dir)
     return 0
+
+
+def report_paths(run_dir: str) -> tuple[str, str]:
+    base = f"{run_dir.rstrip('/')}/evaluate"
+    return f"{base}/report.json", f"{base}/report.md"
+
+
+def print_results(run_dir: str) -> None:
+    """The last screen of a run: the report's headline table and findings, and its path."""
+    from fiqa.report import headline_text
+
+    json_path, md_path = report_paths(run_dir)
+    try:
+        report = storage.read_json(json_path)
+    except FileNotFoundError:
+        return
+    print("\n" + headline_text(report) + "\n")
+    print(f"report: {md_path}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -99,10 +115,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    print(f"{'stage':<22} {'state':<8} {'seconds':>8}")
+    print(f"{'stage':<20} {'state':<8} {'seconds':>8}  {'finished (UTC)':<20}  headline")
     for r in rows:
         secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"
-        print(f"{r['stage']:<22} {r['state']:<8} {secs:>8}")
+        when = r["finished_at"] or "-"
+        if isinstance(when, int | float):  # a manifest written before ISO times
+            when = iso_time(when)
+        line = f"{r['stage']:<20} {r['state']:<8} {secs:>8}  {when:<20}  {r['headline'] or ''}"
+        print(line.rstrip())
+    json_path, md_path = report_paths(args.run_dir)
+    if storage.exists(md_path):
+        print(f"report: {md_path}")
     return 0
 
 

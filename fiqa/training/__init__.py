@@ -1,8 +1,10 @@
 """The training engine: a quality regressor trained with Ray Train over Parquet tables.
 
-- `job`: what to train (`TrainJob`), where a fit writes (`RunPaths`), the finished-fit mark;
+- `job`: what to train (`TrainJob`), where a fit writes (`RunPaths`), the finished-fit mark,
+  its headline;
 - `data`: the Ray Data side: Parquet parts to decoded, cropped, flipped batches; table stats;
 - `step`: forward and backward of micro-batches (gradient accumulation, DDP ``no_sync``);
+- `progress`: rank 0's line every 30 s within an epoch (steps, images/s, ETA);
 - `loop`: `train_loop_per_worker`: resume, then per epoch train, validate, calibrate, checkpoint;
 - `checkpoints`: Ray Train checkpoints: save, resume, refuse another config's, export the best;
 - `tensorboard`: rank 0's scalars, uploaded to the run directory after every epoch;
@@ -13,7 +15,7 @@ Importing the package imports neither torch nor timm (Ray Data tasks import `dat
 
 from fiqa.config import batch_plan, effective_lr  # the batch and lr rules training applies
 from fiqa.training.checkpoints import check_resumable
-from fiqa.training.job import RunPaths, TrainJob, run_paths
+from fiqa.training.job import RunPaths, TrainJob, fit_headline, run_paths
 from fiqa.training.trainer import fit
 
 __all__ = [
@@ -23,5 +25,6 @@ __all__ = [
     "check_resumable",
     "effective_lr",
     "fit",
+    "fit_headline",
     "run_paths",
 ]

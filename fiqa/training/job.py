@@ -91,3 +91,12 @@ def finished_fit(job: TrainJob, paths: RunPaths) -> dict | None:
         log.info("%s: %s found but no model in %s; training", job.name, paths.fit, paths.model)
         return None
     return done
+
+
+def fit_headline(summary: dict) -> str:
+    """``val SRCC 0.8139 PLCC 0.8218 (epoch 8/10)``: a finished fit's best epoch."""
+    val = summary["val"]
+    return (
+        f"val SRCC {val['srcc']:.4f} PLCC {val['plcc']:.4f} "
+        f"(epoch {summary['best_epoch']}/{summary['epochs']})"
+    )

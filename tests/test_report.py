@@ -1,0 +1,135 @@
+"""The report's headline table and findings: the last screen of a run and report.md."""
+
+from fiqa.report import _markdown, findings, headline_text
+
+MODELS = ("teacher", "teacher_plus", "student", "student_labeled_only")
+
+
+def ci(value, low, high):
+    return {"value": value, "low": low, "high": high}
+
+
+def a_report():
+    report = {
+        m: {
+            "srcc": 0.8 - 0.1 * i,
+            "plcc": 0.81 - 0.1 * i,
+            "krcc": 0.6,
+            "rmse": 0.5,
+            "gflops": 0.5 if i < 2 else 0.05,
+            "params_m": 5.0 if i < 2 else 1.5,
+            "arch": "resnet10t",
+            "image_size": 64,
+            "n": 600,
+        }
+        for i, m in enumerate(MODELS)
+    }
+    report["intervals"] = {
+        "models": {
+            m: {
+                "srcc": ci(0.8 - 0.1 * i, 0.77 - 0.1 * i, 0.83 - 0.1 * i),
+                "plcc": ci(0.81, 0.78, 0.84),
+            }
+            for i, m in enumerate(MODELS)
+        },
+        "deltas": {
+            "self_training": {"srcc": ci(0.0025, -0.01, 0.015), "plcc": ci(0.001, -0.012, 0.014)},
+            "distillation": {"srcc": ci(0.29, 0.25, 0.33), "plcc": ci(0.3, 0.26, 0.34)},
+        },
+        "resamples": 1000,
+        "seed": 0,
+    }
+    report["student_teacher_gflops_ratio"] = 0.1
+    report["labeled_mos"] = {"std": 1.0, "min": 1.0, "max": 5.0}
+    report["pseudo_label"] = {
+        "unlabeled_1": {
+            "labeled": 1600,
+            "rejected": 0,
+            "score_std": 0.55,
+            "score_min": 1.7,
+            "score_max": 4.7,
+        },
+        "unlabeled_2": {
+            "labeled": 1600,
+            "rejected": 0,
+            "score_std": 0.95,
+            "score_min": 1.1,
+            "score_max": 4.9,
+        },
+    }
+    return report
+
+
+def test_the_headline_table_has_every_model_with_its_intervals():
+    lines = headline_text(a_report()).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("model"))
+    assert "SRCC [95% CI]" in lines[header] and "PLCC [95% CI]" in lines[header]
+    rows = lines[header + 1 : header + 5]
+    assert [r.split()[0] for r in rows] == list(MODELS)
+    assert "0.8000 [0.7700, 0.8300]" in rows[0]
+    assert len({len(r) for r in rows}) == 1  # the columns line up
+    assert "600 test images" in lines[0] and "1000 paired bootstrap resamples" in lines[0]
+
+
+def test_findings_call_an_interval_containing_zero_within_noise():
+    f = findings(a_report())
+    self_training = next(x for x in f if x.startswith("Self-training"))
+    assert "within noise" in self_training and "+0.0025 [-0.0100, +0.0150]" in self_training
+    distillation = next(x for x in f if x.startswith("Distillation"))
+    assert "within noise" not in distillation
+    assert "the distilled student beats the labeled-only student" in distillation
+
+
+def test_a_difference_below_zero_trails():
+    report = a_report()
+    report["intervals"]["deltas"]["self_training"]["srcc"] = ci(-0.05, -0.08, -0.02)
+    self_training = next(x for x in findings(report) if x.startswith("Self-training"))
+    assert "teacher-plus TRAILS the teacher" in self_training
+
+
+def test_compressed_pseudo_labels_get_a_note_and_others_none():
+    notes = [x for x in findings(a_report()) if x.startswith("Pseudo-labels")]
+    assert len(notes) == 1 and "unlabeled_1" in notes[0]
+    assert "std 0.55 against 1.00" in notes[0] and "1.70-4.70 against 1.00-5.00" in notes[0]
+
+
+def test_report_md_has_the_same_table_and_findings():
+    md = _markdown(a_report(), ["/x/plots/pred_vs_mos.png"])
+    assert "| teacher | resnet10t | 64 | 0.8000 [0.7700, 0.8300] |" in md
+    for line in findings(a_report()):
+        assert f"- {line}" in md
+    assert "| unlabeled_1 | 1600 | 0 | 0.550 | n/a | n/a | n/a |" in md
+
+
+def test_a_report_without_intervals_still_renders():
+    report = a_report()
+    del report["intervals"]
+    text = headline_text(report)
+    assert "0.8000" in text and "no interval" in text
+
+
+def test_write_report_with_metrics_in_the_plot_titles(tmp_path):
+    import numpy as np
+
+    from fiqa.pipelines.evaluate import paired_intervals, spread
+    from fiqa.report import write_report
+
+    rng = np.random.default_rng(0)
+    mos = rng.uniform(1, 5, 80)
+    keys = [f"k{i:03d}" for i in range(80)]
+    predictions = {}
+    for i, m in enumerate(MODELS):
+        order = rng.permutation(80)  # each model's table lists the images in its own order
+        pred = mos + rng.normal(0, 0.3 + 0.3 * i, 80)
+        predictions[m] = {"pred": pred[order], "mos": mos[order], "keys": [keys[j] for j in order]}
+    report = a_report()
+    report["intervals"] = paired_intervals(predictions, seed=0)
+    report["labeled_mos"] = spread(mos)
+    pools = {"unlabeled_1": {"score": 3 + 0.5 * rng.normal(size=50), "truth": None}}
+    history = [{"epoch": 1, "train_loss": 1.0, "val_srcc": 0.5, "loss_by_source": {"labeled": 1}}]
+    paths = write_report(str(tmp_path), report, predictions, pools, {"teacher": history})
+    assert all((tmp_path / "plots" / p).stat().st_size > 5000 for p in ("pred_vs_mos.png",))
+    assert set(report["intervals"]["deltas"]) == {"self_training", "distillation"}
+    teacher = report["intervals"]["models"]["teacher"]["srcc"]
+    assert teacher["low"] < teacher["value"] < teacher["high"] and teacher["value"] > 0.9
+    assert "| teacher |" in (tmp_path / "report.md").read_text() and paths["plots"]

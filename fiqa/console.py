@@ -195,6 +195,11 @@ class NativeStderrFilter:
         if cls._installed is not None:
             return
         try:
+            if sys.stderr.fileno() != 2:
+                return  # Python's stderr was redirected (a test, an embedding app): leave it be
+        except (AttributeError, OSError, ValueError):
+            return
+        try:
             cls._installed = cls()
         except OSError:  # no descriptor 2 to filter (a daemon, a closed stderr)
             return

@@ -418,7 +418,8 @@ def test_training_curves_plot_per_source_losses(tmp_path):
     old = [{"epoch": 1, "train_loss": 1.0, "val_srcc": 0.4}]  # a history from before the split
     preds = {"teacher": {"pred": np.linspace(0, 1, 8), "mos": np.linspace(1, 5, 8)}}
     pools = {"unlabeled_1": {"score": np.linspace(1, 5, 8)}}
-    files = _plots(str(tmp_path), preds, pools, {"teacher": hist, "student": old})
+    report = {"teacher": {"srcc": 0.9, "plcc": 0.8}}
+    files = _plots(str(tmp_path), preds, pools, {"teacher": hist, "student": old}, report)
     assert Path(files[-1]).name == "training_curves.png" and Path(files[-1]).stat().st_size > 5000
 
 

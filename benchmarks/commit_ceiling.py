@@ -34,7 +34,7 @@ from fiqa.scoring.stream import rows_per_block
 class InstantScorer:
     """The scoring actor's interface, scoring nothing: raw_score 0 at once."""
 
-    def __init__(self, model_path: str, threads=None, compile=False, pin_cores=None):
+    def __init__(self, model_path: str, **_):
         pass
 
     def __call__(self, batch: pa.Table) -> pa.Table:

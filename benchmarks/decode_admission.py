@@ -113,7 +113,7 @@ def main() -> None:
                 + (f" capped at {cap:.0f} MiB by Ray Data" if buffer > cap else "")
                 + f": decode tasks at once {steady}, at most {tasks.peak} of "
                 f"{plan['decode_tasks']}, each at most {tasks.peak_uss / 2**20:.0f} MiB (USS; "
-                f"reserved {cfg.decode_memory_mb} MiB)   {run.images / run.seconds:6.1f} "
+                f"reserved {plan['decode_memory_bytes'] // 2**20} MiB)   {run.images / run.seconds:6.1f} "
                 f"img/s on this machine, {run.images} images in {run.seconds:.1f} s, "
                 f"{run.stats['rejected']} rejected",
                 flush=True,

@@ -21,48 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
-from collections.abc import Callable
 
-from harness import MODELS, label_run, make_checkpoint, pool_shards, scratch
-
-from fiqa.scoring.decode_task import read_and_decode
-from fiqa.scoring.scorer import Scorer
-
-
-def timed_seams(events_file: str) -> tuple[type, Callable]:
-    """The engine's actor class and decode task, noting their times in ``events_file`` (one
-    JSON line each, wall-clock: they run in other processes). A closure rather than module
-    globals: Ray ships it to the workers with the file's name in it."""
-
-    def note(**event) -> None:
-        with open(events_file, "a") as f:
-            f.write(json.dumps({**event, "pid": os.getpid()}) + "\n")
-
-    class TimedScorer(Scorer):
-        def __init__(self, *args, **kwargs):
-            start = time.time()
-            import torch  # noqa: F401  (what the constructor imports first, timed apart)
-
-            after_torch = time.time()
-            import timm  # noqa: F401
-
-            after_timm = time.time()
-            super().__init__(*args, **kwargs)
-            note(actor_start=start, torch=after_torch, timm=after_timm, actor_ready=time.time())
-            self._first = True
-
-        def __call__(self, batch):
-            if self._first:
-                note(first_batch=time.time())
-                self._first = False
-            return super().__call__(batch)
-
-    def timed_read_and_decode(batch, job):
-        note(decode_task=time.time())
-        yield from read_and_decode(batch, job)
-
-    return TimedScorer, timed_read_and_decode
+from harness import MODELS, label_run, make_checkpoint, pool_shards, scratch, timed_seams
 
 
 def main() -> None:

@@ -44,7 +44,9 @@ def _check_decode_cpus(held: float, decode: float, need: str, who: str, advice: 
 
 
 def plan_scoring(cfg: ScoringConfig, with_model: bool) -> ScoringConfig:
-    """``cfg`` with GPUs per actor filled in; refuses plans that would starve or wait for ever.
+    """``cfg`` with GPUs per actor and where to decode filled in; refuses plans that would
+    starve or wait for ever. ``decode`` auto: in the actors where they have GPUs (nvJPEG), in
+    the CPU decode tasks otherwise.
 
     A pool whose smallest size needs more GPUs than a fixed cluster has would wait for ever;
     GPUs a growing cluster does not have yet only warn.
@@ -52,6 +54,8 @@ def plan_scoring(cfg: ScoringConfig, with_model: bool) -> ScoringConfig:
     _, total_gpu = _cluster()
     if cfg.num_gpus is None:
         cfg = dataclasses.replace(cfg, num_gpus=1.0 if total_gpu >= 1 else 0.0)
+    if cfg.decode == "auto":
+        cfg = dataclasses.replace(cfg, decode="actor" if with_model and cfg.num_gpus else "tasks")
     min_actors, max_actors = cfg.actor_range()
     _check_decode_cpus(
         max_actors * cfg.num_cpus if with_model else 0.0,

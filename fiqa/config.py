@@ -110,8 +110,17 @@ class ScoringConfig:
     num_cpus: float = 1.0  # per actor
     torch_threads: int | None = None
     decode_cpus: float = 1.0  # per decode task
-    decode_memory_mb: int = 512  # reserved (Ray's logical memory) per decode task
+    # Reserved (Ray's logical memory) per decode task; None: what it holds at its peak, from
+    # the crop, the block and the pool's first images (fiqa.scoring.stream.decode_task_memory).
+    decode_memory_mb: int | None = None
     compile: bool = False  # torch.compile the model in each actor (pays off on GPUs, long jobs)
+    # Where JPEGs are decoded: "tasks" (CPU decode tasks), "actor" (the scoring actor: nvJPEG
+    # on its GPU), or "auto": the actor where actors have GPUs (fiqa.scoring.device_decode).
+    decode: str = "auto"
+    # The model's arithmetic on a GPU, in PyTorch Lightning's names: "16-mixed" (fp16 autocast:
+    # bf16's speed with 8x finer rounding), "bf16-mixed", "16-true" / "bf16-true" (the weights
+    # too), "32-true". A CPU always runs 32-true.
+    precision: str = "16-mixed"
     # CPU actors on cores of their own, decode tasks on the others (fiqa.cluster.cores):
     # true, false, or null: where a node's cores are all its processes may use.
     pin_cores: bool | None = None
@@ -125,6 +134,10 @@ class ScoringConfig:
         """(min, max) actors of the scoring pool."""
         c = self.concurrency
         return (c, c) if isinstance(c, int) else (c[0], c[1])
+
+
+DECODE_PLACES = ("auto", "tasks", "actor")
+PRECISIONS = ("16-mixed", "bf16-mixed", "16-true", "bf16-true", "32-true")
 
 
 @dataclass
@@ -328,12 +341,18 @@ def check_scoring_config(lc: ScoringConfig, where: str) -> None:
         raise ConfigError(f"{where}.batch_size: must be >= 1, got {lc.batch_size}")
     if lc.num_gpus is not None and lc.num_gpus < 0:
         raise ConfigError(f"{where}.num_gpus: must be >= 0, got {lc.num_gpus}")
-    if lc.decode_memory_mb < 1:
+    if lc.decode_memory_mb is not None and lc.decode_memory_mb < 1:
         raise ConfigError(f"{where}.decode_memory_mb: must be >= 1, got {lc.decode_memory_mb}")
     if lc.buffer_mb is not None and lc.buffer_mb < 16:
         raise ConfigError(f"{where}.buffer_mb: must be >= 16 (or null for automatic)")
     if lc.decode_cpus <= 0 or lc.num_cpus < 0:
         raise ConfigError(f"{where}: decode_cpus must be > 0 and num_cpus >= 0")
+    if lc.decode not in DECODE_PLACES:
+        raise ConfigError(f"{where}.decode: one of {', '.join(DECODE_PLACES)}, got {lc.decode!r}")
+    if lc.precision not in PRECISIONS:
+        raise ConfigError(
+            f"{where}.precision: one of {', '.join(PRECISIONS)}, got {lc.precision!r}"
+        )
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

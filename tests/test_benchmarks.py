@@ -122,50 +122,41 @@ def test_label_gpu_refuses_a_machine_without_a_gpu_and_runs_on_cpu_when_allowed(
         )
         assert proc.returncode != 0
         assert "no CUDA GPU here" in proc.stderr
+    figures = tmp_path / "label_gpu.json"
     out = run_benchmark(
         "label_gpu.py",
         "--allow-cpu",
-        "--model", "resnet10t",
-        "--image-size", "64",
         "--source-size", "96",
         "--images", "512",
         "--copies", "2",  # 2 shards, the second with its keys prefixed
-        "--batch-sizes", "16", "32",
-        "--gpus-per-actor", "1",
-        "--buffer-mb", "0", "256",
+        "--teacher-shards", "1",
+        "--compile-models",  # none: nothing compiled on a CPU
         "--seconds", "0.2",
-        "--work", str(tmp_path),
+        "--json", str(figures),
+        "--work", str(tmp_path / "work"),
     )  # fmt: skip
     assert "pool: 2 shards, 1024 synthetic 96 px JPEGs" in out
-    bound = dict(re.findall(rf"\(a\) +model-only, batch +(\d+): +{RATE} img/s", out))
-    assert set(bound) == {"16", "32"}, out
-    best = max(bound, key=lambda b: float(bound[b]))
-    actor = re.search(
-        rf"\(a'\) actor-only, batch +{best}: +{RATE} img/s per GPU +a'/a ([0-9.]+)", out
-    )
-    assert actor, out  # (a') and (d) run at (a)'s fastest batch size
-    assert float(actor.group(2)) == pytest.approx(
-        float(actor.group(1)) / float(bound[best]), abs=0.006
-    )
-    d = re.search(
-        rf"\(d\) +pipeline, 1 actor\(s\) x 1 GPU, batch {best}, stream buffer \d+ MiB \(default\) "
-        rf"in blocks of \d+: +{RATE} img/s per GPU +"
-        rf"d/a ([0-9.]+) .*\((\d+) images in [0-9.]+ s, first shard at [0-9.]+ s, (\d+) rejected\)",
-        out,
-    )
-    assert d, out
-    assert float(d.group(2)) == pytest.approx(float(d.group(1)) / float(bound[best]), abs=0.006)
-    # Every image of both copies is scored: the copy's keys are distinct, none is a duplicate.
-    assert (int(d.group(3)), int(d.group(4))) == (1024, 0)
+    result = json.loads(figures.read_text())
+    assert set(result["models"]) == {"teacher", "student"}
+    for role, m in result["models"].items():
+        bound = {k: v for k, v in m["bound"].items() if k.startswith("eager")}
+        assert len(bound) == 2 and all(v["images_per_s"] > 0 for v in bound.values()), role
+        assert m["a"] == max(v["images_per_s"] for v in bound.values())  # (a'), (d) at the best
+        assert all(v["mos_error"] < 1e-6 for v in bound.values())  # fp32 against fp32 on a CPU
+        assert m["actor_only"]["pixels"] > 0 and m["actor_only"]["bytes"] > 0
+        assert m["decode"]["cpu_one_core"] > 0 and m["decode"]["device"] > 0
+        runs = m["pipelines"]
+        assert len(runs) == 2, runs.keys()  # decoding in the actors, then in the tasks
+        images = 512 if role == "teacher" else 1024  # the teacher's pool: --teacher-shards 1
+        for name, d in runs.items():
+            # Every image is scored: the copy's keys are distinct, none is a duplicate.
+            assert (d["images"], d["rejected"]) == (images, 0), name
+            assert d["max_decode_tasks"] >= 1, name  # the decode tasks were seen running
+            assert 20 <= d["decode_task_peak_mib"] <= d["decode_task_reserved_mib"], name
+            s = d["startup"]
+            assert s["actor_start"] <= s["actor_ready (loaded, warmed up)"], name
+            assert s["first_batch_arrives"] <= s["first_batch_scored"] <= s["first_commit"], name
     assert "n/a (2 shards; it needs 16 or more)" in out
-    assert re.search(r"decode tasks running at once: at most [1-9]\d* \(of \d+ CPUs\)", out), out
-    # A running decode task was measured: a Ray worker holding numpy, pyarrow and its blocks.
-    memory = re.search(
-        r"a decode task's memory at most (\d+) MiB \(USS; it reserves 512 MiB\)", out
-    )
-    assert memory and int(memory.group(1)) >= 20, out
-    # Then the same with a buffer of its own: one (d) line per --buffer-mb.
-    assert re.search(rf"batch {best}, stream buffer 256 MiB in blocks of \d+: +{RATE} img/s", out)
 
 
 def test_decode_admission_counts_the_decode_tasks_of_each_buffer(tmp_path):
@@ -189,12 +180,12 @@ def test_decode_admission_counts_the_decode_tasks_of_each_buffer(tmp_path):
     lines = re.findall(
         r"stream buffer +(\d+) MiB( \(default\))? *: decode tasks at once n/a in steady state "
         r"\(2 shards; it needs 16 or more\), at most (\d+) of (\d+), each at most (\d+) MiB "
-        r"\(USS; reserved 512 MiB\) .* (\d+) images in "
+        r"\(USS; reserved (\d+) MiB\) .* (\d+) images in "
         r"[0-9.]+ s, (\d+) rejected",
         out,
     )
     assert len(lines) == 2, out
-    (default_mib, default, peak, slots, task_mib, n, rejected), (mib, plain, *_) = lines
+    (default_mib, default, peak, slots, task_mib, reserved, n, rejected), (mib, plain, *_) = lines
     assert default and not plain and mib == "256"
     # The bound the engine logged: 3 decode tasks beside the actor, 16/3 blocks of 256 each.
     cfg = ScoringConfig(batch_size=256)
@@ -202,6 +193,7 @@ def test_decode_admission_counts_the_decode_tasks_of_each_buffer(tmp_path):
     assert (int(default_mib), slots) == (round(expected / 2**20), "3")
     assert 1 <= int(peak) <= 3  # the decode tasks were seen running, never more than the CPUs
     assert int(task_mib) >= 20  # and measured: a Ray worker with numpy, pyarrow, its blocks
+    assert int(task_mib) <= int(reserved)  # within what it reserved (sized for its blocks)
     assert (int(n), int(rejected)) == (1024, 0)
 
 

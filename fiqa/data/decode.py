@@ -56,17 +56,7 @@ def decode_image(
     """
     if crop is not None and not 0 < crop <= resize:
         raise ValueError(f"crop {crop} must be between 1 and resize {resize}")
-    if not data:
-        raise RejectedSample("empty_image")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Exception as e:  # PIL raises a variety of errors on garbage
-        raise RejectedSample("not_an_image", type(e).__name__) from None
-    w, h = img.size
-    if w * h > max_pixels:
-        raise RejectedSample("too_many_pixels", f"{w}x{h} > {max_pixels}")
-    if min(w, h) < min_side:
-        raise RejectedSample("too_small", f"{w}x{h} < {min_side}")
+    img = open_checked(data, max_pixels, min_side)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -91,6 +81,86 @@ def decode_image(
     return np.asarray(img, dtype=np.uint8)
 
 
+def open_checked(data: bytes, max_pixels: int, min_side: int) -> Image.Image:
+    """The image's header, parsed (no pixel is decoded), or the reason it cannot be used."""
+    if not data:
+        raise RejectedSample("empty_image")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Exception as e:  # PIL raises a variety of errors on garbage
+        raise RejectedSample("not_an_image", type(e).__name__) from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise RejectedSample("too_many_pixels", f"{w}x{h} > {max_pixels}")
+    if min(w, h) < min_side:
+        raise RejectedSample("too_small", f"{w}x{h} < {min_side}")
+    return img
+
+
+# A larger JPEG costs a GPU more memory than decoding it on a CPU at a reduced scale (PIL's
+# DCT-domain draft) costs time: beyond this many times the target's pixels it stays on a CPU.
+GPU_DECODE_MAX_SCALE = 16
+
+
+def gpu_decodable(data: bytes, max_pixels: int, min_side: int, resize: int) -> bool:
+    """Whether nvJPEG decodes ``data`` as `decode_image` would: a complete baseline JPEG in
+    RGB or greyscale with no EXIF rotation, at most ``GPU_DECODE_MAX_SCALE`` times the target's
+    pixels. Raises `RejectedSample` for what `decode_image` rejects from the header alone."""
+    img = open_checked(data, max_pixels, min_side)
+    if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+        return False  # PNG, WebP, CMYK, ...: the CPU path converts them
+    w, h = img.size
+    if w * h > GPU_DECODE_MAX_SCALE * resize * resize:
+        return False  # large: PIL decodes it at a reduced scale, the GPU would at full size
+    if img.getexif().get(0x0112, 1) != 1:
+        return False  # EXIF rotation: applied on the CPU path only
+    # A file cut off before its end-of-image marker: PIL names it truncated, nvJPEG may not.
+    return data.rstrip(b"\0").endswith(b"\xff\xd9") and _baseline_headers_ok(data)
+
+
+def _baseline_headers_ok(data: bytes) -> bool:
+    """A baseline (or extended) sequential JPEG whose segments up to the first scan are
+    well-formed: nvJPEG's hardware decodes these, and decodes garbage headers that libjpeg
+    refuses to pixels, so those (and progressive ones) stay on the CPU path."""
+    i, components = 2, None
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return False
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        segment = data[i + 4 : i + 2 + length]
+        if length < 2 or len(segment) != length - 2:
+            return False
+        if marker in (0xC0, 0xC1):  # sequential DCT
+            if len(segment) < 6 or len(segment) != 6 + 3 * segment[5]:
+                return False
+            components = {segment[6 + 3 * c] for c in range(segment[5])}
+        elif 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return False  # progressive, lossless, arithmetic-coded
+        elif marker == 0xDA:  # start of scan: the header ends here
+            n = segment[0] if segment else 0
+            return (
+                components is not None
+                and 1 <= n <= 4
+                and len(segment) == 4 + 2 * n
+                and all(segment[1 + 2 * c] in components for c in range(n))
+            )
+        i += 2 + length
+    return False
+
+
+def square_crop_geometry(w: int, h: int, size: int, crop: int) -> tuple[int, int, int, int]:
+    """(width, height, left, top): a ``w`` x ``h`` image with its shorter side resized to
+    ``size`` (aspect ratio kept), and the corner of its central ``crop`` square."""
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    # The crop's corner in the resized image: the square's, then the crop's within it.
+    return nw, nh, (nw - size) // 2 + (size - crop) // 2, (nh - size) // 2 + (size - crop) // 2
+
+
 def _resize_square(img: Image.Image, size: int, crop: int) -> Image.Image:
     """Shorter side to ``size``, keeping the aspect ratio; of that, the central ``crop`` square.
 
@@ -99,11 +169,7 @@ def _resize_square(img: Image.Image, size: int, crop: int) -> Image.Image:
     there where filter weights round differently), at the cost of the crop alone.
     """
     w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    # The crop's corner in the resized image: the square's, then the crop's within it.
-    left = (nw - size) // 2 + (size - crop) // 2
-    top = (nh - size) // 2 + (size - crop) // 2
+    nw, nh, left, top = square_crop_geometry(w, h, size, crop)
     if (nw, nh) == (w, h):  # already the size: only the crop
         return img if (w, h) == (crop, crop) else img.crop((left, top, left + crop, top + crop))
     sx, sy = w / nw, h / nh

@@ -5,6 +5,11 @@ the shard leaves as a row, the unusable ones with a ``reason``. Every batch carr
 ``shard_total``: -1, except the shard's last batch, where it is the number of rows the shard
 produced, so the driver knows when a shard is complete. No torch here: a decode worker
 starts in a fraction of a second.
+
+Where the actors decode (``job.decode_in_actor``: nvJPEG on their GPUs) this task only reads
+headers: a JPEG nvJPEG decodes as the CPU would leaves with empty ``pixels`` and its bytes,
+anything else (PNG, CMYK, EXIF rotation, a large photo) is decoded here, its pixels as bytes.
+A task holds one block at a time, its pixels written in place as they are decoded.
 """
 
 from __future__ import annotations
@@ -14,10 +19,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from fiqa.cluster import cores
-from fiqa.data.decode import RejectedSample, decode_image
+from fiqa.data.decode import RejectedSample, decode_image, gpu_decodable
 from fiqa.data.reader import read_shard
 from fiqa.scoring.job import ScoreJob
-from fiqa.scoring.stream import rows_per_block
+from fiqa.scoring.stream import MEAN_IMAGE_BYTES, Sources, rows_per_block
 
 
 def read_and_decode(batch: dict, job: ScoreJob) -> Iterator[dict]:
@@ -27,45 +32,118 @@ def read_and_decode(batch: dict, job: ScoreJob) -> Iterator[dict]:
             yield from decode_shard(url, job)
 
 
-def decode_shard(url: str, job: ScoreJob) -> Iterator[dict]:
-    """The batches of one shard; the last is held back so that it is never empty."""
-    crop = job.crop if job.with_model else None
-    block_rows = rows_per_block(crop, job.scoring.batch_size)
-    rows: list[dict] = []
-    pending: list[dict] | None = None
-    total = 0
-    for rec in read_shard(url, job.label_field, job.require_label, job.storage_options):
-        rec["pixels"] = None
+class _Block:
+    """The rows of one block, their pixels decoded straight into one array."""
+
+    def __init__(self, job: ScoreJob, rows: int):
+        self.job = job
+        self.records: list[dict] = []
+        in_task = job.with_model and not job.decode_in_actor
+        self.pixels = np.zeros((rows, job.crop, job.crop, 3), np.uint8) if in_task else None
+        self.sent: list[bytes] = []  # actor-decoding: pixels decoded here, as bytes
+
+    def add(self, rec: dict) -> None:
+        job = self.job
         if rec["reason"] is None:
             try:
-                # Decoded even when no model runs: a sample that cannot be is a reject.
-                pix = decode_image(
-                    rec["image"], job.resize, job.max_pixels, job.min_side, crop=crop
-                )
-                rec["pixels"] = pix if job.with_model else None
+                if job.decode_in_actor and gpu_decodable(
+                    rec["image"], job.max_pixels, job.min_side, job.resize
+                ):
+                    pix = None
+                else:
+                    # Decoded even when no model runs: a sample that cannot be is a reject.
+                    pix = decode_image(
+                        rec["image"], job.resize, job.max_pixels, job.min_side, crop=job.crop
+                    )
             except RejectedSample as e:
                 rec["reason"] = e.reason
-        rows.append(rec)
+                pix = None
+            if self.pixels is not None and pix is not None:
+                self.pixels[len(self.records)] = pix
+            if job.decode_in_actor:
+                self.sent.append(b"" if pix is None else pix.tobytes())
+        elif job.decode_in_actor:
+            self.sent.append(b"")
+        self.records.append(rec)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def batch(self, total: int) -> dict:
+        """The block as one column batch; ``total``: its ``shard_total`` (-1: not last)."""
+        out = _columns(self.records, total)
+        if self.pixels is not None:
+            out["pixels"] = self.pixels[: len(self.records)]
+        elif self.job.decode_in_actor:
+            out["pixels"] = np.array(self.sent, dtype=object)
+        return out
+
+
+def decode_shard(url: str, job: ScoreJob) -> Iterator[dict]:
+    """The batches of one shard; a full block waits for the next record, so that the shard's
+    last batch (the one that carries its total) is never empty."""
+    crop = job.crop if job.with_model and not job.decode_in_actor else None
+    block_rows = rows_per_block(crop, job.scoring.batch_size)
+    block, full = _Block(job, block_rows), None
+    total = 0
+    for rec in read_shard(url, job.label_field, job.require_label, job.storage_options):
+        if full is not None:
+            yield full.batch(-1)
+            full = None
+        block.add(rec)
         total += 1
-        if len(rows) == block_rows:
-            if pending is not None:
-                yield to_batch(pending, -1, job)
-            pending, rows = rows, []
-    if rows:
-        if pending is not None:
-            yield to_batch(pending, -1, job)
-        yield to_batch(rows, total, job)
-    elif pending is not None:
-        yield to_batch(pending, total, job)
+        if len(block) == block_rows:
+            full, block = block, _Block(job, block_rows)
+    if full is not None:
+        yield full.batch(total)
+    elif len(block):
+        yield block.batch(total)
     else:  # a tar with no members at all
-        empty = {"key": "", "shard": url, "image": b"", "mos": None, "reason": "empty_shard"}
-        yield to_batch([{**empty, "pixels": None}], 1, job)
+        empty = _Block(job, 1)
+        empty.add({"key": "", "shard": url, "image": b"", "mos": None, "reason": "empty_shard"})
+        yield empty.batch(1)
+
+
+def probe_sources(url: str, job: ScoreJob, samples: int = 16) -> Sources:
+    """The mean encoded size and the largest pixel count of a shard's first images, read
+    from their headers (a shard that cannot be read says nothing: the defaults)."""
+    from itertools import islice
+
+    from fiqa.data.decode import open_checked
+
+    sizes, pixels = [], [0]
+    try:
+        records = read_shard(url, job.label_field, False, job.storage_options)
+        for rec in islice(records, samples):
+            if rec["image"]:
+                sizes.append(len(rec["image"]))
+                try:
+                    w, h = open_checked(rec["image"], job.max_pixels, job.min_side).size
+                    pixels.append(w * h)
+                except RejectedSample:
+                    pass
+    except Exception:  # the decode tasks report an unreadable shard; this is only a hint
+        return Sources()
+    return Sources(int(np.mean(sizes)) if sizes else MEAN_IMAGE_BYTES, max(pixels))
 
 
 def to_batch(rows: list[dict], total: int, job: ScoreJob) -> dict:
-    """Records as one column batch; ``total`` is the shard's ``shard_total`` (-1: not last)."""
+    """Records that carry their own ``pixels`` (None: zeros) as the batch a decode task
+    yields, for code that stands in for one (a benchmark, a test)."""
+    out = _columns(rows, total)
+    if job.with_model:
+        pix = np.zeros((len(rows), job.crop, job.crop, 3), dtype=np.uint8)
+        for i, r in enumerate(rows):
+            if r.get("pixels") is not None:
+                pix[i] = r["pixels"]
+        out["pixels"] = pix
+    return out
+
+
+def _columns(rows: list[dict], total: int) -> dict:
+    """Records as one column batch (no pixels); ``total`` is the batch's ``shard_total``."""
     n = len(rows)
-    out = {
+    return {
         "key": np.array([r["key"] for r in rows], dtype=object),
         "shard": np.array([r["shard"] for r in rows], dtype=object),
         "image": np.array([r["image"] for r in rows], dtype=object),
@@ -73,10 +151,3 @@ def to_batch(rows: list[dict], total: int, job: ScoreJob) -> dict:
         "reason": np.array([r["reason"] or "" for r in rows], dtype=object),
         "shard_total": np.full(n, total, dtype=np.int64),
     }
-    if job.with_model:
-        pix = np.zeros((n, job.crop, job.crop, 3), dtype=np.uint8)
-        for i, r in enumerate(rows):
-            if r["pixels"] is not None:
-                pix[i] = r["pixels"]
-        out["pixels"] = pix
-    return out

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -16,10 +17,10 @@ from fiqa.cluster.resources import decode_task_slots, plan_scoring
 from fiqa.config import ScoringConfig
 from fiqa.data.tables import part_name
 from fiqa.scoring.commit import ShardCollector, committed_shards, scored_keys_of
-from fiqa.scoring.decode_task import read_and_decode
+from fiqa.scoring.decode_task import probe_sources, read_and_decode
 from fiqa.scoring.job import ScoreJob
 from fiqa.scoring.scorer import Scorer
-from fiqa.scoring.stream import StreamPlan, plan_stream
+from fiqa.scoring.stream import Sources, StreamPlan, plan_stream
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ def run_score_job(
     if on_start is not None:
         on_start()
     cfg = plan_scoring(job.scoring, job.with_model)
+    job = dataclasses.replace(job, scoring=cfg)  # the decode tasks read where to decode
+    plan = _plan_stream(job, cfg, probe_sources(todo[0], job))
 
     ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
@@ -58,7 +61,7 @@ def run_score_job(
         # A reservation of their own also keeps the decode tasks a separate operator: Ray Data
         # fuses a task map into an actor map with equal requests, and decoding and inference
         # would then take turns instead of overlapping.
-        memory=cfg.decode_memory_mb * 2**20,
+        memory=plan.decode_memory_bytes,
     )
     if job.with_model:
         lo, hi = cfg.actor_range()
@@ -69,6 +72,9 @@ def run_score_job(
                 "threads": cfg.torch_threads or max(1, int(cfg.num_cpus)),
                 "compile": cfg.compile,
                 "pin_cores": cfg.pin_cores,
+                "decode": job.decode_spec() if job.decode_in_actor else None,
+                "precision": cfg.precision,
+                "batch_size": cfg.batch_size,
             },
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
@@ -77,7 +83,7 @@ def run_score_job(
             num_cpus=cfg.num_cpus,
             num_gpus=cfg.num_gpus or None,
         )
-    _bound_stream(ds, job, cfg)
+    _bound_stream(ds, plan)
     collector = ShardCollector(job, scored_keys_of(job.out_dir) if done else None)
     bar = tqdm(total=len(todo), unit="shard", desc=f"score {job.source}", disable=not progress)
     # No prefetch: Ray Data's prefetcher hands a block over only once the next one is ready,
@@ -103,32 +109,42 @@ def run_score_job(
     }
 
 
-def _bound_stream(ds, job: ScoreJob, cfg: ScoringConfig) -> StreamPlan:
+def _plan_stream(job: ScoreJob, cfg: ScoringConfig, sources: Sources) -> StreamPlan:
+    """The stream's blocks, object-store bound and decode tasks' memory, logged."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    plan = plan_stream(
+        cfg,
+        job.crop if job.with_model and not job.decode_in_actor else 0,
+        actors=cfg.actor_range()[1] if job.with_model else 0,
+        decode_tasks=decode_task_slots(cfg, job.with_model),
+        object_store=ray.cluster_resources().get("object_store_memory", 0),
+        cap_fraction=ctx.override_object_store_memory_limit_fraction or 0.5,
+        sources=sources,
+    )
+    log.info(
+        "scoring stream: object store bound %d MiB (Ray Data's cap here: %d MiB) for %d "
+        "actor(s) and %d decode task(s) of %d MiB each, blocks of %d rows, decoding in the %s",
+        plan.buffer_bytes // 2**20,
+        plan.cap_bytes // 2**20,
+        plan.actors,
+        plan.decode_tasks,
+        plan.decode_memory_bytes // 2**20,
+        plan.block_rows,
+        "actors" if job.decode_in_actor else "decode tasks",
+        extra={"stream_plan": plan.as_dict()},
+    )
+    return plan
+
+
+def _bound_stream(ds, plan: StreamPlan) -> None:
     """Bound the stream's object store (memory stays flat however large the pool: decoding
     cannot run ahead of slow actors) and keep Ray Data's blocks at the engine's size."""
     import ray
 
-    plan = plan_stream(
-        cfg,
-        job.crop if job.with_model else 0,
-        actors=cfg.actor_range()[1] if job.with_model else 0,
-        decode_tasks=decode_task_slots(cfg, job.with_model),
-        object_store=ray.cluster_resources().get("object_store_memory", 0),
-        cap_fraction=ds.context.override_object_store_memory_limit_fraction or 0.5,
-    )
     if plan.target_block_bytes is not None:
         ds.context.target_max_block_size = plan.target_block_bytes
     ds.context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
         object_store_memory=plan.buffer_bytes
     )
-    log.info(
-        "scoring stream: object store bound %d MiB (Ray Data's cap here: %d MiB) for %d "
-        "actor(s) and %d decode task(s), blocks of %d rows",
-        plan.buffer_bytes // 2**20,
-        plan.cap_bytes // 2**20,
-        plan.actors,
-        plan.decode_tasks,
-        plan.block_rows,
-        extra={"stream_plan": plan.as_dict()},
-    )
-    return plan

@@ -12,6 +12,16 @@ from fiqa.config import ScoringConfig
 from fiqa.models.meta import ModelMeta, read_meta
 
 
+@dataclass(frozen=True)
+class DecodeSpec:
+    """How a scoring actor decodes the images it receives as bytes (`fiqa.scoring.device_decode`)."""
+
+    resize: int
+    crop: int
+    max_pixels: int = 40_000_000
+    min_side: int = 16
+
+
 @dataclass
 class ScoreJob:
     """What to score and where to write it."""
@@ -36,6 +46,14 @@ class ScoreJob:
     @property
     def with_model(self) -> bool:
         return self.model_path is not None
+
+    @property
+    def decode_in_actor(self) -> bool:
+        """Whether the actors decode JPEGs (``scoring.decode`` as `plan_scoring` resolved it)."""
+        return self.with_model and self.scoring.decode == "actor"
+
+    def decode_spec(self) -> DecodeSpec:
+        return DecodeSpec(self.resize, self.crop, self.max_pixels, self.min_side)
 
 
 def model_id_of(meta: dict) -> str:

@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fiqa.cluster import cores
+from fiqa.config import PRECISIONS
+from fiqa.scoring.job import DecodeSpec
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,15 @@ log = logging.getLogger(__name__)
 class Scorer:
     """As a Ray actor on CPU it claims ``threads`` cores of its own (`fiqa.cluster.cores`):
     always with ``pin_cores`` True, never with False, and with None where this node's cores
-    are all this process may use (a machine, or a pod with a cpuset of its own)."""
+    are all this process may use (a machine, or a pod with a cpuset of its own).
+
+    ``decode``: the actor decodes the rows that arrive without pixels from their JPEG bytes
+    (`fiqa.scoring.device_decode`). ``precision`` on a GPU (`fiqa.config.PRECISIONS`): autocast
+    to fp16 or bf16 (``16-mixed``, ``bf16-mixed``: fp32 weights and normalisations), the whole
+    model in fp16 or bf16 (``16-true``, ``bf16-true``), or fp32; a CPU always runs fp32. A mixed
+    batch that overflows fp16 is scored again in fp32. ``compile``: torch.compile for one batch
+    shape, every batch padded to ``batch_size`` (a shard's last is shorter): it compiles once.
+    """
 
     def __init__(
         self,
@@ -31,12 +41,17 @@ class Scorer:
         threads: int | None = None,
         compile: bool = False,
         pin_cores: bool | None = None,
+        decode: DecodeSpec | None = None,
+        precision: str = "16-mixed",
+        batch_size: int | None = None,
     ):
         import torch
 
         from fiqa.models import load_checkpoint
         from fiqa.models.allocator import retain_freed_memory
 
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
         if threads:
             torch.set_num_threads(threads)
         retain_freed_memory()  # batch after batch reuses the same activation memory
@@ -44,34 +59,116 @@ class Scorer:
         self.cores = None
         if self.device.type == "cpu" and pin_cores is not False:
             self.cores = claim_cores(threads or torch.get_num_threads(), pin_cores is True)
+        self.decode = decode
+        cuda = self.device.type == "cuda"
+        half = {"16": torch.float16, "bf16": torch.bfloat16}.get(precision.split("-")[0])
+        self.precision = precision if cuda else "32-true"
+        self.autocast = half if cuda and precision.endswith("-mixed") else None
+        self.dtype = half if cuda and precision.endswith("-true") and half else torch.float32
         self.loaded = load_checkpoint(model_path, map_location=self.device)
-        self.model = self.loaded.model
-        if self.device.type == "cuda":
+        self.model = self.loaded.model.to(self.dtype)
+        if cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.pad_to = batch_size if compile else None
         if compile:
-            # Batches vary in size (a shard's last one), hence dynamic shapes.
-            self.model = torch.compile(self.model, dynamic=True)
+            self.model = torch.compile(self.model, dynamic=False)
+        if cuda and batch_size:
+            # Compilation and cuDNN's algorithm search happen here, while the decode tasks
+            # fill the stream, rather than on the first batch.
+            self.score(torch.zeros((batch_size, *self.input_shape), dtype=torch.uint8).cuda())
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        size = self.loaded.meta["image_size"]
+        return (size, size, 3)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
-        from fiqa.models.inputs import to_model_input
-
-        ok = pc.equal(batch.column("reason"), "").to_numpy(zero_copy_only=False)
+        reason = batch.column("reason")
+        ok = pc.equal(reason, "").to_numpy(zero_copy_only=False)
         raw = np.full(len(ok), np.nan, dtype=np.float64)
-        if ok.any():
+        if self.decode is not None and ok.any():
+            x, refused = self._pixels_decoding(batch, np.flatnonzero(ok))
+            if refused:  # the CPU path rejected what the device decoder refused
+                reasons = reason.to_pylist()
+                for i, r in refused.items():
+                    reasons[i] = r
+                reason = pa.array(reasons, pa.string())
+                keep = ~np.isin(np.flatnonzero(ok), list(refused))
+                x = x[torch.from_numpy(keep).to(x.device)]
+                ok[list(refused)] = False
+        elif ok.any():
             pixels = tensor_column(batch.column("pixels"))
             with warnings.catch_warnings():  # never written: to_model_input makes its own copy
                 warnings.filterwarnings("ignore", "The given NumPy array is not writable")
                 x = torch.from_numpy(pixels if ok.all() else pixels[ok])
             x = x.to(self.device, non_blocking=True)
-            cuda = self.device.type == "cuda"
-            with (
-                torch.inference_mode(),
-                torch.autocast(self.device.type, torch.bfloat16, enabled=cuda),
-            ):
-                raw[ok] = self.model(to_model_input(x, channels_last=cuda)).float().cpu().numpy()
-        return batch.drop_columns(["pixels"]).append_column("raw_score", pa.array(raw))
+        if ok.any():
+            raw[ok] = self.score(x)
+        out = batch.drop_columns(["pixels"]).append_column("raw_score", pa.array(raw))
+        return out.set_column(out.schema.get_field_index("reason"), "reason", reason)
+
+    def score(self, x) -> np.ndarray:
+        """Raw scores of uint8 NHWC pixels on this actor's device."""
+        import torch
+
+        from fiqa.models.inputs import to_model_input
+
+        n = len(x)
+        if self.pad_to and n < self.pad_to:  # one shape for the compiled model
+            x = torch.cat([x, x.new_zeros((self.pad_to - n, *x.shape[1:]))])
+        x = to_model_input(x, channels_last=self.device.type == "cuda").to(self.dtype)
+        y = self.forward(x, self.autocast)[:n].float().cpu().numpy()
+        if self.autocast is not None and not np.isfinite(y).all():
+            log.warning("a batch overflowed %s: scored again in fp32", self.precision)
+            y = self.forward(x, None)[:n].float().cpu().numpy()
+        if not np.isfinite(y).all():
+            raise FloatingPointError(
+                f"the model's scores are not finite at precision {self.precision}; "
+                "set scoring.precision to 16-mixed or 32-true"
+            )
+        return y
+
+    def forward(self, x, autocast):
+        """The model on normalised input ``x`` on this actor's device, autocast to the dtype
+        ``autocast`` (None: none); the result stays there."""
+        import torch
+
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, autocast or torch.float32, enabled=bool(autocast)),
+        ):
+            return self.model(x)
+
+    def _pixels_decoding(self, batch: pa.Table, idx: np.ndarray):
+        """Pixels of rows ``idx`` on this actor's device, decoding here those the decode task
+        sent as bytes alone (an empty ``pixels`` value); {row: reason} for those it rejected."""
+        import torch
+
+        from fiqa.scoring.device_decode import decode_batch
+
+        spec = self.decode
+        sent = pc.binary_length(batch.column("pixels")).to_numpy(zero_copy_only=False)[idx] > 0
+        x = torch.empty((len(idx), spec.crop, spec.crop, 3), dtype=torch.uint8, device=self.device)
+        refused: dict[int, str] = {}
+        here = np.flatnonzero(~sent)
+        if len(here):
+            images = batch.column("image").take(pa.array(idx[here]))
+            views = [v.as_buffer() for v in images]  # zero-copy views of the Arrow column
+            pix, reasons = decode_batch(
+                views, spec.resize, spec.crop, self.device, spec.max_pixels, spec.min_side
+            )
+            x[torch.from_numpy(here).to(self.device)] = pix
+            refused = {int(idx[here[j]]): r for j, r in enumerate(reasons) if r}
+        there = np.flatnonzero(sent)
+        if len(there):
+            rows = batch.column("pixels").take(pa.array(idx[there])).to_pylist()
+            arr = np.frombuffer(b"".join(rows), np.uint8).reshape(-1, spec.crop, spec.crop, 3)
+            x[torch.from_numpy(there).to(self.device)] = torch.from_numpy(arr.copy()).to(
+                self.device
+            )
+        return x, refused
 
 
 def claim_cores(n: int, always: bool) -> list[int] | None:

@@ -53,6 +53,29 @@ def stream_buffer_bytes(cfg: ScoringConfig, crop: int, *, decode_tasks: int, act
     return max(actors * per_actor, decoding)
 
 
+# A decode task's own process (Python, numpy, pyarrow, PIL, Ray's worker), measured at 200 to
+# 270 MiB USS; and the copies of a block it holds at its peak: the block being filled, its
+# Arrow form, and its serialised form in the object store until the next operator maps it.
+DECODE_TASK_BASE_BYTES = 256 * 2**20
+DECODE_TASK_BLOCK_COPIES = 3
+
+
+@dataclass(frozen=True)
+class Sources:
+    """What a pool's first images say about it (`fiqa.scoring.decode_task.probe_sources`)."""
+
+    mean_image_bytes: int = MEAN_IMAGE_BYTES
+    max_pixels: int = 0  # width x height of the largest
+
+
+def decode_task_memory(crop: int, block_rows: int, sources: Sources) -> int:
+    """Bytes a decode task holds at its peak: its process, three copies of a block (pixels
+    when it decodes, ``crop`` 0 when the actors do, and the encoded images either way), and
+    the largest source image decoded at full size, in RGB, twice (decoded and converted)."""
+    block = block_rows * (crop * crop * 3 + sources.mean_image_bytes)
+    return DECODE_TASK_BASE_BYTES + DECODE_TASK_BLOCK_COPIES * block + 6 * sources.max_pixels
+
+
 @dataclass(frozen=True)
 class StreamPlan:
     """What a scoring stream was sized for; the engine logs it."""
@@ -63,6 +86,7 @@ class StreamPlan:
     decode_tasks: int
     block_rows: int
     target_block_bytes: int | None
+    decode_memory_bytes: int  # each decode task's reservation (Ray's logical memory)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -76,13 +100,18 @@ def plan_stream(
     decode_tasks: int,
     object_store: float,
     cap_fraction: float,
+    sources: Sources = Sources(),
 ) -> StreamPlan:
-    """The plan for a stream of ``crop`` px pixels (0: no model, no pixels)."""
+    """The plan for a stream of ``crop`` px pixels (0: no pixels: no model, or the actors
+    decode); each decode task reserves ``cfg.decode_memory_mb``, or `decode_task_memory`."""
+    rows = rows_per_block(crop, cfg.batch_size)
+    memory = cfg.decode_memory_mb * 2**20 if cfg.decode_memory_mb else None
     return StreamPlan(
         buffer_bytes=stream_buffer_bytes(cfg, crop, decode_tasks=decode_tasks, actors=actors),
         cap_bytes=int(object_store * cap_fraction),
         actors=actors,
         decode_tasks=decode_tasks,
-        block_rows=rows_per_block(crop, cfg.batch_size),
+        block_rows=rows,
         target_block_bytes=ray_block_target(crop, cfg.batch_size),
+        decode_memory_bytes=memory or decode_task_memory(crop, rows, sources),
     )

@@ -7,8 +7,10 @@ import it as ``harness``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -79,9 +81,12 @@ def replicate(shards: list[str], times: int, work: Path, name: str = "copy") -> 
     return out
 
 
-def make_pool(work: Path, images: int, source_size: int, copies: int) -> list[str]:
-    """``images`` synthetic faces of ``source_size`` px in shards of 512, then ``copies`` - 1
-    more copies of those shards with every key prefixed, so all keys are distinct."""
+def make_pool(
+    work: Path, images: int, source_size: int, copies: int, shard_size: int = 512
+) -> list[str]:
+    """``images`` synthetic faces of ``source_size`` px in shards of ``shard_size``, then
+    ``copies`` - 1 more copies of those shards with every key prefixed, so all keys are
+    distinct."""
     from fiqa.data.synthetic import make_demo_data
 
     sizes = dict.fromkeys(("labeled_train", "labeled_val", "test", "unlabeled_2"), 0)
@@ -89,17 +94,18 @@ def make_pool(work: Path, images: int, source_size: int, copies: int) -> list[st
         work / "synthetic",
         seed=0,
         sizes={**sizes, "unlabeled_1": images},
-        shard_size=512,
+        shard_size=shard_size,
         image_size=source_size,
     )
     base = sorted((work / "synthetic" / "unlabeled_1").glob("*.tar"))
-    shards = [str(s) for s in base]
+    jobs = []
     for c in range(1, copies):
         folder = work / f"copy{c}"
         folder.mkdir(exist_ok=True)
-        for s in base:
-            shards.append(prefix_keys(s, folder / s.name, f"c{c}-"))
-    return shards
+        jobs += [(s, folder / s.name, f"c{c}-") for s in base]
+    with concurrent.futures.ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1) or 1) as ex:
+        copied = list(ex.map(prefix_keys, *zip(*jobs, strict=True))) if jobs else []
+    return [str(s) for s in base] + copied
 
 
 def prefix_keys(src: Path, dst: Path, prefix: str) -> str:
@@ -193,6 +199,50 @@ class RunningTasks(Sampler):
             except psutil.Error:
                 pass
         return len(procs)
+
+
+def timed_seams(events_file: str) -> tuple[type, Callable]:
+    """The engine's actor class and decode task, noting their times in ``events_file`` (one
+    JSON line each, wall-clock: they run in other processes). A closure rather than module
+    globals: Ray ships it to the workers with the file's name in it."""
+
+    def note(**event) -> None:
+        with open(events_file, "a") as f:
+            f.write(json.dumps({**event, "pid": os.getpid()}) + "\n")
+
+    from fiqa.scoring.decode_task import read_and_decode
+    from fiqa.scoring.scorer import Scorer
+
+    class TimedScorer(Scorer):
+        def __init__(self, *args, **kwargs):
+            start = time.time()
+            import torch  # noqa: F401  (what the constructor imports first, timed apart)
+
+            after_torch = time.time()
+            import timm  # noqa: F401
+
+            after_timm = time.time()
+            super().__init__(*args, **kwargs)
+            note(actor_start=start, torch=after_torch, timm=after_timm, actor_ready=time.time())
+            self._first = True
+
+        def __call__(self, batch):
+            if not self._first:
+                return super().__call__(batch)
+            self._first = False
+            arrived = time.time()
+            out = super().__call__(batch)  # returns its scores on the host: synchronised
+            note(first_batch=arrived, first_batch_done=time.time())
+            return out
+
+    def timed_read_and_decode(batch, job):
+        note(decode_task=time.time())
+        yield from read_and_decode(batch, job)
+
+    # Ray Data names the operator after the function: the same name as the engine's (DECODE_TASK).
+    timed_read_and_decode.__name__ = read_and_decode.__name__
+
+    return TimedScorer, timed_read_and_decode
 
 
 # One run of the engine ---------------------------------------------------------------------------

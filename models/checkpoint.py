@@ -21,7 +21,7 @@ from torch import nn
 from fiqa import storage
 from fiqa.calibration import Logistic4
 from fiqa.models.inputs import IMAGENET_MEAN, IMAGENET_STD
-from fiqa.models.meta import ModelMeta, read_meta
+from fiqa.models.meta import ModelMeta, checkpoint_dir, read_meta
 from fiqa.models.regressor import QualityRegressor
 
 FORMAT_VERSION = 1
@@ -78,7 +78,9 @@ def save_checkpoint(path: str, model: nn.Module, meta: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the model a checkpoint describes and load its weights."""
+    """Rebuild the model a checkpoint (its directory, or one of its files) describes and
+    load its weights."""
+    path = checkpoint_dir(path)
     info = ModelMeta.from_dict(read_meta(path))
     model = QualityRegressor(info.arch, image_size=info.image_size)
     state = load_safetensors(storage.read_bytes(_join(path, "model.safetensors")))

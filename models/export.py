@@ -283,7 +283,7 @@ def export_checkpoint(
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"export format {fmt!r}: expected one of {EXPORT_FORMATS}")
     if batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {batch}")
+        raise ValueError(f"--batch-size must be >= 1, got {batch}")
     if fmt == "onnx":
         # Fail before the model is built; the check needs onnxruntime as well.
         require_onnx("onnx", "onnxscript", *(["onnxruntime"] if check else []))

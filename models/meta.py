@@ -5,6 +5,7 @@ Torch-free so that `fiqa predict model.onnx` and the CLI's parser never load tor
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,12 +19,36 @@ TORCHSCRIPT_META = "fiqa.json"  # TorchScript extra file name
 ONNX_EXTRA_HINT = "pip install 'fiqa-pseudolabel[onnx]'"
 
 
+# The files of a checkpoint directory; naming either names the checkpoint.
+CHECKPOINT_FILES = ("model.json", "model.safetensors")
+
+
+def checkpoint_dir(path: str) -> str:
+    """The checkpoint directory ``path`` names: ``path`` itself, or the folder of the
+    ``model.json`` or ``model.safetensors`` it points at (the file a user sees), local or s3://."""
+    head, _, name = path.rstrip("/").rpartition("/")
+    return head if name in CHECKPOINT_FILES and head else path
+
+
 def read_meta(checkpoint: str) -> dict[str, Any]:
-    """A checkpoint directory's ``model.json`` (local or s3://), as read."""
+    """A checkpoint's ``model.json`` (local or s3://), as read; ``checkpoint`` is its
+    directory or one of its files (`checkpoint_dir`)."""
+    root = checkpoint_dir(checkpoint)
+    if not storage.is_remote(root) and os.path.isfile(root):
+        raise FileNotFoundError(
+            f"{checkpoint!r} is a file, not a checkpoint directory (model.json + "
+            "model.safetensors); an export (.onnx, .pt) is for fiqa predict"
+        )
     try:
-        return storage.read_json(checkpoint.rstrip("/") + "/model.json")
+        return storage.read_json(root.rstrip("/") + "/model.json")
     except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {checkpoint!r} (model.json missing)") from None
+        what = "no such directory" if is_missing_local(root) else "model.json missing"
+        raise FileNotFoundError(f"no checkpoint at {checkpoint!r} ({what})") from None
+
+
+def is_missing_local(path: str) -> bool:
+    """A local path (not a URL) that does not exist: cheap, before anything heavy is loaded."""
+    return not storage.is_remote(path) and not os.path.exists(path)
 
 
 @dataclass(frozen=True)

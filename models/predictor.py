@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 
 from fiqa import storage
-from fiqa.models.meta import METADATA_KEY, TORCHSCRIPT_META, ModelMeta, require_onnx
+from fiqa.models.meta import (
+    METADATA_KEY,
+    TORCHSCRIPT_META,
+    ModelMeta,
+    checkpoint_dir,
+    read_meta,
+    require_onnx,
+)
 from fiqa.storage import is_remote
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -61,7 +68,10 @@ class Predictor:
 
 
 def model_kind(path: str) -> str:
-    """``checkpoint``, ``onnx`` or ``torchscript``: what ``path`` holds."""
+    """``checkpoint``, ``onnx`` or ``torchscript``: what ``path`` holds (a checkpoint's
+    ``model.json`` or ``model.safetensors`` names its checkpoint)."""
+    if checkpoint_dir(path) != path:
+        return "checkpoint"
     if not is_remote(path) and not os.path.exists(path):
         raise FileNotFoundError(
             f"model {path!r} does not exist (expected a checkpoint directory, an .onnx or a "
@@ -122,6 +132,8 @@ def _torch_runner(module: Any, dev: str) -> Callable[[np.ndarray], tuple[np.ndar
 
 
 def _open_checkpoint(path: str, device: str) -> Predictor:
+    path = checkpoint_dir(path)
+    read_meta(path)  # a missing or unreadable model.json fails here, before torch loads
     from fiqa.models.graph import scoring_module  # imports torch
 
     dev = _torch_device(device)

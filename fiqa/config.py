@@ -390,6 +390,15 @@ def from_dict(raw: dict, overrides: list[str] | None = None) -> RunConfig:
     return cfg
 
 
+def section_from_dict(name: str, raw: Any) -> Any:
+    """One top-level section of the config (``scoring``, ``data``...) from a mapping, checked
+    as a YAML file's is: an unknown key or a wrong type raises ConfigError naming the key."""
+    tp = typing.get_type_hints(RunConfig).get(name)
+    if not dataclasses.is_dataclass(tp):
+        raise ConfigError(f"{name}: not a section of the config")
+    return _build(tp, raw, name)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Load, override and validate a YAML config file."""
     path = Path(path)

@@ -212,7 +212,7 @@ def predict(
 
 def check_output_path(out: str) -> None:
     if not out.lower().endswith(OUTPUT_FORMATS):
-        raise ValueError(f"--out {out!r}: expected a file ending in one of {OUTPUT_FORMATS}")
+        raise ValueError(f"--output {out!r}: expected a file ending in one of {OUTPUT_FORMATS}")
 
 
 def write_predictions(rows: list[dict], out: str) -> None:

@@ -137,7 +137,7 @@ def test_missing_onnx_extra_is_named(checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if it were not installed
     with pytest.raises(MissingExtraError, match=r"onnxscript.*fiqa-pseudolabel\[onnx\]"):
         export_checkpoint(checkpoint, "onnx", str(tmp_path / "m.onnx"))
-    assert main(["export", checkpoint, "--format", "onnx", "--out", str(tmp_path / "x")]) == 2
+    assert main(["export", checkpoint, "--format", "onnx", "-o", str(tmp_path / "x")]) == 2
     assert "pip install 'fiqa-pseudolabel[onnx]'" in capsys.readouterr().err
 
 
@@ -145,10 +145,10 @@ def test_export_command(checkpoint, tmp_path, capsys):
     from fiqa.cli import main
 
     out = str(tmp_path / "sub" / "m.pt")
-    assert main(["export", checkpoint, "--format", "torchscript", "--out", out]) == 0
+    assert main(["export", checkpoint, "--format", "torchscript", "-o", out]) == 0
     text = capsys.readouterr().out
     assert "uint8 [batch, 32, 32, 3]" in text and "parity with PyTorch" in text
-    assert main(["export", str(tmp_path / "nothing"), "--format", "onnx", "--out", out]) == 2
+    assert main(["export", str(tmp_path / "nothing"), "--format", "onnx", "-o", out]) == 2
     assert "model.json" in capsys.readouterr().err
 
 

@@ -41,7 +41,7 @@ def test_bad_csv_is_a_clear_error(tmp_path):
 
 def run_shard_cli(images, labels, out):
     return subprocess.run(
-        [*fiqa_cmd(), "shard", "--images", str(images), "--labels", str(labels), "--out", str(out)],
+        [*fiqa_cmd(), "shard", "--images", str(images), "--labels", str(labels), "-o", str(out)],
         capture_output=True,
         text=True,
         env=subprocess_env(),

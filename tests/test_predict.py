@@ -195,16 +195,16 @@ def test_predict_command_writes_files(models, inputs, tmp_path, capsys):
     from fiqa.cli import main
 
     src = [inputs["faces"], inputs["shards"]]
-    assert main(["predict", models["torchscript"], *src, "--out", str(tmp_path / "p.parquet")]) == 0
+    assert main(["predict", models["torchscript"], *src, "-o", str(tmp_path / "p.parquet")]) == 0
     table = pq.read_table(tmp_path / "p.parquet").to_pylist()
     assert len(table) == 7 + 7 and {"path", "key", "raw_score", "score", "reason"} <= set(table[0])
     assert sum(r["reason"] is not None for r in table) == 4
-    assert main(["predict", models["checkpoint"], *src, "--out", str(tmp_path / "p.json")]) == 0
+    assert main(["predict", models["checkpoint"], *src, "-o", str(tmp_path / "p.json")]) == 0
     assert len(json.loads((tmp_path / "p.json").read_text())) == 14
     out = capsys.readouterr().out
     assert "scored 10 of 14" in out and "not_an_image 2" in out
 
-    assert main(["predict", models["onnx"], *src, "--out", str(tmp_path / "p.xlsx")]) == 2
+    assert main(["predict", models["onnx"], *src, "-o", str(tmp_path / "p.xlsx")]) == 2
     assert "--out" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "nope.onnx"), *src]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -236,7 +236,7 @@ def test_fiqa_predict_cli(models, inputs, tmp_path):
     """The installed command: a table for a few images, a CSV for all of them."""
     out = tmp_path / "scores.csv"
     proc = subprocess.run(
-        [*fiqa_cmd(), "predict", models["onnx"], inputs["faces"], "--out", str(out)],
+        [*fiqa_cmd(), "predict", models["onnx"], inputs["faces"], "-o", str(out)],
         capture_output=True,
         text=True,
         env=subprocess_env(),

@@ -7,6 +7,7 @@ import sys
 
 from fiqa import console
 from fiqa.cli import cluster, label, predict, run
+from fiqa.cli.options import Parser, add_verbose, note_deprecated, version
 from fiqa.cluster.submit import ClusterError
 from fiqa.config import ConfigError
 from fiqa.storage import StorageError
@@ -32,18 +33,31 @@ RAY_COMMANDS = {"run", "stage", "label"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fiqa", description=__doc__)
+    p = Parser(
+        prog="fiqa",
+        description=__doc__,
+        epilog="`fiqa COMMAND --help` lists a command's options. Conventions: the model is "
+        "the first argument, -o/--output is where results go, --set KEY=VALUE overrides "
+        "a config key.",
+    )
     p.add_argument(
         "-v", "--verbose", action="store_true", help="debug lines, and Ray's own output in full"
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument(
+        "--version", action="version", version=f"fiqa {version()}", help="print the version"
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for add in COMMANDS:
         add(sub)
+    for s in sub.choices.values():
+        add_verbose(s)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    note_deprecated(args.command, argv[argv.index(args.command) + 1 :])
     console.configure(args.verbose, starts_ray=args.command in RAY_COMMANDS)
     try:
         return args.func(args)

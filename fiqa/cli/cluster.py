@@ -8,6 +8,7 @@ import time
 from datetime import datetime
 from typing import Any
 
+from fiqa.cli.options import add_set
 from fiqa.cluster.submit import (
     TERMINAL,
     ClusterError,
@@ -113,10 +114,15 @@ ADDRESS_HELP = (
 
 def add_submit(sub: Any) -> None:
     s = sub.add_parser("submit", help="run the pipeline (or one stage) as a job on a Ray cluster")
-    s.add_argument("config")
+    s.add_argument("config", metavar="CONFIG", help="the run's YAML config (checked here first)")
     s.add_argument("--address", help=ADDRESS_HELP)
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--stage", choices=STAGE_NAMES, help="run only this stage")
+    add_set(s, "train_teacher.epochs=3")
+    s.add_argument(
+        "--stage",
+        choices=STAGE_NAMES,
+        metavar="STAGE",
+        help="run only this stage: " + ", ".join(STAGE_NAMES),
+    )
     s.add_argument("--wait", action="store_true", help="wait for the job; exit 1 if it fails")
     s.add_argument(
         "--follow", action="store_true", help="stream the job's logs until it ends (implies --wait)"
@@ -138,7 +144,7 @@ def add_jobs(sub: Any) -> None:
 
 def add_stop(sub: Any) -> None:
     s = sub.add_parser("stop", help="stop a job on a Ray cluster")
-    s.add_argument("job_id")
+    s.add_argument("job_id", metavar="JOB_ID", help="the submission id `fiqa submit` printed")
     s.add_argument("--address", help=ADDRESS_HELP)
     s.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for it to end (default 60)"

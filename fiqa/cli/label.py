@@ -8,14 +8,18 @@ from typing import Any
 
 from fiqa import storage
 from fiqa.calibration import Logistic4
+from fiqa.cli.options import add_output, add_set, hidden_alias, option
 from fiqa.cluster.local import ensure_ray
 from fiqa.config import (
     ConfigError,
-    RayConfig,
+    DataConfig,
     ScoringConfig,
-    StorageConfig,
+    apply_overrides,
     check_scoring_config,
+    check_storage_config,
+    section_from_dict,
 )
+from fiqa.models.meta import checkpoint_dir, read_meta
 
 
 def label_shards(
@@ -71,7 +75,7 @@ def label_shards(
             raise ConfigError(
                 f"{out_dir} holds labels from {before.get('model_id')} "
                 f"(source {before.get('source')!r}); this job would write {job.model_id} "
-                f"(source {source!r}). Use another --output, or delete it to start over."
+                f"(source {source!r}). Use another -o/--output, or delete it to start over."
             )
     stats = run_score_job(job, progress=progress, on_start=on_start, **engine)
     stats["model_id"] = job.model_id
@@ -79,34 +83,92 @@ def label_shards(
     return stats
 
 
+# The config sections `fiqa label` reads (--set), and the data keys it uses.
+LABEL_SECTIONS = ("scoring", "data", "ray", "storage")
+DATA_KEYS = ("label_field", "max_image_pixels", "min_image_side")
+# Shortcut flags (their dest) -> the config key each sets; --set is applied after them.
+SHORTCUTS = {
+    "batch_size": "scoring.batch_size",
+    "concurrency": "scoring.concurrency",
+    "num_gpus": "scoring.num_gpus",
+    "num_cpus": "scoring.num_cpus",
+    "decode_cpus": "scoring.decode_cpus",
+    "compile": "scoring.compile",
+    "pin_cores": "scoring.pin_cores",
+    "buffer_mb": "scoring.buffer_mb",
+    "max_image_pixels": "data.max_image_pixels",
+    "min_image_side": "data.min_image_side",
+    "label_field": "data.label_field",
+    "address": "ray.address",
+    "num_cpus_total": "ray.num_cpus",
+    "endpoint_url": "storage.endpoint_url",
+}
+PIN_CORES = {"auto": None, "yes": True, "no": False}
+
+
+def label_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The sections `fiqa label` runs with: the flags, then ``--set``, over the defaults."""
+    raw: dict[str, Any] = {name: {} for name in LABEL_SECTIONS}
+    for dest, key in SHORTCUTS.items():
+        value = getattr(args, dest, None)
+        if value is None or value is False:
+            continue
+        if dest == "concurrency":
+            value = _concurrency(value)
+        elif dest == "pin_cores":
+            value = PIN_CORES[value]
+        section, name = key.split(".")
+        raw[section][name] = value
+    apply_overrides(raw, args.set)
+    other = sorted(set(raw) - set(LABEL_SECTIONS))
+    if other:
+        raise ConfigError(
+            f"--set {other[0]}.*: fiqa label reads {', '.join(k + '.*' for k in LABEL_SECTIONS)}"
+        )
+    if isinstance(raw["data"], dict) and set(raw["data"]) - set(DATA_KEYS):
+        raise ConfigError(
+            f"--set data.{sorted(set(raw['data']) - set(DATA_KEYS))[0]}: fiqa label reads "
+            f"data.{{{','.join(DATA_KEYS)}}} (the inputs are its arguments)"
+        )
+    cfg = {name: section_from_dict(name, raw[name]) for name in LABEL_SECTIONS}
+    check_scoring_config(cfg["scoring"], "scoring")
+    check_storage_config(cfg["storage"])
+    return cfg
+
+
+def _concurrency(text: str) -> int | list[int]:
+    try:
+        conc = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--concurrency {text!r}: expected N or MIN,MAX") from None
+    return conc[0] if len(conc) == 1 else conc
+
+
 def cmd_label(args: argparse.Namespace) -> int:
-    conc = [int(c) for c in args.concurrency.split(",")] if args.concurrency else [1]
-    label = ScoringConfig(
-        batch_size=args.batch_size,
-        concurrency=conc[0] if len(conc) == 1 else conc,
-        num_gpus=args.num_gpus,
-        num_cpus=args.num_cpus,
-        decode_cpus=args.decode_cpus,
-        compile=args.compile,
-        pin_cores={"auto": None, "yes": True, "no": False}[args.pin_cores],
-        buffer_mb=args.buffer_mb,
-    )
-    check_scoring_config(label, "label")
-    storage.configure(StorageConfig(endpoint_url=args.endpoint_url))
+    model = args.model or args.model_flag
+    inputs = (args.inputs or []) + (args.input_flag or [])
+    if not model or not inputs:
+        raise ConfigError("fiqa label: give the MODEL, then at least one INPUT (see --help)")
+    cfg = label_config(args)
+    storage.configure(cfg["storage"])
+    model = checkpoint_dir(model)
+    read_meta(model)  # a missing or unreadable checkpoint fails here, before anything heavy
     calibration = None
     if args.calibration:
         raw = storage.read_json(args.calibration)  # local or s3://
         calibration = Logistic4.from_dict(raw.get("calibration", raw))
+    data: DataConfig = cfg["data"]
     stats = label_shards(
-        args.model,
-        args.input,
+        model,
+        inputs,
         args.output,
-        label,
+        cfg["scoring"],
         calibration=calibration,
         source=args.source,
-        max_pixels=args.max_pixels,
-        min_side=args.min_side,
-        on_start=lambda: ensure_ray(RayConfig(address=args.address, num_cpus=args.num_cpus_total)),
+        label_field=data.label_field,
+        max_pixels=data.max_image_pixels,
+        min_side=data.min_image_side,
+        on_start=lambda: ensure_ray(cfg["ray"]),
     )
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats["reasons"].items())) or "none"
     print(
@@ -121,44 +183,99 @@ def add_label(sub: Any) -> None:
     s = sub.add_parser(
         "label",
         help="score shards with a trained checkpoint into Parquet (resumes where it stopped)",
+        usage="fiqa label MODEL INPUT [INPUT ...] -o OUTPUT [options]",
         description="Label any shard spec with any checkpoint, writing OUTPUT/labels/*.parquet "
         "and OUTPUT/rejects/*.parquet (the pseudo-labeling stages' engine). Rerunning the same "
-        "command scores only the shards without committed output.",
+        "command scores only the shards without committed output. The sizing flags are "
+        "shortcuts for the config keys they name; --set sets any scoring.*, ray.*, storage.* "
+        "key, and data.label_field, data.max_image_pixels, data.min_image_side.",
     )
-    s.add_argument("--model", required=True, help="checkpoint directory (model.json + weights)")
     s.add_argument(
-        "--input", required=True, nargs="+", help="shard spec(s): path, dir, glob, {a..b}, s3://"
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="checkpoint directory (model.json + model.safetensors), or either file",
     )
-    s.add_argument("--output", required=True, help="output directory or s3:// prefix")
+    s.add_argument(
+        "inputs", nargs="*", metavar="INPUT", help="shard spec(s): path, dir, glob, {a..b}, s3://"
+    )
+    hidden_alias(s, "--model", "MODEL (the first argument)", dest="model_flag")
+    hidden_alias(s, "--input", "INPUT (the arguments after MODEL)", dest="input_flag", nargs="+")
+    add_output(s, "output directory or s3:// prefix", required=True)
     s.add_argument(
         "--calibration",
+        metavar="FILE",
         help="JSON with b1..b4 (or a model.json) mapping raw scores to the MOS scale; "
         "default: the calibration stored in the checkpoint",
     )
-    s.add_argument("--source", default="pseudo", help="value of the table's source column")
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--concurrency", metavar="N|MIN,MAX", help="scoring actors (default 1)")
-    s.add_argument("--num-gpus", type=float, default=None, help="per actor (default: 1 if any)")
-    s.add_argument("--num-cpus", type=float, default=1.0, help="per actor")
-    s.add_argument("--decode-cpus", type=float, default=1.0, help="per decode task")
-    s.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    s.add_argument(
+        "--source", default="pseudo", help="value of the table's source column (default pseudo)"
+    )
+    add_set(s, "scoring.precision=32-true")
+    d = ScoringConfig()
+    s.add_argument(
+        "--batch-size", type=int, metavar="N", help=f"scoring.batch_size (default {d.batch_size})"
+    )
+    s.add_argument(
+        "--concurrency", metavar="N|MIN,MAX", help="scoring.concurrency: actors (default 1)"
+    )
+    s.add_argument(
+        "--num-gpus", type=float, metavar="F", help="scoring.num_gpus per actor (default: 1 if any)"
+    )
+    s.add_argument(
+        "--num-cpus", type=float, metavar="F", help="scoring.num_cpus per actor (default 1)"
+    )
+    s.add_argument(
+        "--decode-cpus",
+        type=float,
+        metavar="F",
+        help="scoring.decode_cpus per decode task (default 1)",
+    )
+    s.add_argument(
+        "--compile", action="store_true", help="scoring.compile: torch.compile the model (GPU)"
+    )
     s.add_argument(
         "--pin-cores",
-        choices=["auto", "yes", "no"],
-        default="auto",
-        help="CPU actors on cores of their own, decoding on the rest (auto: where a node's "
-        "cores are all its processes may use)",
+        choices=list(PIN_CORES),
+        help="scoring.pin_cores: CPU actors on cores of their own, decoding on the rest (auto: "
+        "where a node's cores are all its processes may use)",
     )
     s.add_argument(
         "--buffer-mb",
         type=int,
-        help="object store for decoded batches awaiting the actors (default: what the actors, 4 blocks or 1,024 images each, or the decode tasks, 16/3 blocks each, need, whichever is more)",
+        metavar="MB",
+        help="scoring.buffer_mb: object store for decoded batches awaiting the actors (default: "
+        "what the actors, 4 blocks or 1,024 images each, or the decode tasks, 16/3 blocks each, "
+        "need, whichever is more)",
     )
-    s.add_argument("--max-pixels", type=int, default=40_000_000)
-    s.add_argument("--min-side", type=int, default=16)
-    s.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    option(
+        s,
+        "--max-image-pixels",
+        deprecated=["--max-pixels"],
+        type=int,
+        metavar="N",
+        help=f"data.max_image_pixels: larger images are rejected (default {DataConfig.max_image_pixels:,})",
+    )
+    option(
+        s,
+        "--min-image-side",
+        deprecated=["--min-side"],
+        type=int,
+        metavar="PX",
+        help=f"data.min_image_side: smaller images are rejected (default {DataConfig.min_image_side})",
+    )
     s.add_argument(
-        "--endpoint-url", help="S3-compatible store (default: AWS_ENDPOINT_URL_S3, else AWS)"
+        "--label-field",
+        metavar="NAME",
+        help="data.label_field: the label's name in each sample (default mos)",
     )
-    s.add_argument("--num-cpus-total", type=int, help="CPUs of the local Ray (default: all)")
+    s.add_argument(
+        "--address", help="ray.address: the cluster to join (default: RAY_ADDRESS, else local)"
+    )
+    s.add_argument(
+        "--endpoint-url",
+        metavar="URL",
+        help="storage.endpoint_url: S3-compatible store (default: AWS_ENDPOINT_URL_S3, else AWS)",
+    )
+    hidden_alias(s, "--num-cpus-total", "--set ray.num_cpus=N", type=int)
     s.set_defaults(func=cmd_label)

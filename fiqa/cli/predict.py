@@ -12,9 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from fiqa.models.meta import EXPORT_FORMATS, ONNX_EXPORTERS
+from fiqa.cli.options import add_output, option
+from fiqa.models.meta import EXPORT_FORMATS, ONNX_EXPORTERS, checkpoint_dir, read_meta
 from fiqa.models.predictor import open_predictor
 from fiqa.predict import check_output_path, format_table, predict, resolve_inputs, write_predictions
+from fiqa.storage import is_remote
 
 TABLE_MAX_ROWS = 20  # more rows than this get a summary instead of a table
 
@@ -25,8 +27,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if "torch" not in sys.modules:
         # Spinning OpenMP workers starve the decode threads sharing their cores; read at torch load.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if args.out:
-        check_output_path(args.out)
+    if args.output:
+        check_output_path(args.output)
     inputs = resolve_inputs(args.inputs)
     predictor = open_predictor(args.model, args.device)
     n_files = sum(1 for kind, _ in inputs if kind == "file")
@@ -44,8 +46,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if len(rows) <= TABLE_MAX_ROWS:
         print(format_table(rows))
-    if args.out:
-        write_predictions(rows, args.out)
+    if args.output:
+        write_predictions(rows, args.output)
     summary = (
         f"scored {scored} of {len(rows)} image(s) in {seconds:.1f} s "
         f"({scored / seconds if seconds > 0 else math.inf:.0f} img/s; model "
@@ -56,8 +58,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(summary)
     if not predictor.calibrated:
         print("note: the model has no calibration; score = raw_score", file=sys.stderr)
-    if args.out:
-        print(f"wrote {len(rows)} row(s) to {args.out}")
+    if args.output:
+        print(f"wrote {len(rows)} row(s) to {args.output}")
     elif len(rows) > TABLE_MAX_ROWS:
         valid = [r["score"] for r in rows if r["score"] is not None]
         if valid:
@@ -65,27 +67,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 f"score: mean {np.mean(valid):.4f}, min {np.min(valid):.4f}, "
                 f"max {np.max(valid):.4f}"
             )
-        print(f"hint: add --out FILE.csv (or .parquet, .json, .jsonl) to keep all {len(rows)} rows")
+        print(f"hint: add -o FILE.csv (or .parquet, .json, .jsonl) to keep all {len(rows)} rows")
     return 0 if scored else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    model = checkpoint_dir(args.model)
+    read_meta(model)  # a missing or unreadable checkpoint fails here, before torch loads
+    parent = os.path.dirname(os.path.abspath(args.output))
+    if not is_remote(args.output) and not os.path.isdir(parent):
+        raise FileNotFoundError(f"--output {args.output!r}: no directory {parent!r}")
     from fiqa.models.export import export_checkpoint  # imports torch
 
     meta = export_checkpoint(
-        args.checkpoint,
+        model,
         args.format,
-        args.out,
-        batch=args.batch,
+        args.output,
+        batch=args.batch_size,
         opset=args.opset,
         exporter=args.exporter,
         check=not args.no_check,
     )
     size = meta["image_size"]
     print(
-        f"wrote {args.out} ({args.format}, {meta['exporter']}"
+        f"wrote {args.output} ({args.format}, {meta['exporter']}"
         + (f", opset {meta['opset']}" if meta.get("opset") else "")
-        + f") and {args.out}.json: "
+        + f") and {args.output}.json: "
         f"{meta['arch']}, input pixels uint8 [batch, {size}, {size}, 3] RGB "
         f"(resize {meta['resize']}, center crop {size}), outputs raw_score, score"
         + ("" if meta["calibration"] else " (= raw_score: no calibration)")
@@ -99,26 +106,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_HELP = "a checkpoint directory (model.json + model.safetensors), or either file"
+
+
 def add_export(sub: Any) -> None:
     s = sub.add_parser(
         "export",
         help="export a checkpoint to ONNX or TorchScript (uint8 NHWC pixels in, scores out)",
     )
-    s.add_argument(
-        "checkpoint",
-        metavar="CHECKPOINT",
-        help="a checkpoint directory (model.json + model.safetensors)",
-    )
-    s.add_argument("--format", required=True, choices=EXPORT_FORMATS)
-    s.add_argument(
-        "--out", required=True, metavar="PATH", help="the file to write; PATH.json goes beside it"
-    )
-    s.add_argument(
-        "--batch",
+    s.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    s.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="the export's format")
+    add_output(s, "the file to write; OUTPUT.json goes beside it", required=True)
+    option(
+        s,
+        "--batch-size",
+        deprecated=["--batch"],
         type=int,
         default=2,
         metavar="N",
-        help="example batch to trace with (the axis is dynamic)",
+        help="example batch to trace with (the axis is dynamic; default 2)",
     )
     s.add_argument(
         "--opset", type=int, default=None, metavar="N", help="ONNX opset (default: the exporter's)"
@@ -135,15 +141,15 @@ def add_export(sub: Any) -> None:
 
 def add_predict(sub: Any) -> None:
     s = sub.add_parser("predict", help="score image files, folders and shards with a model")
-    s.add_argument(
-        "model", metavar="MODEL", help="a checkpoint directory, an .onnx or a TorchScript export"
-    )
+    s.add_argument("model", metavar="MODEL", help=MODEL_HELP + ", an .onnx or a TorchScript export")
     s.add_argument("inputs", nargs="+", metavar="INPUT", help="image, folder or shard spec")
+    add_output(s, "write every row to FILE (.csv, .parquet, .json or .jsonl)", metavar="FILE")
     s.add_argument(
-        "--out", metavar="FILE", help="write every row to FILE.csv, .parquet, .json or .jsonl"
+        "--batch-size", type=int, default=64, metavar="N", help="images per model call (default 64)"
     )
-    s.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per model call")
-    s.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda")
+    s.add_argument(
+        "--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N"
+    )
     s.add_argument(
         "--workers", type=int, default=None, metavar="N", help="decode threads (default: up to 4)"
     )

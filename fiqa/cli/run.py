@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
 from fiqa import storage
+from fiqa.cli.options import add_output, add_set, hidden_alias
 from fiqa.cluster.local import ensure_ray
 from fiqa.config import ConfigError, load_config
 from fiqa.pipelines import STAGE_NAMES, STAGES
@@ -15,6 +17,9 @@ from fiqa.runner import iso_time, load_run_config, run_stages, stage_states
 
 
 def cmd_make_demo_data(args: argparse.Namespace) -> int:
+    out = args.output_dir or args.output or "data/demo"
+    if args.output_dir:
+        print("fiqa make-demo-data: OUTPUT as an argument is deprecated; use -o", file=sys.stderr)
     from tqdm.auto import tqdm
 
     from fiqa.data.synthetic import DEFAULT_SIZES, make_demo_data  # imports torch
@@ -29,7 +34,7 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
         sizes = {k: max(1, int(v * args.scale)) for k, v in sizes.items()}
     with tqdm(total=sum(sizes.values()), unit="img", desc="generating") as bar:
         summary = make_demo_data(
-            args.out,
+            out,
             seed=args.seed,
             sizes=sizes,
             shard_size=args.shard_size,
@@ -38,24 +43,28 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
             progress=bar.update,
         )
     print(
-        f"wrote {sum(summary['sizes'].values())} samples to {args.out}: "
+        f"wrote {sum(summary['sizes'].values())} samples to {out}: "
         + ", ".join(f"{k}={v}" for k, v in summary["sizes"].items())
     )
     return 0
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.images):  # before torch is imported
+        raise FileNotFoundError(f"--images {args.images!r} is not a directory")
+    if not os.path.isfile(args.labels):
+        raise FileNotFoundError(f"--labels {args.labels!r}: no such file")
     from fiqa.data.from_folder import shard_folder  # imports torch
 
     res = shard_folder(
         args.images,
         args.labels,
-        args.out,
+        args.output,
         shard_size=args.shard_size,
         label_field=args.label_field,
         prefix=args.prefix,
     )
-    print(f"wrote {res['written']} samples in {len(res['shards'])} shard(s) to {args.out}")
+    print(f"wrote {res['written']} samples in {len(res['shards'])} shard(s) to {args.output}")
     if res["missing"]:
         print(
             f"warning: {len(res['missing'])} CSV row(s) name no image, e.g. {res['missing'][:3]}",
@@ -147,55 +156,60 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def add_make_demo_data(sub: Any) -> None:
     s = sub.add_parser("make-demo-data", help="generate the synthetic FIQA dataset")
-    s.add_argument("out")
-    s.add_argument("--seed", type=int, default=0)
+    add_output(
+        s, "directory to write the dataset to (default: data/demo, as configs/demo.yaml reads)"
+    )
+    hidden_alias(s, "output_dir", "-o/--output", nargs="?", metavar="OUTPUT")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument(
         "--size", action="append", metavar="SPLIT=N", help="samples in a split (repeatable)"
     )
     s.add_argument("--scale", type=float, default=1.0, help="multiply every split's size")
-    s.add_argument("--shard-size", type=int, default=500)
-    s.add_argument("--image-size", type=int, default=112)
-    s.add_argument("--workers", type=int, default=None)
+    s.add_argument(
+        "--shard-size", type=int, default=500, metavar="N", help="samples per shard (default 500)"
+    )
+    s.add_argument(
+        "--image-size", type=int, default=112, metavar="PX", help="image side (default 112)"
+    )
+    s.add_argument(
+        "--workers", type=int, default=None, metavar="N", help="processes (default: all CPUs)"
+    )
     s.set_defaults(func=cmd_make_demo_data)
 
 
 def add_shard(sub: Any) -> None:
     s = sub.add_parser("shard", help="turn a folder of images + name,score CSV into labeled shards")
-    s.add_argument("--images", required=True)
-    s.add_argument("--labels", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--shard-size", type=int, default=1000)
-    s.add_argument("--label-field", default="mos")
-    s.add_argument("--prefix", default="labeled")
-    s.set_defaults(func=cmd_shard)
-
-
-def add_verbose(s: Any) -> None:
-    """``-v`` after the command as well as before it (SUPPRESS: absent, it keeps fiqa's)."""
+    s.add_argument("--images", required=True, metavar="DIR", help="folder of images")
     s.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="debug lines, and Ray's own output in full (its logs are always in Ray's log dir)",
+        "--labels", required=True, metavar="CSV", help="CSV of image name (relative) and score"
     )
+    add_output(s, "directory to write the shards to", required=True)
+    s.add_argument(
+        "--shard-size", type=int, default=1000, metavar="N", help="samples per shard (default 1000)"
+    )
+    s.add_argument(
+        "--label-field",
+        default="mos",
+        metavar="NAME",
+        help="the label's name in each sample, as data.label_field reads it (default mos)",
+    )
+    s.add_argument("--prefix", default="labeled", help="shard file name prefix (default labeled)")
+    s.set_defaults(func=cmd_shard)
 
 
 def add_run(sub: Any) -> None:
     s = sub.add_parser("run", help="run all stages (skipping finished ones)")
-    s.add_argument("config")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    add_verbose(s)
+    s.add_argument("config", metavar="CONFIG", help="the run's YAML config")
+    add_set(s, "train_teacher.epochs=3")
     s.set_defaults(func=cmd_run)
 
 
 def add_stage(sub: Any) -> None:
     s = sub.add_parser("stage", help="run one stage (its upstream stages must be done)")
-    s.add_argument("name", choices=STAGE_NAMES)
-    s.add_argument("config")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("name", choices=STAGE_NAMES, metavar="STAGE", help=", ".join(STAGE_NAMES))
+    s.add_argument("config", metavar="CONFIG", help="the run's YAML config")
+    add_set(s, "train_teacher.epochs=3")
     s.add_argument("--force", action="store_true", help="run even if it is up to date")
-    add_verbose(s)
     s.set_defaults(func=cmd_stage)
 
 
@@ -209,9 +223,7 @@ def add_models(sub: Any) -> None:
 
 def add_status(sub: Any) -> None:
     s = sub.add_parser("status", help="print the stages of a run and their state")
-    s.add_argument("run_dir", help="a run directory or s3:// prefix")
-    s.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. storage.endpoint_url"
-    )
-    s.add_argument("--json", action="store_true")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or s3:// prefix")
+    add_set(s, "storage.endpoint_url=http://minio:9000")
+    s.add_argument("--json", action="store_true", help="print the states as JSON")
     s.set_defaults(func=cmd_status)

@@ -1,0 +1,217 @@
+"""One CLI convention for every command (fiqa/cli/options.py), checked on the parser itself.
+
+Light: no Ray. Walks every subcommand's options: each has help text, a flag means the
+same and is spelled the same everywhere, old spellings are hidden aliases; `--version`;
+`fiqa label` with a missing model fails in well under 2 s (before torch or Ray); a
+checkpoint named by its weights file works as its directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fiqa.cli import build_parser, main
+from fiqa.cli.options import DEPRECATED
+
+REPO = Path(__file__).resolve().parents[1]
+# The commands that read a run config, or sections of one: each takes --set.
+CONFIG_COMMANDS = {"run", "stage", "status", "submit", "label"}
+# Old spellings no command may show: the convention's spelling instead.
+RETIRED = {"--out": "--output", "--batch": "--batch-size", "--max-pixels": "--max-image-pixels"}
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def visible(action: argparse.Action, command: str) -> list[str]:
+    hidden = getattr(action, "deprecated_aliases", ())
+    return [o for o in action.option_strings if o not in hidden]
+
+
+def test_every_option_of_every_command_has_help():
+    for name, s in subcommands().items():
+        assert s.description or s.format_usage(), name
+        for a in s._actions:
+            what = f"fiqa {name} {'/'.join(a.option_strings) or a.metavar or a.dest}"
+            if a.help == argparse.SUPPRESS:  # only an old spelling may be hidden
+                assert all((name, o) in DEPRECATED for o in a.option_strings), what
+                assert a.option_strings or (name, a.dest) in DEPRECATED, what
+                continue
+            assert a.help and a.help.strip(), f"{what}: no help text"
+
+
+def test_shared_flags_are_spelled_and_behave_the_same():
+    seen: dict[str, tuple] = {}  # long flag -> (its spellings, takes a value, repeatable)
+    for name, s in subcommands().items():
+        for a in s._actions:
+            if a.help == argparse.SUPPRESS or not a.option_strings:
+                continue
+            flags = visible(a, name)
+            for retired, instead in RETIRED.items():
+                assert retired not in flags, f"fiqa {name} shows {retired}; use {instead}"
+            shape = (tuple(flags), a.nargs != 0, isinstance(a, argparse._AppendAction))
+            for flag in flags:
+                if flag.startswith("--"):
+                    before = seen.setdefault(flag, shape)
+                    assert before == shape, f"fiqa {name} {flag}: {shape} elsewhere {before}"
+            if a.dest == "output":
+                assert flags == ["-o", "--output"], f"fiqa {name}: output as {flags}"
+            if "batch" in a.dest:
+                assert flags == ["--batch-size"], f"fiqa {name}: {flags}"
+        flags = {o for a in s._actions for o in a.option_strings}
+        assert {"-v", "--verbose", "-h"} <= flags, name
+        assert ("--set" in flags) == (name in CONFIG_COMMANDS), name
+        # the model is always the first argument
+        positionals = [a.dest for a in s._actions if not a.option_strings]
+        if "model" in positionals:
+            assert positionals.index("model") == 0, name
+
+
+def test_label_flags_are_named_after_the_config_keys_they_set():
+    from fiqa.cli.label import SHORTCUTS, label_config
+
+    p = build_parser()
+    s = subcommands()["label"]
+    for dest, key in SHORTCUTS.items():
+        (a,) = [a for a in s._actions if a.dest == dest]
+        if a.help != argparse.SUPPRESS:
+            assert visible(a, "label") == ["--" + key.split(".")[1].replace("_", "-")]
+            assert a.help.startswith(key), (dest, a.help)
+
+    args = p.parse_args(["label", "m", "a.tar", "-o", "out", "--batch-size", "8"])
+    cfg = label_config(args)
+    assert cfg["scoring"].batch_size == 8 and cfg["data"].max_image_pixels == 40_000_000
+    argv = ["label", "m", "a.tar", "b.tar", "-o", "out", "--concurrency", "2,8"]
+    argv += ["--pin-cores", "no", "--min-image-side", "32", "--batch-size", "8"]
+    argv += ["--set", "scoring.batch_size=16", "--set", "scoring.precision=32-true"]
+    argv += ["--set", "storage.region=eu-west-1", "--set", "ray.num_cpus=3"]
+    args = p.parse_args(argv)
+    assert args.model == "m" and args.inputs == ["a.tar", "b.tar"]
+    cfg = label_config(args)
+    sc = cfg["scoring"]
+    assert (sc.batch_size, sc.concurrency, sc.pin_cores, sc.precision) == (
+        16,
+        [2, 8],
+        False,
+        "32-true",
+    )
+    assert cfg["data"].min_image_side == 32 and cfg["storage"].region == "eu-west-1"
+    assert cfg["ray"].num_cpus == 3
+    # old spellings still parse, into the same keys
+    old = ["label", "--model", "m", "--input", "a.tar", "--out", "o", "--max-pixels", "7"]
+    args = p.parse_args([*old, "--num-cpus-total", "2"])
+    assert (args.model_flag, args.input_flag, args.output) == ("m", ["a.tar"], "o")
+    cfg = label_config(args)
+    assert cfg["data"].max_image_pixels == 7 and cfg["ray"].num_cpus == 2
+    for bad, says in (
+        ("train_teacher.lr=1", "fiqa label reads scoring.*"),
+        ("data.test=x", "data.test"),
+        ("scoring.batch_size=0", "scoring.batch_size: must be >= 1"),
+        ("scoring.no_such_key=1", "unknown key scoring.no_such_key"),
+    ):
+        args = p.parse_args(["label", "m", "a.tar", "-o", "o", "--set", bad])
+        with pytest.raises(ValueError, match=re_escape(says)):
+            label_config(args)
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("fiqa ") and len(out) > len("fiqa "), out
+
+
+def test_old_spellings_parse_and_say_what_to_use(tmp_path, capsys):
+    p = build_parser()
+    assert p.parse_args(["make-demo-data", "data/x"]).output_dir == "data/x"  # k8s overlays
+    assert p.parse_args(["make-demo-data", "-o", "data/x"]).output == "data/x"
+    assert p.parse_args(["predict", "m", "a.jpg", "--out", "x.csv"]).output == "x.csv"
+    args = p.parse_args(["export", "m", "--format", "onnx", "--out", "x.onnx", "--batch", "3"])
+    assert (args.output, args.batch_size) == ("x.onnx", 3)
+    argv = ["label", "--model", str(tmp_path / "none"), "--input", "a.tar", "--output", "o"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--model is deprecated; use MODEL" in err and "--input is deprecated" in err
+    assert "no checkpoint at" in err
+    assert main(["label", "-o", "o"]) == 2
+    assert "give the MODEL, then at least one INPUT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["label", "/nonexistent/model", "{in}", "-o", "{out}"],
+        ["label", "--model", "/nonexistent", "--input", "{in}", "--output", "{out}"],
+        ["predict", "/nonexistent/model.safetensors", "{in}"],
+        ["export", "/nonexistent/model", "--format", "onnx", "-o", "{out}.onnx"],
+    ],
+    ids=["label", "label-old-flags", "predict", "export"],
+)
+def test_a_missing_model_fails_fast(tmp_path, argv):
+    """Checked before torch, Ray or anything heavy is imported: well under 2 s."""
+    shard = tmp_path / "a.tar"
+    shard.write_bytes(b"")
+    argv = [a.format(**{"in": shard, "out": tmp_path / "out"}) for a in argv]
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "fiqa.cli", *argv], capture_output=True, text=True, cwd=REPO
+    )
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 2, proc.stderr
+    assert "fiqa: error: no checkpoint at '/nonexistent" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert seconds < 2.0, f"{seconds:.1f} s to say the model is missing"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from fiqa.models import create_model, save_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    arch = "mobilenetv3_small_100"
+    save_checkpoint(
+        str(path), create_model(arch, 64), {"arch": arch, "image_size": 64, "resize": 72}
+    )
+    return path
+
+
+def test_a_checkpoint_named_by_its_weights_file_is_its_directory(checkpoint, tmp_path):
+    import numpy as np
+
+    from fiqa.models.checkpoint import load_checkpoint
+    from fiqa.models.meta import checkpoint_dir, read_meta
+    from fiqa.models.predictor import model_kind, open_predictor
+
+    d = str(checkpoint)
+    for f in ("model.safetensors", "model.json"):
+        named = f"{d}/{f}"
+        assert checkpoint_dir(named) == d
+        assert read_meta(named) == read_meta(d)
+        assert model_kind(named) == "checkpoint"
+    assert checkpoint_dir(d) == d and checkpoint_dir("s3://b/m/model.json") == "s3://b/m"
+    assert load_checkpoint(f"{d}/model.safetensors").info.arch == "mobilenetv3_small_100"
+    pixels = np.zeros((2, 64, 64, 3), np.uint8)
+    raw_file, _ = open_predictor(f"{d}/model.safetensors", "cpu")(pixels)
+    raw_dir, _ = open_predictor(d, "cpu")(pixels)
+    assert np.allclose(raw_file, raw_dir)
+    # a file that is not a checkpoint's says so, rather than NotADirectoryError
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="is a file, not a checkpoint directory"):
+        read_meta(str(other))

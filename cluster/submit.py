@@ -6,8 +6,12 @@ through Ray's ``JobSubmissionClient``. What a job needs travels in its
 
 * the config, resolved (``--set`` applied, validated by ``fiqa submit`` so a bad config
   fails before anything is submitted), as ``config.yaml`` in a small
-  ``working_dir``; the job's entrypoint is ``python -m fiqa.cli run config.yaml``
-  (or ``stage NAME config.yaml``) run from that directory;
+  ``working_dir``; the job's entrypoint is ``python3 fiqa_job.py run config.yaml``
+  (or ``stage NAME config.yaml``) run from that directory. ``fiqa_job.py``
+  (`fiqa.cluster.job_launcher`, standard library only) runs ``python -m fiqa.cli``
+  with the interpreter the cluster's Ray workers use, not whichever Python the
+  head's PATH finds first, and names what is missing when that interpreter lacks
+  fiqa's dependencies;
 * the code: a copy of the ``fiqa`` package as a ``py_modules`` entry, so the
   job runs the code that validated the config even when the cluster's image
   holds an older release (``--no-ship-code`` runs the image's installed copy
@@ -192,10 +196,14 @@ def submission_base_id(run_dir: str, stage: str | None) -> str:
     return f"fiqa-{name}-{(stage or 'all').replace('_', '-')}-{digest}"
 
 
+# The job's launcher, as shipped in its working_dir (see fiqa.cluster.job_launcher).
+LAUNCHER = "fiqa_job.py"
+
+
 def entrypoint(stage: str | None, config_name: str = "config.yaml") -> str:
     if stage:
-        return f"python -m fiqa.cli stage {stage} {config_name}"
-    return f"python -m fiqa.cli run {config_name}"
+        return f"python3 {LAUNCHER} stage {stage} {config_name}"
+    return f"python3 {LAUNCHER} run {config_name}"
 
 
 def package_code(dest: str | Path) -> Path:
@@ -220,6 +228,7 @@ def build_runtime_env(
     job_dir = workdir / "job"
     job_dir.mkdir(parents=True)
     (job_dir / "config.yaml").write_text(yaml.safe_dump(shipped, sort_keys=False))
+    shutil.copyfile(Path(__file__).with_name("job_launcher.py"), job_dir / LAUNCHER)
     env: dict[str, Any] = {
         "working_dir": str(job_dir),
         "env_vars": {"PYTHONUNBUFFERED": "1"},  # logs reach `--follow` as they happen

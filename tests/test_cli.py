@@ -9,6 +9,7 @@ checkpoint named by its weights file works as its directory.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -215,3 +216,55 @@ def test_a_checkpoint_named_by_its_weights_file_is_its_directory(checkpoint, tmp
     other.write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match="is a file, not a checkpoint directory"):
         read_meta(str(other))
+
+
+# ---------------------------------------------------------------------------
+# `fiqa submit`'s job launcher: the cluster's interpreter, or what it lacks
+
+
+def test_the_launcher_finds_the_ray_workers_python_from_their_memory_maps():
+    from fiqa.cluster.job_launcher import python_of_raylet_maps, ray_worker_python
+
+    line = "7f0-7f1 r-xp 0 08:01 42  /opt/venv/lib/python3.11/site-packages/ray/_raylet.so"
+    assert python_of_raylet_maps("junk\n" + line) == [
+        "/opt/venv/bin/python3.11",
+        "/opt/venv/bin/python3",
+        "/opt/venv/bin/python",
+    ]
+    assert python_of_raylet_maps("/usr/lib/x86_64-linux-gnu/libc.so.6") == []
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("no /proc")
+    # a process that loaded Ray's extension (without starting Ray): its environment's python
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import ray._raylet, sys; print(1, flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "1"
+        found = ray_worker_python(child.pid)
+    finally:
+        child.communicate("")
+    assert found and Path(found).parent == Path(sys.executable).parent, found
+    assert ray_worker_python(os.getpid(), depth=0) is None
+
+
+def test_the_launcher_runs_fiqa_or_names_what_is_missing(tmp_path, monkeypatch, capsys):
+    from fiqa.cluster import job_launcher, submit
+
+    runtime_env = submit.build_runtime_env({"run_dir": "x"}, tmp_path)
+    launcher = Path(runtime_env["working_dir"]) / submit.LAUNCHER
+    assert submit.entrypoint(None) == f"python3 {submit.LAUNCHER} run config.yaml"
+    proc = subprocess.run(
+        [sys.executable, str(launcher), "--version"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("fiqa "), proc.stderr
+    assert job_launcher.missing_modules(sys.executable, ("json", "no_such_mod")) == ["no_such_mod"]
+
+    monkeypatch.setattr(job_launcher, "ray_worker_python", lambda: None)
+    monkeypatch.setattr(job_launcher.sys, "executable", "/usr/bin/python-without-deps")
+    assert job_launcher.main(["run", "config.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert "/usr/bin/python-without-deps (the head's python3 on its PATH" in err
+    assert "cannot import fiqa, ray, torch" in err and "ray start --head" in err

@@ -218,8 +218,8 @@ class Head:
         self.dashboard_port = free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         venv_bin = os.path.dirname(sys.executable)
-        # The job's driver runs `python -m fiqa.cli` on the head: the head's PATH
-        # must find the same environment's python, as the cluster image does.
+        # The job's launcher (`python3 fiqa_job.py`) runs fiqa with the Ray workers'
+        # interpreter; the head's PATH only needs a python3 to start it.
         env = clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
         env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # a test head: no drain on stop
         env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
@@ -423,7 +423,7 @@ def test_attach_conflict_and_stop(head, tiny_data, tmp_path):
     assert f"fiqa: job {sid} stopped:" in err
     row = job_rows(head)[sid]
     assert row[1] == "STOPPED"
-    assert " ".join(row[-5:]) == "python -m fiqa.cli run config.yaml"
+    assert " ".join(row[-4:]) == "python3 fiqa_job.py run config.yaml"
 
     again = fiqa("stop", sid, "--address", head.address, env=env)
     assert again.returncode == 0 and "is not running (STOPPED)" in again.stdout

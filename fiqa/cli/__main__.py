@@ -1,4 +1,4 @@
-"""`python -m fiqa.cli`: the entrypoint Ray jobs run (see `fiqa.cluster.submit.entrypoint`)."""
+"""`python -m fiqa.cli`: what Ray jobs run (through `fiqa.cluster.job_launcher`)."""
 
 import sys
 

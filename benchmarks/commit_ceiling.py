@@ -82,9 +82,12 @@ def measure(name: str, shards: list[str], ckpt: str, work: Path, batch: int) -> 
     if len(steady) > 2:
         per = rows / len(shards)
         span = steady[-1] - steady[0]
+        cpu = run.commit_cpu_times[-1] - run.commit_cpu_times[0]
         print(
             f"  after the first commit: {(len(steady) - 1) * per / span:,.0f} rows/s, "
-            f"{(len(steady) - 1) * bytes_ / len(shards) / 2**20 / span:.1f} MiB/s"
+            f"{(len(steady) - 1) * bytes_ / len(shards) / 2**20 / span:.1f} MiB/s; the driver's "
+            f"CPU {1e6 * cpu / ((len(steady) - 1) * per):.1f} ms per 1,000 rows: its ceiling "
+            f"{(len(steady) - 1) * per / max(cpu, 1e-9):,.0f} rows/s"
         )
     for label, share in driver_profile(pstats.Stats(prof), run.seconds).items():
         print(f"  {label:<56} {100 * share:5.1f} % of the driver's time")

@@ -251,13 +251,15 @@ class CommitTimes(logging.Handler):
     plan it logged (object-store bound, Ray Data's cap, actors, decode tasks, block rows)."""
 
     def __init__(self):
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)
         self.times: list[float] = []
+        self.cpu_times: list[float] = []  # the driver's CPU time (all its threads) at each
         self.plan: dict = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.getMessage().startswith("committed "):
             self.times.append(time.perf_counter())
+            self.cpu_times.append(time.process_time())
         self.plan = getattr(record, "stream_plan", self.plan)
 
 
@@ -272,6 +274,7 @@ class LabelRun:
     seconds: float
     commit_times: list[float]  # time.perf_counter() of each commit
     plan: dict  # the stream's plan, as the engine logged it
+    commit_cpu_times: list[float]  # the driver's time.process_time() at each commit
 
     @property
     def images(self) -> int:
@@ -308,7 +311,8 @@ def label_run(
     commits = CommitTimes()
     engine_log = logging.getLogger("fiqa.scoring.engine")
     engine_log.addHandler(commits)
-    engine_log.setLevel(logging.INFO)
+    engine_log.setLevel(logging.DEBUG)  # (it logs each commit at DEBUG)
+    propagate, engine_log.propagate = engine_log.propagate, False
     try:
         with contextlib.ExitStack() as stack:
             for m in monitors:
@@ -323,9 +327,12 @@ def label_run(
                 shutdown_ray()
     finally:
         engine_log.removeHandler(commits)
+        engine_log.propagate = propagate
         shutil.rmtree(out, ignore_errors=True)
     assert not ray.is_initialized()
-    return LabelRun(stats, t0, wall_t0, t0 - before_ray, seconds, commits.times, commits.plan)
+    return LabelRun(
+        stats, t0, wall_t0, t0 - before_ray, seconds, commits.times, commits.plan, commits.cpu_times
+    )
 
 
 def steady_window(commit_times: list[float]) -> tuple[int, int] | None:

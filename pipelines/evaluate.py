@@ -75,6 +75,7 @@ def run(ctx: StageContext) -> dict:
             max_pixels=cfg.data.max_image_pixels,
             min_side=cfg.data.min_image_side,
         )
+        job.description = f"evaluate {name} on test"
         counts = run_score_job(job)
         table = read_table(out + "/labels", columns=["key", "raw_score", "mos"])
         pred = table.column("raw_score").to_numpy(zero_copy_only=False).astype(np.float64)

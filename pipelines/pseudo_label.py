@@ -28,6 +28,7 @@ def pseudo_label(ctx: StageContext, pool: str, model_stage: str, source: str) ->
         max_pixels=cfg.data.max_image_pixels,
         min_side=cfg.data.min_image_side,
     )
+    job.description = f"pseudo-label {pool} with {model_stage}"
     return run_score_job(job)
 
 

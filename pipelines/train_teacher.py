@@ -29,6 +29,7 @@ def ingest_labeled(ctx: StageContext, split: str) -> dict:
         max_pixels=d.max_image_pixels,
         min_side=d.min_image_side,
         scoring=ctx.cfg.scoring,
+        description=f"read {split}",
     )
     return run_score_job(job)
 

@@ -1,7 +1,7 @@
 """Bad input is accounted for, never fatal, never silent.
 
-Each case goes through the scoring engine's per-shard code (`read_and_decode`
-then `ShardCollector`, no cluster needed) and must land in the scored table
+Each case goes through the scoring engine's per-shard code (`read_and_decode`, then
+staged and committed as the actors and commit tasks do, no cluster needed) and must land in the scored table
 or in the rejects table with the expected reason; for every shard, scored +
 rejected == samples read. `test_fiqa_label_on_a_zoo_of_bad_shards` then runs
 the same zoo through `fiqa label` on a real local Ray.
@@ -21,8 +21,10 @@ from PIL import Image
 
 from fiqa.data.tables import list_parts, part_name
 from fiqa.scoring import ScoreJob
-from fiqa.scoring.commit import KeyIndex, ShardCollector
+from fiqa.scoring.commit import ShardLedger, commit_shard
 from fiqa.scoring.decode_task import read_and_decode
+from fiqa.scoring.fragments import write_fragments
+from fiqa.scoring.unique_keys import reject_duplicate_keys
 
 from conftest import fiqa_cmd, jpeg_bytes, subprocess_env, write_tar
 
@@ -123,17 +125,21 @@ def job_for(tmp_path, shards) -> ScoreJob:
     )
 
 
-def run_engine(job: ScoreJob, collector: ShardCollector | None = None) -> ShardCollector:
-    """The engine's per-shard path without a cluster; the 'model' scores mean brightness."""
-    collector = collector or ShardCollector(job)
+def run_engine(job: ScoreJob) -> dict:
+    """The engine's per-shard path without a cluster; the 'model' scores mean brightness.
+    Returns the commits' counts."""
+    ledger, shards = ShardLedger(), 0
     for url in job.shards:
         for batch in read_and_decode({"shard": np.array([url], dtype=object)}, job):
             pixels = batch.pop("pixels")
             ok = batch["reason"] == ""
             batch["raw_score"] = np.where(ok, pixels.reshape(len(ok), -1).mean(axis=1), np.nan)
-            collector.add(batch)
-    assert not collector.parts, "every shard must be committed"
-    return collector
+            for done, total in ledger.add(write_fragments(batch, job)):
+                commit_shard(job, done, total)
+                shards += 1
+    assert not ledger.open_shards, "every shard must be committed"
+    reject_duplicate_keys(job)
+    return {"shards": shards}
 
 
 def tables(out_dir):
@@ -219,25 +225,14 @@ def test_duplicate_keys_within_and_across_shards(tmp_path):
 
 
 def test_keys_stay_unique_when_a_job_resumes(tmp_path):
-    from fiqa.scoring.commit import scored_keys_of
-
     a = write_tar(tmp_path / "a.tar", [("k1.jpg", jpeg_bytes()), ("k2.jpg", jpeg_bytes())])
     b = write_tar(tmp_path / "b.tar", [("k2.jpg", jpeg_bytes()), ("k4.jpg", jpeg_bytes())])
     run_engine(job_for(tmp_path, [a]))  # the first attempt committed shard a only
     job = job_for(tmp_path, [b])
-    run_engine(job, ShardCollector(job, scored_keys_of(job.out_dir)))
+    run_engine(job)
     labels, rejects = tables(job.out_dir)
     assert sorted(r["key"] for r in labels) == ["k1", "k2", "k4"]
     assert [(r["key"], r["reason"]) for r in rejects] == [("k2", "duplicate_key")]
-
-
-def test_key_index_survives_merges():
-    index = KeyIndex()
-    index.MERGE_EVERY = 1000
-    keys = [f"img-{i:07d}" for i in range(5500)]
-    index.update(keys)
-    assert len(index) == 5500 and len(index._sorted) == 5000
-    assert all(k in index for k in keys[::97]) and "img-9999999" not in index
 
 
 def test_truncated_and_unreadable_shards(tmp_path):
@@ -251,7 +246,7 @@ def test_truncated_and_unreadable_shards(tmp_path):
     junk.write_bytes(b"this is not a tar file" * 40)
     good = write_tar(tmp_path / "good.tar", labeled_members(5, prefix="g"))
     job = job_for(tmp_path, [str(cut), str(junk), good])
-    collector = run_engine(job)
+    counts = run_engine(job)
     labels, rejects = tables(job.out_dir)
     by_shard = {}
     for r in labels:
@@ -264,7 +259,7 @@ def test_truncated_and_unreadable_shards(tmp_path):
     (junk_rej,) = [r for r in rejects if r["shard"] == str(junk)]
     assert junk_rej["reason"].startswith("unreadable_shard")
     assert len(by_shard[good]) == 5  # the others go on
-    assert collector.stats["shards"] == 3
+    assert counts["shards"] == 3
     assert {p.rsplit("/", 1)[-1] for p in list_parts(job.out_dir + "/labels")} == {
         part_name(u) for u in job.shards
     }
@@ -301,15 +296,13 @@ def test_fiqa_label_on_a_zoo_of_bad_shards(tmp_path):
     cmd = [
         *fiqa_cmd(),
         "label",
-        "--model",
         model,
-        "--input",
         str(shards),
         "--output",
         str(out),
         "--batch-size",
         "16",
-        "--max-pixels",
+        "--max-image-pixels",
         str(MAX_PIXELS),
         "--num-cpus",
         "1",

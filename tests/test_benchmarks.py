@@ -204,3 +204,20 @@ def test_commit_ceiling_commits_every_row_of_both_pools():
         assert line and int(line[1].replace(",", "")) > 0, out
     shares = [float(s) for s in re.findall(r"([0-9.]+) % of the driver's time", out)]
     assert len(shares) == 6 and all(0 <= s <= 100 for s in shares), out
+
+
+def test_label_scale_labels_each_key_once_and_resumes_only_what_is_left(tmp_path):
+    report = tmp_path / "scale.json"
+    out = run_benchmark(
+        "label_scale.py", "--sizes", "1200", "2400", "--shard", "300", "--json", str(report)
+    )
+    assert "2x the images" in out and "resume: killed after" in out
+    figures = json.loads(report.read_text())
+    small, large = figures["runs"]
+    assert (small["images"], large["images"]) == (1200, 2400)
+    for run in figures["runs"]:
+        assert run["scored"] + run["rejected"] == run["images"]  # checked key by key there
+        assert run["driver_peak_mib"] > 0 and run["all_processes_peak_mib"] > 0
+    resume = figures["resume"]
+    assert 0 < resume["committed_before"] < resume["shards"]
+    assert resume["rescored_shards"] == resume["shards"] - resume["committed_before"]

@@ -8,8 +8,9 @@ from fiqa.calibration import Logistic4
 from fiqa.config import ScoringConfig
 from fiqa.data.tables import list_parts, part_name
 from fiqa.scoring import ScoreJob, stream
-from fiqa.scoring.commit import ShardCollector, committed_shards
+from fiqa.scoring.commit import ShardLedger, commit_shard, committed_shards
 from fiqa.scoring.decode_task import read_and_decode, to_batch
+from fiqa.scoring.fragments import write_fragments
 from fiqa.scoring.stream import rows_per_block, stream_buffer_bytes
 
 from conftest import labeled_members, write_tar
@@ -77,14 +78,16 @@ def test_collector_commits_each_shard_once_complete(tmp_path, small_blocks):
         model_path="unused",
         scoring=small_blocks,
     )
-    col = ShardCollector(job)
+    ledger = ShardLedger()
     stream = batches_for(a, job) + batches_for(b, job)
     stream = [stream[0], stream[2], stream[1]]  # shards interleave in any order
-    done = []
+    done, counts = [], []
     for batch in stream:
         batch["raw_score"] = np.where(batch["reason"] == "", 0.5, np.nan)
         batch["mos"][:] = np.nan  # as for an unlabeled pool
-        done += col.add(batch)
+        for url, total in ledger.add(write_fragments(batch, job)):
+            done.append(url)
+            counts.append(commit_shard(job, url, total))
     assert done == [b, a]
     assert committed_shards(out) == {part_name(a), part_name(b)}
     t = pq.read_table(list_parts(out + "/labels"))
@@ -97,15 +100,17 @@ def test_collector_commits_each_shard_once_complete(tmp_path, small_blocks):
     assert r.column("key").to_pylist() == ["bad"] and r.column("reason").to_pylist() == [
         "not_an_image"
     ]
-    assert col.stats["scored"] + col.stats["rejected"] == ROWS + 6 + 4
+    assert counts[1] == {"scored": ROWS + 5, "rejected": 1, "reasons": {"not_an_image": 1}}
+    assert sum(c["scored"] + c["rejected"] for c in counts) == ROWS + 6 + 4
 
 
 def test_labeled_rows_keep_their_label_as_score(tmp_path):
     a = write_tar(tmp_path / "a.tar", labeled_members(3))
     job = ScoreJob(shards=[a], out_dir=str(tmp_path / "o"), source="labeled", require_label=True)
-    col = ShardCollector(job)
+    ledger = ShardLedger()
     for batch in batches_for(a, job):
-        col.add(batch)
+        for url, total in ledger.add(write_fragments(batch, job)):
+            commit_shard(job, url, total)
     t = pq.read_table(list_parts(str(tmp_path / "o/labels")))
     assert t.column("score").to_pylist() == t.column("mos").to_pylist()
     assert t.column("raw_score").null_count == 3

@@ -102,7 +102,7 @@ def test_decoded_blocks_reach_the_actor_as_the_engine_yields_them(
     of its own, so a shard of 512 travels as two, each scored in one actor call."""
     from fiqa.cli.label import label_shards
     from fiqa.models import create_model, save_checkpoint
-    from fiqa.scoring.commit import ShardCollector
+    from fiqa.scoring.commit import ShardLedger
 
     from conftest import jpeg_bytes, write_tar
 
@@ -111,13 +111,13 @@ def test_decoded_blocks_reach_the_actor_as_the_engine_yields_them(
     meta = {"arch": "mobilenetv3_small_100", "image_size": 224, "resize": 224}
     save_checkpoint(model, create_model("mobilenetv3_small_100", 224), meta)
     sizes = []
-    add = ShardCollector.add
+    add = ShardLedger.add
 
-    def recording_add(self, batch):
-        sizes.append(len(batch["key"]))
-        return add(self, batch)
+    def recording_add(self, lines):
+        sizes.extend(int(n) for n in lines["rows"])  # rows of each actor call's fragment
+        return add(self, lines)
 
-    monkeypatch.setattr(ShardCollector, "add", recording_add)  # the driver's side
+    monkeypatch.setattr(ShardLedger, "add", recording_add)  # the driver's side
     label = ScoringConfig(batch_size=256, num_gpus=0.0, num_cpus=1, concurrency=1)
     stats = label_shards(model, [shard], str(tmp_path / "out"), label, progress=False)
     assert stats["scored"] == 512

@@ -45,10 +45,10 @@ def part_name(shard_url: str) -> str:
     return f"{stem}-{digest}.parquet"
 
 
-def write_part(table: pa.Table, directory: str, name: str) -> str:
+def write_part(table: pa.Table, directory: str, name: str, compression: str = "zstd") -> str:
     """Write ``table`` as ``directory/name`` so that it appears complete or not at all."""
     url = storage.join(directory, name)
-    storage.atomic_write(url, lambda f: pq.write_table(table, f, compression="zstd"))
+    storage.atomic_write(url, lambda f: pq.write_table(table, f, compression=compression))
     return url
 
 

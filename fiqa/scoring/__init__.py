@@ -7,7 +7,9 @@ One engine serves pseudo-labeling, evaluation, the ingest of labeled shards and
 - `job`: what to score (`ScoreJob`, `job_for_model`);
 - `decode_task`: the CPU task that reads a shard and decodes its images;
 - `scorer`: the actor that holds the model;
-- `commit`: the per-shard commit on the driver, resume, duplicate keys;
+- `fragments`: each scored batch staged where it was scored (the actor, `ScoreThenWrite`);
+- `commit`: the driver's count of staged rows per shard, the commit task, resume;
+- `unique_keys`: keys scored in several shards, found exactly and kept in one;
 - `stream`: block sizes and the object-store bound of the stream;
 - `engine`: `run_score_job`, which wires them on Ray Data.
 """

@@ -1,8 +1,8 @@
 """The CPU side of a scoring stream: a Ray Data task reads a shard and decodes its images.
 
 One shard URL in, record batches out (with pixels when a model will run). Every sample of
-the shard leaves as a row, the unusable ones with a ``reason``. Every batch carries
-``shard_total``: -1, except the shard's last batch, where it is the number of rows the shard
+the shard leaves as a row, the unusable ones with a ``reason``, numbered by its place in the
+shard (``row``). Every batch carries ``shard_total``: -1, except the shard's last batch, where it is the number of rows the shard
 produced, so the driver knows when a shard is complete. No torch here: a decode worker
 starts in a fraction of a second.
 
@@ -90,6 +90,7 @@ def decode_shard(url: str, job: ScoreJob) -> Iterator[dict]:
         if full is not None:
             yield full.batch(-1)
             full = None
+        rec["row"] = total
         block.add(rec)
         total += 1
         if len(block) == block_rows:
@@ -100,7 +101,9 @@ def decode_shard(url: str, job: ScoreJob) -> Iterator[dict]:
         yield block.batch(total)
     else:  # a tar with no members at all
         empty = _Block(job, 1)
-        empty.add({"key": "", "shard": url, "image": b"", "mos": None, "reason": "empty_shard"})
+        empty.add(
+            {"key": "", "shard": url, "image": b"", "mos": None, "reason": "empty_shard", "row": 0}
+        )
         yield empty.batch(1)
 
 
@@ -127,10 +130,11 @@ def probe_sources(url: str, job: ScoreJob, samples: int = 16) -> Sources:
     return Sources(int(np.mean(sizes)) if sizes else MEAN_IMAGE_BYTES, max(pixels))
 
 
-def to_batch(rows: list[dict], total: int, job: ScoreJob) -> dict:
+def to_batch(rows: list[dict], total: int, job: ScoreJob, start: int = 0) -> dict:
     """Records that carry their own ``pixels`` (None: zeros) as the batch a decode task
-    yields, for code that stands in for one (a benchmark, a test)."""
-    out = _columns(rows, total)
+    yields, for code that stands in for one (a benchmark, a test); ``start``: the first
+    record's place in its shard."""
+    out = _columns([{**r, "row": start + i} for i, r in enumerate(rows)], total)
     if job.with_model:
         pix = np.zeros((len(rows), job.crop, job.crop, 3), dtype=np.uint8)
         for i, r in enumerate(rows):
@@ -149,5 +153,6 @@ def _columns(rows: list[dict], total: int) -> dict:
         "image": np.array([r["image"] for r in rows], dtype=object),
         "mos": np.array([np.nan if r["mos"] is None else r["mos"] for r in rows], dtype=np.float64),
         "reason": np.array([r["reason"] or "" for r in rows], dtype=object),
+        "row": np.array([r["row"] for r in rows], dtype=np.int64),
         "shard_total": np.full(n, total, dtype=np.int64),
     }

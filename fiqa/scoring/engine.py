@@ -3,24 +3,35 @@
 ::
 
     from_items(shard URLs) --map_batches(read_and_decode: CPU tasks)--> record batches
-        --map_batches(scorer: actor pool, GPU when there is one)--> + raw_score
-        --iter_batches on the driver--> ShardCollector: one Parquet part per shard
+        --map_batches(ScoreThenWrite: actor pool, GPU when there is one)--> + raw_score,
+          staged where scored (`fragments`) --> one line per fragment
+        --iter_batches on the driver: ShardLedger counts rows per shard-->
+        commit_shard tasks: one rejects part, then one scored part per shard
+        --when every shard is committed--> reject_duplicate_keys (`unique_keys`)
+
+Without a model (ingest) the decode tasks stage their own batches. The driver sees a line
+per fragment, never a row: its memory and its work do not grow with the images.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from collections.abc import Callable
 
+from fiqa import storage
 from fiqa.cluster.resources import decode_task_slots, plan_scoring
 from fiqa.config import ScoringConfig
 from fiqa.data.tables import part_name
-from fiqa.scoring.commit import ShardCollector, committed_shards, scored_keys_of
+from fiqa.scoring.commit import ShardLedger, commit_shard, committed_shards
 from fiqa.scoring.decode_task import probe_sources, read_and_decode
+from fiqa.scoring.fragments import ScoreThenWrite, decode_then_write, staging_dir
 from fiqa.scoring.job import ScoreJob
 from fiqa.scoring.scorer import Scorer
 from fiqa.scoring.stream import Sources, StreamPlan, plan_stream
+from fiqa.scoring.telemetry import ScoringMetrics
+from fiqa.scoring.unique_keys import DUPLICATE, reject_duplicate_keys
 
 log = logging.getLogger(__name__)
 
@@ -38,75 +49,148 @@ def run_score_job(
     actor class: `Scorer`'s constructor and call) and ``decode`` (the decode task:
     `read_and_decode`'s signature) are seams for benchmarks.
     """
-    import ray
-    from tqdm.auto import tqdm
-
     done = committed_shards(job.out_dir)
     todo = [u for u in job.shards if part_name(u) not in done]
     stats = {"shards_total": len(job.shards), "shards_skipped": len(job.shards) - len(todo)}
-    if not todo:
-        return {**stats, "shards": 0, "scored": 0, "rejected": 0, "reasons": {}}
-    if on_start is not None:
-        on_start()
+    counts = {"shards": 0, "scored": 0, "rejected": 0, "reasons": Counter()}
+    if todo:
+        if on_start is not None:
+            on_start()
+        _score(job, todo, counts, progress, scorer, decode)
+    moved = reject_duplicate_keys(job)  # (nothing to read again where a pass found none)
+    if moved:
+        counts["scored"] = max(0, counts["scored"] - moved)
+        counts["rejected"] += moved
+        counts["reasons"][DUPLICATE] += moved
+    return {**stats, **counts, "reasons": dict(counts["reasons"])}
+
+
+def _score(job: ScoreJob, todo: list[str], counts: dict, progress: bool, scorer, decode) -> None:
+    """Stream ``todo`` through decode, scoring and staging; commit each shard once staged."""
+    import ray
+    from tqdm.auto import tqdm
+
     cfg = plan_scoring(job.scoring, job.with_model)
     job = dataclasses.replace(job, scoring=cfg)  # the decode tasks read where to decode
     plan = _plan_stream(job, cfg, probe_sources(todo[0], job))
+    storage.rm(staging_dir(job))  # an earlier attempt's fragments: its shards are staged anew
 
     ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(
-        decode,
-        batch_size=1,
-        fn_kwargs={"job": job},
-        num_cpus=cfg.decode_cpus,
-        # A reservation of their own also keeps the decode tasks a separate operator: Ray Data
-        # fuses a task map into an actor map with equal requests, and decoding and inference
-        # would then take turns instead of overlapping.
-        memory=plan.decode_memory_bytes,
-    )
-    if job.with_model:
+    # A reservation of their own also keeps the decode tasks a separate operator: Ray Data
+    # fuses a task map into an actor map with equal requests, and decoding and inference
+    # would then take turns instead of overlapping.
+    decoding = {"num_cpus": cfg.decode_cpus, "memory": plan.decode_memory_bytes}
+    if not job.with_model:
+        kwargs = {"job": job, "decode": decode}
+        ds = ds.map_batches(decode_then_write, batch_size=1, fn_kwargs=kwargs, **decoding)
+    else:
+        ds = ds.map_batches(decode, batch_size=1, fn_kwargs={"job": job}, **decoding)
         lo, hi = cfg.actor_range()
         ds = ds.map_batches(
-            scorer,
+            ScoreThenWrite,
             fn_constructor_kwargs={
-                "model_path": job.model_path,
-                "threads": cfg.torch_threads or max(1, int(cfg.num_cpus)),
-                "compile": cfg.compile,
-                "pin_cores": cfg.pin_cores,
-                "decode": job.decode_spec() if job.decode_in_actor else None,
-                "precision": cfg.precision,
-                "batch_size": cfg.batch_size,
+                "scorer": scorer,
+                "job": job,
+                "scorer_kwargs": _scorer_kwargs(job),
             },
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
             zero_copy_batch=True,
-            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+            # Two calls at once: one batch is staged while the next is scored.
+            compute=ray.data.ActorPoolStrategy(
+                min_size=lo,
+                max_size=hi,
+                max_concurrent_calls_per_actor=2,
+                enable_true_multi_threading=True,
+            ),
             num_cpus=cfg.num_cpus,
             num_gpus=cfg.num_gpus or None,
         )
     _bound_stream(ds, plan)
-    collector = ShardCollector(job, scored_keys_of(job.out_dir) if done else None)
-    bar = tqdm(total=len(todo), unit="shard", desc=f"score {job.source}", disable=not progress)
+    ledger, commits, metrics = ShardLedger(), CommitTasks(job), ScoringMetrics(job.source)
+    bar = tqdm(
+        total=len(todo),
+        unit="shard",
+        desc=job.description or f"score {job.source}",
+        disable=not progress,
+    )
+
+    def committed(finished: list[tuple[str, dict]]) -> None:
+        for url, c in finished:
+            log.debug("committed %s: %s", url, storage.join(job.out_dir, "labels", part_name(url)))
+            counts["shards"] += 1
+            counts["scored"] += c["scored"]
+            counts["rejected"] += c["rejected"]
+            counts["reasons"].update(c["reasons"])
+            metrics.committed(c)
+        if finished:
+            bar.set_postfix(images=counts["scored"], rejected=counts["rejected"], refresh=False)
+            bar.update(len(finished))
+
     # No prefetch: Ray Data's prefetcher hands a block over only once the next one is ready,
     # so a finished shard would wait a whole shard's scoring to be committed.
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-        finished = collector.add(batch)
-        for url in finished:
-            log.info("committed %s", url)
-        if finished:
-            s = collector.stats
-            bar.set_postfix(images=s["scored"], rejected=s["rejected"], refresh=False)
-        bar.update(len(finished))
+    for lines in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+        for url, total in ledger.add(lines):
+            commits.submit(url, total)
+        committed(commits.finished())
+    committed(commits.finished(wait=True))
+    metrics.finished()
     bar.close()
-    if collector.parts:
-        raise RuntimeError(f"stream ended with incomplete shards: {sorted(collector.parts)[:3]}")
-    s = collector.stats
+    if ledger.open_shards:
+        raise RuntimeError(f"stream ended with incomplete shards: {ledger.open_shards[:3]}")
+
+
+def _scorer_kwargs(job: ScoreJob) -> dict:
+    cfg = job.scoring
     return {
-        **stats,
-        "shards": s["shards"],
-        "scored": s["scored"],
-        "rejected": s["rejected"],
-        "reasons": dict(s["reasons"]),
+        "model_path": job.model_path,
+        "threads": cfg.torch_threads or max(1, int(cfg.num_cpus)),
+        "compile": cfg.compile,
+        "pin_cores": cfg.pin_cores,
+        "decode": job.decode_spec() if job.decode_in_actor else None,
+        "precision": cfg.precision,
+        "batch_size": cfg.batch_size,
     }
+
+
+class CommitTasks:
+    """`commit_shard` as Ray tasks, spread over the cluster, at most `IN_FLIGHT` at once.
+
+    They ask for no CPU: a commit is mostly storage I/O and short, and one that waited for
+    the stream's tasks and actors to free a CPU would hold its shard back for nothing.
+    """
+
+    IN_FLIGHT = 4
+
+    def __init__(self, job: ScoreJob):
+        import ray
+
+        self.ray = ray
+        self.job = job
+        self.task = ray.remote(commit_shard).options(num_cpus=0, scheduling_strategy="SPREAD")
+        self.waiting: list[tuple[str, int]] = []
+        self.running: dict = {}  # ObjectRef -> shard URL
+
+    def submit(self, url: str, total: int) -> None:
+        self.waiting.append((url, total))
+        self._start()
+
+    def _start(self) -> None:
+        while self.waiting and len(self.running) < self.IN_FLIGHT:
+            url, total = self.waiting.pop(0)
+            self.running[self.task.remote(self.job, url, total)] = url
+
+    def finished(self, wait: bool = False) -> list[tuple[str, dict]]:
+        """The commits done since the last call; with ``wait``, all of them."""
+        out = []
+        while self.running:
+            ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=None if wait else 0)
+            if not ready:
+                break
+            for ref in ready:
+                out.append((self.running.pop(ref), self.ray.get(ref)))
+            self._start()
+        return out
 
 
 def _plan_stream(job: ScoreJob, cfg: ScoringConfig, sources: Sources) -> StreamPlan:
@@ -123,7 +207,7 @@ def _plan_stream(job: ScoreJob, cfg: ScoringConfig, sources: Sources) -> StreamP
         cap_fraction=ctx.override_object_store_memory_limit_fraction or 0.5,
         sources=sources,
     )
-    log.info(
+    log.debug(
         "scoring stream: object store bound %d MiB (Ray Data's cap here: %d MiB) for %d "
         "actor(s) and %d decode task(s) of %d MiB each, blocks of %d rows, decoding in the %s",
         plan.buffer_bytes // 2**20,

@@ -39,6 +39,7 @@ class ScoreJob:
     max_pixels: int = 40_000_000
     min_side: int = 16
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    description: str = ""  # the progress bar's label; "" is "score <source>"
     # The driver's object-storage settings (`fiqa.storage.configure`), travelling with the
     # job to the Ray tasks that read its shards, whatever environment their workers have.
     storage_options: dict = field(default_factory=storage.options)

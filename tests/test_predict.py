@@ -221,7 +221,7 @@ def test_many_images_print_a_summary_and_a_hint(models, tmp_path, capsys):
         (tmp_path / f"{i:02d}.jpg").write_bytes(jpeg_bytes(color=(i * 10, 100, 50)))
     assert main(["predict", models["onnx"], str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "scored 25 of 25" in out and "hint: add --out" in out and "00.jpg" not in out
+    assert "scored 25 of 25" in out and "hint: add -o" in out and "00.jpg" not in out
 
 
 def test_missing_onnxruntime_is_named(models, monkeypatch):

@@ -16,7 +16,6 @@ from fiqa.cli.options import add_output, option
 from fiqa.models.meta import EXPORT_FORMATS, ONNX_EXPORTERS, checkpoint_dir, read_meta
 from fiqa.models.predictor import open_predictor
 from fiqa.predict import check_output_path, format_table, predict, resolve_inputs, write_predictions
-from fiqa.storage import is_remote
 
 TABLE_MAX_ROWS = 20  # more rows than this get a summary instead of a table
 
@@ -74,9 +73,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     model = checkpoint_dir(args.model)
     read_meta(model)  # a missing or unreadable checkpoint fails here, before torch loads
-    parent = os.path.dirname(os.path.abspath(args.output))
-    if not is_remote(args.output) and not os.path.isdir(parent):
-        raise FileNotFoundError(f"--output {args.output!r}: no directory {parent!r}")
     from fiqa.models.export import export_checkpoint  # imports torch
 
     meta = export_checkpoint(

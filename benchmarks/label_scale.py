@@ -74,6 +74,26 @@ class Memory:
         self.peak_sum = max(self.peak_sum, sum(rss.values()))
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process under it, and wait until all are gone.
+
+    Ray's own processes may sit outside the driver's process group, and a commit task left
+    running would commit a shard after the count of committed ones was taken.
+    """
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.Error:
+        tree = []
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    proc.wait()
+    psutil.wait_procs(tree, timeout=30)
+
+
 def run_label(cmd: list[str], out: Path, stop_after_parts: int | None = None) -> dict:
     """One `fiqa label` until it ends (or is killed once ``stop_after_parts`` are committed)."""
     before = set(list_parts(str(out / "labels")))
@@ -91,8 +111,7 @@ def run_label(cmd: list[str], out: Path, stop_after_parts: int | None = None) ->
         if parts is not None and first_new is None and parts - before:
             first_new = time.perf_counter() - t0
         if stop_after_parts and parts is not None and len(parts) >= stop_after_parts:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_tree(proc)
             break
         time.sleep(0.5)
     seconds = time.perf_counter() - t0

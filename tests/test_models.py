@@ -55,7 +55,7 @@ def test_checkpoint_round_trip_keeps_weights_and_calibration(tmp_path):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model.json"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_checkpoint(str(tmp_path / "nothing"))
 
 

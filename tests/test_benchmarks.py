@@ -221,3 +221,86 @@ def test_label_scale_labels_each_key_once_and_resumes_only_what_is_left(tmp_path
     resume = figures["resume"]
     assert 0 < resume["committed_before"] < resume["shards"]
     assert resume["rescored_shards"] == resume["shards"] - resume["committed_before"]
+
+
+def _stand_in_faces(folder: Path) -> None:
+    """Generated faces laid out as ../shared/data/real-faces is (``faceNNNNNN.jpg`` + ``.json``
+    with an identity, shards of 40): the real ones are research-only and stay out of tests."""
+    from fiqa.data.synthetic import make_sample
+
+    from conftest import write_tar
+
+    folder.mkdir()
+    counts = {"ada": 20, "bo": 15, "cy": 45, "di": 40}  # test takes 20, labeled_val 15
+    names = [name for name, n in counts.items() for _ in range(n)]
+    for shard in range(0, len(names), 40):
+        members = []
+        for i in range(shard, min(shard + 40, len(names))):
+            members.append((f"face{i:06d}.jpg", make_sample(7, "unlabeled_1", i).jpeg))
+            members.append((f"face{i:06d}.json", json.dumps({"identity": names[i]}).encode()))
+        write_tar(folder / f"faces-{shard // 40:04d}.tar", members)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_real_face_quality_builds_the_demo_layout_deterministically(tmp_path):
+    import csv
+    import statistics
+    import tarfile
+
+    from fiqa.data.reader import read_shard
+
+    faces = tmp_path / "faces"
+    _stand_in_faces(faces)
+    sizes = ["labeled_train=30", "labeled_val=15", "test=20", "unlabeled_1=25", "unlabeled_2=25"]
+    common = ["--faces", str(faces), "--seed", "3", "--shard-size", "16", "--sizes", *sizes]
+    out = run_benchmark("real_face_quality.py", "build", "--out", str(tmp_path / "a"), *common)
+    assert "test identities (1): ada" in out and "labeled_val identities (1): bo" in out
+    assert "wrote 115 images" in out and "labels (MOS, all splits)" in out
+    # Another number of processes, the same bytes: every sample is a function of its source.
+    run_benchmark(
+        "real_face_quality.py", "build", "--out", str(tmp_path / "b"), "--workers", "1", *common
+    )
+    built = _tree(tmp_path / "a")
+    assert built == _tree(tmp_path / "b")
+
+    root = tmp_path / "a"
+    meta = json.loads((root / "dataset.json").read_text())
+    want = dict(s.split("=") for s in sizes)
+    assert {k: str(v) for k, v in meta["sizes"].items()} == want
+    assert meta["label_field"] == "mos" and meta["identities"]["test"] == ["ada"]
+    keys, labels, sources, identities = set(), [], set(), {}
+    for split, n in want.items():
+        shards = sorted((root / split).glob("*.tar"))
+        assert [p.name for p in shards] == meta["splits"][split]
+        assert [p.name for p in shards] == [f"{split}-{i:06d}.tar" for i in range(len(shards))]
+        records = [r for p in shards for r in read_shard(str(p), require_label="unl" not in split)]
+        assert len(records) == int(n) and all(r["reason"] is None for r in records), split
+        split_keys = {r["key"] for r in records}
+        assert not split_keys & keys  # keys unique across splits
+        keys |= split_keys
+        if "unl" in split:
+            with open(root / "ground_truth" / f"{split}.csv") as f:
+                truth = list(csv.DictReader(f))
+            assert {t["key"] for t in truth} == split_keys
+            labels += [float(t["mos"]) for t in truth]
+        else:
+            labels += [r["mos"] for r in records]
+        identities[split] = set()
+        for p in shards:
+            with tarfile.open(p) as tar:
+                for m in tar:
+                    if m.name.endswith(".json"):
+                        sample = json.loads(tar.extractfile(m).read())
+                        identities[split].add(sample["identity"])
+                        sources.add(sample["source"])
+    assert len(sources) == len(keys) == 115  # each source image used at most once
+    for held_out in ("test", "labeled_val"):
+        others = set().union(*(ids for s, ids in identities.items() if s != held_out))
+        assert identities[held_out] and not identities[held_out] & others, held_out
+    assert min(labels) >= 1.0 and max(labels) <= 5.0
+    assert max(labels) - min(labels) > 1.5 and statistics.pstdev(labels) > 0.3

@@ -84,10 +84,9 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image, ImageFilter
 
+from fiqa.data.synthetic import SPLITS, UNLABELED  # the dataset layout `fiqa run` reads
 from fiqa.models.allocator import retain_freed_memory
 
-SPLITS = ("labeled_train", "labeled_val", "test", "unlabeled_1", "unlabeled_2")
-UNLABELED = ("unlabeled_1", "unlabeled_2")
 DEFAULT_SIZES = {
     "labeled_train": 1500,
     "labeled_val": 300,

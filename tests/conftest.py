@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-pytest_plugins = ["s3_server"]  # the S3 test server's fixtures (tests/s3_server.py)
+pytest_plugins = ["s3_server", "ray_cluster"]  # fixtures: the S3 test server, a multi-node Ray
 
 
 def jpeg_bytes(size=(64, 64), color=(200, 120, 80), quality=90, mode="RGB", fmt="JPEG", **save):
@@ -40,6 +40,25 @@ def labeled_members(n, start=0, prefix="s"):
         out.append((f"{prefix}{i:04d}.jpg", jpeg_bytes(color=(i % 255, 100, 50))))
         out.append((f"{prefix}{i:04d}.json", json.dumps({"mos": 1 + (i % 40) / 10}).encode()))
     return out
+
+
+def reshard(src_dir: Path, out_dir: Path, per_shard: int) -> list[Path]:
+    """The samples of ``src_dir``'s tars, rewritten as shards of ``per_shard`` samples."""
+    samples: list[list[tuple[str, bytes]]] = []
+    for tar_path in sorted(src_dir.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                key = m.name.split(".", 1)[0]
+                if not samples or samples[-1][0][0].split(".", 1)[0] != key:
+                    samples.append([])
+                samples[-1].append((m.name, tar.extractfile(m).read()))
+    out_dir.mkdir(parents=True)
+    return [
+        Path(write_tar(out_dir / f"u1-{i:04d}.tar", [f for s in chunk for f in s]))
+        for i, chunk in enumerate(
+            samples[j : j + per_shard] for j in range(0, len(samples), per_shard)
+        )
+    ]
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -31,32 +30,13 @@ from s3_server import SECRET_KEY, clean_env
 
 from fiqa.pipelines import STAGE_NAMES
 
-from conftest import fiqa_cmd, tiny_config, write_tar
+from conftest import fiqa_cmd, reshard, tiny_config
 
 pytestmark = pytest.mark.slow
 
 STAGES = STAGE_NAMES
 U1_SHARDS, U1_SHARD_SIZE = 12, 16  # small shards: a kill lands between shard commits
 OUTAGE_S = 8.0
-
-
-def reshard(src_dir: Path, out_dir: Path, per_shard: int) -> list[Path]:
-    """The samples of ``src_dir``'s tars, rewritten as shards of ``per_shard`` samples."""
-    samples: list[list[tuple[str, bytes]]] = []
-    for tar_path in sorted(src_dir.glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for m in tar.getmembers():
-                key = m.name.split(".", 1)[0]
-                if not samples or samples[-1][0][0].split(".", 1)[0] != key:
-                    samples.append([])
-                samples[-1].append((m.name, tar.extractfile(m).read()))
-    out_dir.mkdir(parents=True)
-    return [
-        Path(write_tar(out_dir / f"u1-{i:04d}.tar", [f for s in chunk for f in s]))
-        for i, chunk in enumerate(
-            samples[j : j + per_shard] for j in range(0, len(samples), per_shard)
-        )
-    ]
 
 
 class Run:

@@ -1,0 +1,246 @@
+"""A real multi-node Ray cluster on 127.0.0.1 for the tests, started by the tests.
+
+`LocalCluster` runs a head (`ray start --head`: GCS, dashboard, the Jobs API) and
+worker nodes (`ray start --address`), each a separate raylet with its own object
+store, its own logical CPUs and a custom resource ``node:<name>``-like marker
+(``fiqa_node_<name>: 1``) so that placement can be asserted and steered. Each
+`ray start --block` runs in a session of its own: `kill_node` SIGKILLs one node's
+whole process tree (its raylet, agents and workers) without grace, as a spot
+instance vanishes; `add_node` brings a replacement. Teardown stops exactly the
+processes the cluster started (never `ray stop`, which stops every Ray of the user).
+
+The ``ray_cluster`` fixture is a head with no CPUs of its own (as on KubeRay, the
+driver's node runs no tasks) and two 2-CPU worker nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (all bound at once: the kernel cannot hand one out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def node_resource(name: str) -> str:
+    """The custom resource that marks node ``name`` (1 unit per node)."""
+    return f"fiqa_node_{name}"
+
+
+class LocalCluster:
+    """A head and named worker nodes on 127.0.0.1, each its own `ray start --block`."""
+
+    def __init__(self, env: dict[str, str], head_cpus: int = 0, object_store_mb: int = 256):
+        self.tmp = tempfile.mkdtemp(prefix="fqc-", dir="/tmp")  # short: Ray's socket paths
+        self.env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+        self.env.setdefault("RAY_AUTH_MODE", "disabled")
+        self.env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # a test cluster: no drain
+        venv_bin = os.path.dirname(sys.executable)
+        # a job's entrypoint starts with the head's PATH: the test's interpreter first
+        self.env["PATH"] = venv_bin + os.pathsep + self.env.get("PATH", "")
+        self._ray = os.path.join(venv_bin, "ray")
+        self.object_store = object_store_mb * 1024 * 1024
+        self.gcs_port, self.dashboard_port, client_port = free_ports(3)
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"  # the Jobs API
+        self.gcs_address = f"127.0.0.1:{self.gcs_port}"
+        self.nodes: dict[str, subprocess.Popen] = {}
+        self.killed: list[str] = []
+        self._start(
+            "head",
+            [
+                "--head",
+                f"--port={self.gcs_port}",
+                f"--num-cpus={head_cpus}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={client_port}",
+                f"--temp-dir={self.tmp}",
+            ],
+        )
+        self._wait_for_jobs_api()
+
+    # -- nodes --------------------------------------------------------------------------------
+
+    def _start(self, name: str, args: list[str]) -> None:
+        names = [
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+            "node-manager-port",
+            "object-manager-port",
+        ]
+        ports = dict(zip(names, free_ports(len(names)), strict=True))
+        cmd = [
+            self._ray,
+            "start",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--object-store-memory={self.object_store}",
+            f'--resources={{"{node_resource(name)}": 1}}',
+            "--disable-usage-stats",
+            *args,
+            *(f"--{k}={v}" for k, v in ports.items()),
+        ]
+        log = open(os.path.join(self.tmp, f"ray-start-{name}.log"), "w")
+        self.nodes[name] = subprocess.Popen(
+            cmd, env=self.env, cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        log.close()
+
+    def add_node(self, name: str, cpus: int = 2, timeout: float = 120) -> None:
+        """Start worker node ``name`` and wait until the head counts it alive."""
+        # Its own temp dir, as each machine has its own disk: nodes sharing one would share
+        # runtime_resources/, and one node's runtime-env agent would delete what another's
+        # job driver runs in.
+        temp = os.path.join(self.tmp, name)
+        os.makedirs(temp, exist_ok=True)
+        self._start(
+            name, [f"--address={self.gcs_address}", f"--num-cpus={cpus}", f"--temp-dir={temp}"]
+        )
+        deadline = time.time() + timeout
+        while name not in self.alive().values():
+            self._check_running(name)
+            if time.time() > deadline:
+                raise TimeoutError(f"node {name} did not join in {timeout} s")
+            time.sleep(0.5)
+
+    def kill_node(self, name: str) -> float:
+        """SIGKILL node ``name``'s `ray start`, raylet, agents and workers, at once; the time."""
+        proc = psutil.Process(self.nodes[name].pid)
+        tree = [proc, *proc.children(recursive=True)]
+        at = time.time()
+        for p in tree:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(tree, timeout=30)
+        self.nodes.pop(name).wait(timeout=10)
+        self.killed.append(name)
+        return at
+
+    def alive(self) -> dict[str, str]:
+        """node id -> the test's name, of the nodes the head counts alive ({} while it cannot say)."""
+        return {i: n for i, (n, state) in self._nodes().items() if state == "ALIVE"}
+
+    def node_names(self) -> dict[str, str]:
+        """node id -> the test's name, of every node that ever joined (dead ones too)."""
+        return {i: n for i, (n, _) in self._nodes().items()}
+
+    def _nodes(self) -> dict[str, tuple[str, str]]:
+        from ray.util.state import list_nodes
+
+        try:
+            nodes = list_nodes(
+                address=self.address, detail=True, limit=1000, raise_on_missing_output=False
+            )
+        except Exception:  # the dashboard is starting, or busy: no answer is no node
+            return {}
+        out = {}
+        for n in nodes:
+            marks = [r for r in (n.resources_total or {}) if r.startswith("fiqa_node_")]
+            if marks:
+                out[n.node_id] = (marks[0].removeprefix("fiqa_node_"), n.state)
+        return out
+
+    # -- start-up and teardown ----------------------------------------------------------------
+
+    def _check_running(self, name: str) -> None:
+        if self.nodes[name].poll() is not None:
+            log = Path(self.tmp, f"ray-start-{name}.log").read_text()[-3000:]
+            raise RuntimeError(f"ray start of node {name} exited:\n{log}")
+
+    def _wait_for_jobs_api(self, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        req = urllib.request.Request(f"{self.address}/api/jobs/")
+        while time.time() < deadline:
+            self._check_running("head")
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"the head's Jobs API did not come up in {timeout} s")
+
+    def own_pids(self) -> list[int]:
+        """Processes of this cluster: its temp dir in their argv, or as their working dir."""
+        pids = []
+        for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
+            if p.info["pid"] == os.getpid():
+                continue
+            argv = " ".join(p.info["cmdline"] or [])
+            if self.tmp in argv or (p.info["cwd"] or "").startswith(self.tmp):
+                pids.append(p.info["pid"])
+        return pids
+
+    def stop(self) -> None:
+        # SIGTERM to the workers' `ray start --block` first, the head last; then SIGKILL.
+        for name in sorted(self.nodes, key=lambda n: n == "head"):
+            proc = self.nodes[name]
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for proc in self.nodes.values():
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+            for pid in self.own_pids():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(2)
+        for proc in self.nodes.values():
+            proc.wait(timeout=10)
+        left = self.own_pids()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        assert not left, f"processes of the test's Ray cluster still alive: {left}"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server):
+    """A head (0 CPUs, the Jobs API) and worker nodes ``a`` and ``b`` (2 CPUs each).
+
+    The nodes' environment carries the S3 test server's credentials: run data and
+    ``run_dir`` go through the bucket, as on a cluster whose nodes share no disk.
+    """
+    from s3_server import clean_env
+
+    cluster = LocalCluster(clean_env(PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="1"))
+    try:
+        cluster.add_node("a")
+        cluster.add_node("b")
+        yield cluster
+    finally:
+        cluster.stop()

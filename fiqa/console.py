@@ -112,7 +112,10 @@ def skip_streamed_noise() -> None:
     if "ray" in sys.modules:
         logging.getLogger(__name__).debug("Ray already imported: streamed lines not filtered")
     user = os.environ.get("RAY_DEDUP_LOGS_SKIP_REGEX")
-    os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] = f"{user}|{NOISE.pattern}" if user else NOISE.pattern
+    if not user:
+        os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] = NOISE.pattern
+    elif NOISE.pattern not in user:  # once: commands run again in one process (tests)
+        os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] = f"{user}|{NOISE.pattern}"
     os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
 
 

@@ -53,8 +53,12 @@ class LocalCluster:
 
     def __init__(self, env: dict[str, str], head_cpus: int = 0, object_store_mb: int = 256):
         self.tmp = tempfile.mkdtemp(prefix="fqc-", dir="/tmp")  # short: Ray's socket paths
-        self.env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
-        self.env.setdefault("RAY_AUTH_MODE", "disabled")
+        # Not the caller's Ray: no address, no auth settings (an in-process `ray.init` of an
+        # earlier test sets RAY_AUTH_MODE=token in this process's environment).
+        self.env = {
+            k: v for k, v in env.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH_")
+        }
+        self.env["RAY_AUTH_MODE"] = "disabled"
         self.env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # a test cluster: no drain
         venv_bin = os.path.dirname(sys.executable)
         # a job's entrypoint starts with the head's PATH: the test's interpreter first
@@ -177,16 +181,35 @@ class LocalCluster:
     def _wait_for_jobs_api(self, timeout: float = 180) -> None:
         deadline = time.time() + timeout
         req = urllib.request.Request(f"{self.address}/api/jobs/")
+        last: object = None
         while time.time() < deadline:
             self._check_running("head")
             try:
                 with urllib.request.urlopen(req, timeout=5) as r:
                     if r.status == 200:
                         return
-            except (urllib.error.URLError, OSError):
-                pass
+                    last = r.status
+            except (urllib.error.URLError, OSError) as e:
+                last = e
             time.sleep(1)
-        raise TimeoutError(f"the head's Jobs API did not come up in {timeout} s")
+        raise TimeoutError(
+            f"the head's Jobs API did not come up in {timeout} s (last answer: {last!r})\n"
+            + self.logs_tail("head")
+        )
+
+    def logs_tail(self, name: str, chars: int = 3000) -> str:
+        """The end of node ``name``'s `ray start` output and of its dashboard's log."""
+        temp = self.tmp if name == "head" else os.path.join(self.tmp, name)
+        out = []
+        for f in (
+            Path(self.tmp, f"ray-start-{name}.log"),
+            Path(temp, "session_latest", "logs", "dashboard.log"),
+        ):
+            if f.exists():
+                out.append(f"--- {f}\n{f.read_text(errors='replace')[-chars:]}")
+        env = {k: (v if len(v) < 200 else f"<{len(v)} chars>") for k, v in self.env.items()}
+        ray_env = {k: v for k, v in env.items() if k.startswith(("RAY_", "AWS_", "FSSPEC"))}
+        return "\n".join([*out, f"--- the nodes' Ray/AWS environment: {ray_env}"])
 
     def own_pids(self) -> list[int]:
         """Processes of this cluster: its temp dir in their argv, or as their working dir."""

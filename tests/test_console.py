@@ -2,6 +2,7 @@
 the project's own lines kept, ``-v`` after the command, progress lines within an epoch."""
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -121,3 +122,10 @@ def test_steps_per_epoch_and_durations():
     assert steps_per_epoch(1200, 1, 64, 1) == 18
     assert steps_per_epoch(1200, 2, 16, 2) == 18
     assert [duration(s) for s in (42, 185, 3720)] == ["42s", "3m05s", "1h02m"]
+
+
+def test_the_noise_pattern_is_added_once_however_often_commands_run(monkeypatch):
+    monkeypatch.setenv("RAY_DEDUP_LOGS_SKIP_REGEX", "mine")
+    for _ in range(3):
+        console.skip_streamed_noise()
+    assert os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] == f"mine|{console.NOISE.pattern}"

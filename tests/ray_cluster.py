@@ -15,6 +15,7 @@ driver's node runs no tasks) and two 2-CPU worker nodes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -83,7 +84,12 @@ class LocalCluster:
                 f"--temp-dir={self.tmp}",
             ],
         )
-        self._wait_for_jobs_api()
+        try:
+            self._wait_for_jobs_api()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the start-up error is the one to see
+                self.stop()
+            raise
 
     # -- nodes --------------------------------------------------------------------------------
 

@@ -54,8 +54,11 @@ class TrainConfig:
     batch_size: int = 64  # global batch, over all workers
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    lr_step_epochs: int = 4  # StepLR: multiply lr by lr_gamma every lr_step_epochs
+    schedule: str = "step"  # step: lr x lr_gamma every lr_step_epochs | cosine: down to 0
+    lr_step_epochs: int = 4
     lr_gamma: float = 0.5
+    warmup_epochs: float = 0.0  # linear warm-up from 0, before either schedule (fractions ok)
+    hflip: bool = True  # random horizontal flips beside the random crops
     plcc_loss_weight: float = 1.0  # loss = MSE + w * (1 - PLCC) / 2
     num_workers: int = 1
     use_gpu: bool = False
@@ -293,6 +296,12 @@ def _validate(cfg: RunConfig) -> None:
                 check(t)
             except ConfigError as e:
                 raise ConfigError(f"{name}.{e}") from None
+        if t.schedule not in ("step", "cosine"):
+            raise ConfigError(f"{name}.schedule: expected step or cosine, got {t.schedule!r}")
+        if not 0 <= t.warmup_epochs < t.epochs:
+            raise ConfigError(
+                f"{name}.warmup_epochs: must be >= 0 and below epochs, got {t.warmup_epochs}"
+            )
         if t.precision not in ("bf16", "fp32"):
             raise ConfigError(f"{name}.precision: expected bf16 or fp32, got {t.precision!r}")
         bad = sorted(set(t.source_weights) - {"labeled", "pseudo_u1", "pseudo_u2"})

@@ -5,7 +5,10 @@ Recipe:
    weights from ``distill_student.source_weights`` (sources ``labeled``,
    ``pseudo_u1``, ``pseudo_u2``): the paper's knowledge distillation;
 2. the same student, same schedule, on the labeled table only: the ablation
-   the paper reports, to show what the pseudo-labels are worth.
+   the paper reports, to show what the pseudo-labels are worth. Its table is read
+   as many times per epoch as makes its optimizer steps those of the distilled
+   student (``TrainJob.repeat``): fewer steps would credit the pseudo-labels with
+   what is only more training.
 
 A model whose training finished is not trained again when an interrupted
 stage is resumed (``fit`` returns the summary its ``fit.json`` recorded).
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 from fiqa.runner import Stage, StageContext
 from fiqa.training import TrainJob, fit, fit_headline
+from fiqa.training.data import table_rows
 
 
 def run(ctx: StageContext) -> dict:
@@ -23,10 +27,12 @@ def run(ctx: StageContext) -> dict:
     tables = ctx.dir("train_teacher") + "/tables"
     labeled = f"{tables}/labeled_train/labels"
     pseudo = [f"{ctx.dir('pseudo_label_1')}/labels", f"{ctx.dir('pseudo_label_2')}/labels"]
+    # equal optimizer steps: the labeled rows read as often as make the distilled set's count
+    repeat = max(1, round(table_rows([labeled, *pseudo]) / max(table_rows([labeled]), 1)))
     out = {}
-    for name, train_tables in (
-        ("student", [labeled, *pseudo]),
-        ("student_labeled_only", [labeled]),
+    for name, train_tables, times in (
+        ("student", [labeled, *pseudo], 1),
+        ("student_labeled_only", [labeled], repeat),
     ):
         job = TrainJob(
             name=name,
@@ -40,6 +46,7 @@ def run(ctx: StageContext) -> dict:
             seed=cfg.seed + 2,
             pretrained_weights=m.pretrained_weights,
             config_fingerprint=cfg.fingerprint("student", "distill_student"),
+            repeat=times,
         )
         # Each of the two models commits with its fit.json (written by `fit`): after a crash
         # during the second, a rerun of the stage (same fingerprint) does not train the first.

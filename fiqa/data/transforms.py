@@ -12,11 +12,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def random_crop_flip(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def random_crop_flip(
+    img: np.ndarray, size: int, rng: np.random.Generator, flip: bool = True
+) -> np.ndarray:
     h, w = img.shape[:2]
     top = int(rng.integers(0, h - size + 1))
     left = int(rng.integers(0, w - size + 1))
     out = img[top : top + size, left : left + size]
-    if rng.random() < 0.5:
+    if flip and rng.random() < 0.5:
         out = out[:, ::-1]
     return out

@@ -1,7 +1,7 @@
 """Ray Train checkpoints: an epoch's save, resuming, refusing another config's, the best's export.
 
 A checkpoint directory holds the model (``model.safetensors`` + ``model.json``), the
-training state (`STATE_FILE`: optimiser, scheduler, `Progress`) and the history so far.
+training state (`STATE_FILE`: optimiser, `Progress`; the lr follows from the position) and the history so far.
 The driver imports this module without torch; the worker-side functions import it.
 """
 
@@ -36,7 +36,6 @@ def save(
     model: Any,
     meta: dict,
     opt: Any,
-    sched: Any,
     progress: Progress,
     epoch: int,
     config_fingerprint: str,
@@ -50,7 +49,6 @@ def save(
     save_checkpoint(directory, model, meta)
     state = {
         "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
         "epoch": epoch,
         "step": progress.step,
         "best": progress.best,
@@ -63,8 +61,8 @@ def save(
     return Checkpoint.from_directory(directory)
 
 
-def restore(checkpoint: Any, job: TrainJob, model: Any, opt: Any, sched: Any) -> Progress:
-    """Load a Ray Train checkpoint into ``model``, ``opt`` and ``sched``; the progress it saved."""
+def restore(checkpoint: Any, job: TrainJob, model: Any, opt: Any) -> Progress:
+    """Load a Ray Train checkpoint into ``model`` and ``opt``; the progress it saved."""
     import torch
 
     from fiqa.models.checkpoint import load_checkpoint
@@ -82,7 +80,6 @@ def restore(checkpoint: Any, job: TrainJob, model: Any, opt: Any, sched: Any) ->
         )
     getattr(model, "module", model).load_state_dict(weights)
     opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
     return Progress(
         start_epoch=state["epoch"] + 1,
         step=state["step"],

@@ -26,14 +26,19 @@ DECODE_BATCH_ROWS = 128
 
 
 def decode_train_batch(
-    batch: dict, resize: int, crop: int, weights: dict[str, float], source_ids: dict[str, int]
+    batch: dict,
+    resize: int,
+    crop: int,
+    weights: dict[str, float],
+    source_ids: dict[str, int],
+    hflip: bool = True,
 ) -> dict:
-    """Bytes -> randomly cropped and flipped uint8 pixels, target, loss weight, source id."""
+    """Bytes -> randomly cropped (and flipped) uint8 pixels, target, loss weight, source id."""
     rng = np.random.default_rng()
     n = len(batch["image"])
     pixels = np.empty((n, crop, crop, 3), dtype=np.uint8)
     for i, data in enumerate(batch["image"]):
-        pixels[i] = random_crop_flip(decode_image(data, resize), crop, rng)
+        pixels[i] = random_crop_flip(decode_image(data, resize), crop, rng, flip=hflip)
     sources = [str(s) for s in batch["source"]]
     return {
         "pixels": pixels,
@@ -66,14 +71,15 @@ def read_parts(parts: list[str], **kwargs: Any) -> Any:
 
 
 def train_dataset(job: TrainJob, parts: list[str], sources: list[str]) -> Any:
-    """The training stream: files in a new order every epoch, decoded, cropped and flipped."""
+    """The training stream: files (``job.repeat`` times each) in a new order every epoch,
+    decoded, cropped and flipped."""
     import ray
 
     # Reproducible from the run's seed (row order across workers depends on who asks first).
     shuffle = ray.data.FileShuffleConfig(seed=job.seed)
     # select_columns is pushed down into the Parquet read: only these columns are read.
     return (
-        read_parts(parts, shuffle=shuffle)
+        read_parts(parts * job.repeat, shuffle=shuffle)
         .select_columns(["image", "score", "source"])
         .map_batches(
             decode_train_batch,
@@ -83,6 +89,7 @@ def train_dataset(job: TrainJob, parts: list[str], sources: list[str]) -> Any:
                 "crop": job.image_size,
                 "weights": job.train.source_weights,
                 "source_ids": {s: i for i, s in enumerate(sources)},
+                "hflip": job.train.hflip,
             },
         )
     )
@@ -103,6 +110,21 @@ def val_slices(job: TrainJob, parts: list[str]) -> list[Any]:
     workers, n = job.train.num_workers, val_ds.count()
     cuts = [round(n * i / workers) for i in range(1, workers)]
     return val_ds.split_at_indices(cuts) if cuts else [val_ds]
+
+
+def table_rows(tables: list[str]) -> int:
+    """Rows of the tables, from their Parquet footers."""
+    import pyarrow.parquet as pq
+
+    from fiqa import storage
+
+    total = 0
+    for d in tables:
+        for p in list_parts(d):
+            fs, path = storage.filesystem(p)
+            with fs.open(path, "rb") as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+    return total
 
 
 @dataclass

@@ -34,6 +34,9 @@ class TrainJob:
     config_fingerprint: str = ""
     max_pixels: int = 40_000_000
     extra_meta: dict = field(default_factory=dict)
+    # Each table read this many times per epoch: an ablation on fewer rows takes as many
+    # optimizer steps as the model it is compared with.
+    repeat: int = 1
 
 
 @dataclass

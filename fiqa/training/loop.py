@@ -32,6 +32,7 @@ from fiqa.training import checkpoints
 from fiqa.training.checkpoints import Progress
 from fiqa.training.job import TrainJob
 from fiqa.training.progress import EpochProgress, duration, steps_per_epoch
+from fiqa.training.schedule import lr_factor, position
 from fiqa.training.step import GradAccumulator
 from fiqa.training.tensorboard import STEP_EVERY, TensorBoardLog, epoch_scalars
 
@@ -53,7 +54,7 @@ class Worker:
     accum: int  # micro-batches per optimizer step
     model: torch.nn.Module
     opt: torch.optim.Optimizer
-    sched: Any
+    base_lr: float  # the configured lr (scaled to the batch); the schedule multiplies it
     tb: TensorBoardLog | None  # rank 0 only
     progress: Progress
     train_rows: int = 0  # rows of the training tables: the epoch's length, for its ETA
@@ -87,7 +88,7 @@ def build_model(job: TrainJob) -> torch.nn.Module:
 
 
 def setup(config: dict) -> Worker:
-    """Threads, device, model (DDP), optimiser, scheduler; resumed when Ray Train restarts us."""
+    """Threads, device, model (DDP), optimiser; resumed when Ray Train restarts us."""
     job = TrainJob(**{**config["job"], "train": TrainConfig(**config["job"]["train"])})
     t = job.train
     ctx = ray.train.get_context()
@@ -103,11 +104,10 @@ def setup(config: dict) -> Worker:
         model = model.to(memory_format=torch.channels_last)
     model = prepare_model(model)
     opt = torch.optim.AdamW(model.parameters(), lr=effective_lr(t), weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=t.lr_step_epochs, gamma=t.lr_gamma)
     progress = Progress()
     resume = ray.train.get_checkpoint()
     if resume:
-        progress = checkpoints.restore(resume, job, model, opt, sched)
+        progress = checkpoints.restore(resume, job, model, opt)
         if rank == 0:
             log.info(
                 "%s: resuming after epoch %d (best %.4f)",
@@ -127,7 +127,7 @@ def setup(config: dict) -> Worker:
         accum=accum,
         model=model,
         opt=opt,
-        sched=sched,
+        base_lr=effective_lr(t),
         tb=TensorBoardLog(config["tensorboard_dir"]) if rank == 0 else None,
         progress=progress,
         train_rows=config.get("train_rows", 0),
@@ -163,16 +163,13 @@ def train_one_epoch(w: Worker, epoch: int) -> dict:
         autocast_bf16=w.bf16,
         channels_last=w.cuda,
     )
-    lr = w.opt.param_groups[0]["lr"]
+    steps_expected = steps_per_epoch(w.train_rows, w.world, w.micro, w.accum)
+    lr = set_lr(w, position(epoch, 1, steps_expected))
     steps_before, waited, first_wait = p.step, 0.0, None
     meter = None
     if w.rank == 0:
         meter = EpochProgress(
-            w.job.name,
-            epoch + 1,
-            w.job.train.epochs,
-            steps_per_epoch(w.train_rows, w.world, w.micro, w.accum),
-            w.job.train.batch_size,
+            w.job.name, epoch + 1, w.job.train.epochs, steps_expected, w.job.train.batch_size
         )
     t0 = time.perf_counter()
     batches = iter(train_batches(w, epoch))
@@ -185,6 +182,7 @@ def train_one_epoch(w: Worker, epoch: int) -> dict:
         if batch is None:
             break
         if acc.backward(batch):
+            set_lr(w, position(epoch, p.step - steps_before + 1, steps_expected))
             w.opt.step()
             w.opt.zero_grad(set_to_none=True)
             p.step += 1
@@ -196,7 +194,6 @@ def train_one_epoch(w: Worker, epoch: int) -> dict:
     if w.cuda:
         torch.cuda.synchronize()
     train_time = time.perf_counter() - t0
-    w.sched.step()
     stats = acc.epoch_stats(w.sources)
     return {
         "train_loss": stats["train_loss"],
@@ -209,6 +206,14 @@ def train_one_epoch(w: Worker, epoch: int) -> dict:
         "first_batch_s": first_wait,  # the epoch's stream start-up, in data_wait_frac
         "train_seconds": train_time,
     }
+
+
+def set_lr(w: Worker, at: float) -> float:
+    """Set the optimizer's lr for the step that ends at ``at`` epochs; that lr."""
+    lr = w.base_lr * lr_factor(w.job.train, at)
+    for group in w.opt.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def validate(w: Worker) -> tuple[np.ndarray, np.ndarray]:
@@ -286,7 +291,7 @@ def save_and_report(
         if w.rank == 0:
             meta = model_meta(w, epoch, val, row["score"], fit_calibration(pred, target))
             checkpoint = checkpoints.save(
-                d, w.model, meta, w.opt, w.sched, w.progress, epoch, w.job.config_fingerprint
+                d, w.model, meta, w.opt, w.progress, epoch, w.job.config_fingerprint
             )
         ray.train.report(flat_metrics(row), checkpoint=checkpoint)
 

@@ -58,11 +58,13 @@ def fit(job: TrainJob) -> dict:
     stats = table_stats(job.train_tables)
     sources = sorted(stats.rows_by_source)
     mean, std = target_scale(job, stats.target_mean, stats.target_std)
+    rows = sum(stats.rows_by_source.values())
     log.info(
-        "%s: %d rows %s; global batch %d = %d worker(s) x %d rows x %d step(s); lr %.3g",
+        "%s: %d rows %s%s; global batch %d = %d worker(s) x %d rows x %d step(s); lr %.3g",
         job.name,
-        sum(stats.rows_by_source.values()),
+        rows,
         stats.rows_by_source,
+        f", read {job.repeat}x per epoch" if job.repeat > 1 else "",
         t.batch_size,
         t.num_workers,
         micro,
@@ -76,7 +78,7 @@ def fit(job: TrainJob) -> dict:
         "sources": sources,
         "tensorboard_dir": paths.tensorboard,
         "torch_threads": worker_threads(t),
-        "train_rows": sum(stats.rows_by_source.values()),
+        "train_rows": rows * job.repeat,
     }
     datasets = {"train": train_dataset(job, parts, sources)}
     datasets.update({f"val_{i}": v for i, v in enumerate(val_slices(job, val_parts))})
@@ -95,6 +97,7 @@ def fit(job: TrainJob) -> dict:
         "restarts": history[-1].get("restarts", 0) if history else 0,
         "train_parts": len(parts),
         "rows_by_source": stats.rows_by_source,
+        "repeat": job.repeat,
     }
     storage.write_json(paths.fit, {**summary, **marks})  # the commit: this job finished
     return summary

@@ -176,7 +176,33 @@ def findings(report: dict) -> list[str]:
             f"Cost: the student needs {100 * report['student_teacher_gflops_ratio']:.1f}% "
             "of the teacher's GFLOPs."
         )
+    out += steps_notes(report) + provenance_notes(report)
     out += compression_notes(report)
+    return out
+
+
+def steps_notes(report: dict) -> list[str]:
+    """How many optimizer steps each student took: the ablation is fair only when equal."""
+    s, lo = report.get("student", {}), report.get("student_labeled_only", {})
+    if "optimizer_steps" not in s or "optimizer_steps" not in lo:
+        return []
+    return [
+        f"Training: the distilled student took {s['optimizer_steps']} optimizer steps, the "
+        f"labeled-only student {lo['optimizer_steps']} (its smaller table is read again "
+        "within each epoch to match)."
+    ]
+
+
+def provenance_notes(report: dict) -> list[str]:
+    """Which model labeled which pool, as the tables' ``model_id`` column records it."""
+    out = []
+    for pool, p in report.get("pseudo_label", {}).items():
+        if p.get("labeled_by"):
+            ids = ", ".join(p.get("model_ids") or []) or "none"
+            out.append(
+                f"Provenance: {pool} was pseudo-labeled in round {p['round']} by "
+                f"{p['labeled_by']} (model_id {ids})."
+            )
     return out
 
 

@@ -37,6 +37,8 @@ MODELS = {
     "student_labeled_only": "distill_student/student_labeled_only",
 }
 POOLS = {"unlabeled_1": "pseudo_label_1", "unlabeled_2": "pseudo_label_2"}
+# Which model labeled which pool: the self-training round of each pool's pseudo-labels.
+ROUNDS = {"unlabeled_1": (1, "train_teacher"), "unlabeled_2": (2, "train_teacher_plus")}
 
 
 def _read_truth(path: str | None) -> dict[str, float] | None:
@@ -94,6 +96,7 @@ def run(ctx: StageContext) -> dict:
         predictions[name] = {"pred": pred, "mos": mos, "keys": keys}
         try:
             histories[name] = storage.read_json(storage.join(ctx.run_dir, sub, "history.json"))
+            report[name]["optimizer_steps"] = sum(h.get("steps", 0) for h in histories[name])
         except FileNotFoundError:
             pass
 
@@ -106,12 +109,17 @@ def run(ctx: StageContext) -> dict:
     for pool, stage in POOLS.items():
         # Count from the tables, not the manifest: a resumed stage's manifest
         # counts only the shards of its last attempt.
-        table = read_table(f"{ctx.dir(stage)}/labels", columns=["key", "score"])
+        table = read_table(f"{ctx.dir(stage)}/labels", columns=["key", "score", "model_id"])
         rejects = read_table(f"{ctx.dir(stage)}/rejects", columns=["key", "reason"])
+        round_, by = ROUNDS[pool]
         entry = {
             "labeled": table.num_rows,
             "rejected": rejects.num_rows,
             "shards": stage_summary(ctx.manifests[stage]).get("shards_total"),
+            # provenance: every row's model_id names the model stage and its output's digest
+            "round": round_,
+            "labeled_by": by,
+            "model_ids": sorted(set(table.column("model_id").to_pylist())),
         }
         scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
         entry.update({f"score_{k}": v for k, v in spread(scores).items()})

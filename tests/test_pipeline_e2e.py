@@ -142,13 +142,24 @@ def test_report(finished_run):
             assert isinstance(r[k], float), (model, k)
         assert -1 <= r["srcc"] <= 1 and r["n"] == 64
     assert report["student"]["gflops"] < report["teacher"]["gflops"]
-    for pool in ("unlabeled_1", "unlabeled_2"):
+    for pool, round_, by in (
+        ("unlabeled_1", 1, "train_teacher"),
+        ("unlabeled_2", 2, "train_teacher_plus"),
+    ):
         p = report["pseudo_label"][pool]
         assert p["labeled"] == 192 and p["rejected"] == 0
         assert "srcc" in p["agreement"]
+        # provenance: every row names the model that labeled it
+        assert (p["round"], p["labeled_by"]) == (round_, by)
+        assert len(p["model_ids"]) == 1 and p["model_ids"][0].startswith(f"{by}:")
+    # the labeled-only ablation takes as many optimizer steps as the distilled student
+    steps = {m: report[m]["optimizer_steps"] for m in ("student", "student_labeled_only")}
+    assert abs(steps["student"] - steps["student_labeled_only"]) <= 0.35 * steps["student"], steps
     for png in ("pred_vs_mos.png", "pseudo_label_hist.png", "training_curves.png"):
         assert (ev / "plots" / png).stat().st_size > 5000
-    assert "| teacher |" in (ev / "report.md").read_text()
+    md = (ev / "report.md").read_text()
+    assert "| teacher |" in md
+    assert "unlabeled_2 was pseudo-labeled in round 2 by train_teacher_plus" in md
 
 
 def test_rerun_of_a_finished_run_does_no_work(finished_run):

@@ -55,12 +55,20 @@ REGISTRY: dict[str, ModelSpec] = {
         ),
         ModelSpec("resnet18", "resnet18", 112, 128, "teacher", "a bigger CPU teacher"),
         ModelSpec(
+            "mobilenetv3_small_075",
+            "mobilenetv3_small_075",
+            96,
+            108,
+            "student",
+            "the demo student: about a tenth of the demo teacher's cost, at 96 px",
+        ),
+        ModelSpec(
             "mobilenetv3_small_100",
             "mobilenetv3_small_100",
             64,
             72,
             "student",
-            "the demo student: a small fraction of the demo teacher's cost",
+            "a smaller-input student, for tests",
         ),
     )
 }

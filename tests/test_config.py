@@ -32,6 +32,18 @@ def test_paper_config_keeps_the_papers_models():
     assert (cfg.student.arch, cfg.student.image_size) == ("edgenext_xx_small", 352)
 
 
+def test_paper_config_trains_as_the_released_code():
+    """sunwei925/Efficient-FIQA @0e63bc7: AdamW 1e-4, wd 1e-6, StepLR(10, 0.1), 30 epochs,
+    batch 32, images resized to the input without crops or flips."""
+    cfg = load_config(REPO / "configs" / "paper.yaml")
+    for name in ("train_teacher", "train_teacher_plus", "distill_student"):
+        t = getattr(cfg, name)
+        assert (t.lr, t.weight_decay, t.epochs, t.batch_size) == (1e-4, 1e-6, 30, 32), name
+        assert (t.schedule, t.lr_step_epochs, t.lr_gamma, t.hflip) == ("step", 10, 0.1, False)
+    assert cfg.teacher.resize == cfg.teacher.image_size
+    assert cfg.student.resize == cfg.student.image_size
+
+
 def test_unknown_key_is_named():
     with pytest.raises(ConfigError, match=r"train_teacher\.lrr"):
         from_dict(minimal(train_teacher={"lrr": 0.1}))
@@ -65,6 +77,11 @@ def test_semantic_checks():
         from_dict(minimal(scoring={"buffer_mb": 1}))
     with pytest.raises(ConfigError, match="scoring.concurrency"):
         from_dict(minimal(scoring={"concurrency": [4, 2]}))
+    with pytest.raises(ConfigError, match="distill_student.schedule: expected step or cosine"):
+        from_dict(minimal(distill_student={"schedule": "linear"}))
+    for warm in (8, -1):
+        with pytest.raises(ConfigError, match="warmup_epochs: must be >= 0 and below epochs"):
+            from_dict(minimal(distill_student={"epochs": 8, "warmup_epochs": warm}))
 
 
 def test_the_batch_and_lr_checks_are_the_ones_training_applies():

@@ -1,5 +1,7 @@
 """The per-shard logic of the scoring engine, without a cluster."""
 
+import os
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -10,7 +12,7 @@ from fiqa.data.tables import list_parts, part_name
 from fiqa.scoring import ScoreJob, stream
 from fiqa.scoring.commit import ShardLedger, commit_shard, committed_shards
 from fiqa.scoring.decode_task import read_and_decode, to_batch
-from fiqa.scoring.fragments import write_fragments
+from fiqa.scoring.fragments import staging_dir, write_fragments
 from fiqa.scoring.stream import rows_per_block, stream_buffer_bytes
 
 from conftest import labeled_members, write_tar
@@ -102,6 +104,29 @@ def test_collector_commits_each_shard_once_complete(tmp_path, small_blocks):
     ]
     assert counts[1] == {"scored": ROWS + 5, "rejected": 1, "reasons": {"not_an_image": 1}}
     assert sum(c["scored"] + c["rejected"] for c in counts) == ROWS + 6 + 4
+
+
+def test_a_commit_retried_after_it_committed_reports_the_shard_again(tmp_path, small_blocks):
+    # Ray retries a commit task whose node died; the lost attempt may have written both parts
+    # and removed some or all of the staged fragments before the node went.
+    a = write_tar(tmp_path / "a.tar", labeled_members(ROWS) + [("bad.jpg", b"junk")])
+    out = str(tmp_path / "out")
+    job = ScoreJob(shards=[a], out_dir=out, source="x", require_label=True, scoring=small_blocks)
+    ledger = ShardLedger()
+    (done,) = [d for batch in batches_for(a, job) for d in ledger.add(write_fragments(batch, job))]
+    staged = list_parts(staging_dir(job, a))
+    kept = {p: open(p, "rb").read() for p in staged[:1]}  # the removal got past the others
+    first = commit_shard(job, *done)
+    for p, data in kept.items():
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        open(p, "wb").write(data)
+    before = pq.read_table(list_parts(out + "/labels"))
+    assert commit_shard(job, *done) == first == {
+        "scored": ROWS, "rejected": 1, "reasons": {"no_label": 1}
+    }  # fmt: skip
+    assert commit_shard(job, *done) == first  # nothing staged at all any more
+    assert pq.read_table(list_parts(out + "/labels")).equals(before)
+    assert not list_parts(staging_dir(job, a))
 
 
 def test_labeled_rows_keep_their_label_as_score(tmp_path):

@@ -2,7 +2,8 @@
 
 The commit protocol: a shard's rejects part is written first, then its scored part
 (``labels/``); each part is written whole (`fiqa.data.tables.write_part`), and the scored
-part's existence is what commits the shard. A rerun skips committed shards
+part's existence is what commits the shard. A commit task is idempotent: retried after its
+node died, it finds the shard committed (the staged fragments may be gone) and reports it. A rerun skips committed shards
 (`committed_shards`) and stages the others again, so an interrupted job resumes at shard
 granularity.
 
@@ -63,6 +64,11 @@ def commit_shard(job: ScoreJob, url: str, total: int) -> dict:
     """Merge the staged fragments of shard ``url`` (``total`` rows) into its rejects part and
     its scored part, in that order; returns its counts: scored, rejected, reasons."""
     stage = staging_dir(job, url)
+    name = part_name(url)
+    labels = storage.join(job.out_dir, "labels", name)
+    if storage.exists(labels):  # an earlier attempt committed it, then died (its node lost)
+        storage.rm(stage)
+        return _committed_counts(job, name)
     table = pa.concat_tables([read_part(f) for f in list_parts(stage)])
     rows, first = np.unique(table.column("row").to_numpy(), return_index=True)
     if len(rows) != total or (total and (rows[0] != 0 or rows[-1] != total - 1)):
@@ -70,7 +76,6 @@ def commit_shard(job: ScoreJob, url: str, total: int) -> dict:
     table = table.take(pa.array(first))  # one copy of each row, in the shard's order
     reason = table.column("reason").to_numpy(zero_copy_only=False)
     ok = reason == ""
-    name = part_name(url)
     rejected = table.filter(pa.array(~ok))
     rejects = pa.table(
         {
@@ -85,6 +90,14 @@ def commit_shard(job: ScoreJob, url: str, total: int) -> dict:
     storage.rm(stage)
     reasons = Counter(str(r).split(":")[0] for r in reason[~ok])
     return {"scored": int(ok.sum()), "rejected": int((~ok).sum()), "reasons": dict(reasons)}
+
+
+def _committed_counts(job: ScoreJob, name: str) -> dict:
+    """`commit_shard`'s counts, read back from the committed parts ``name``."""
+    scored = read_part(storage.join(job.out_dir, "labels", name), columns=["key"]).num_rows
+    reason = read_part(storage.join(job.out_dir, "rejects", name), columns=["reason"])
+    reasons = Counter(str(r).split(":")[0] for r in reason.column("reason").to_pylist())
+    return {"scored": scored, "rejected": reason.num_rows, "reasons": dict(reasons)}
 
 
 def _scored_table(job: ScoreJob, url: str, t: pa.Table) -> pa.Table:

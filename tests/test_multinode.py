@@ -190,3 +190,36 @@ def test_training_resumed_from_its_checkpoint_on_a_surviving_node(multinode_run)
     history = json.loads(fs.cat(f"{bucket}/run/train_teacher_plus/history.json"))
     assert [h["epoch"] for h in history] == list(range(1, TP_EPOCHS + 1))
     assert history[-1]["restarts"] >= 1  # a restart, from a checkpoint after epoch >= 1
+
+
+def test_a_local_path_some_node_cannot_see_is_refused(ray_cluster, tiny_data, tmp_path):
+    """`fiqa label` joined to the cluster with local paths: each node looks for them first.
+
+    ``/proc/self/cwd/...`` is this driver's working directory only in the driver: every Ray
+    worker resolves it to its own, as a node without the driver's disk would miss the path.
+    """
+    from fiqa.models import create_model, save_checkpoint
+
+    ckpt = tmp_path / "model"
+    save_checkpoint(str(ckpt), create_model("mobilenetv3_small_100"), {"arch": "mobilenetv3_small_100", "image_size": 48, "resize": 56})  # fmt: skip
+    (tmp_path / "pool").mkdir()
+    for p in sorted((tiny_data / "unlabeled_2").glob("*.tar"))[:1]:
+        (tmp_path / "pool" / p.name).write_bytes(p.read_bytes())
+
+    def label(pool: str, out: str) -> subprocess.CompletedProcess:
+        cmd = [*fiqa_cmd(), "label", str(ckpt), pool, "-o", out, "--batch-size", "32",
+               "--address", ray_cluster.gcs_address]  # fmt: skip
+        return subprocess.run(
+            cmd, cwd=tmp_path, env=ray_cluster.env, capture_output=True, text=True, timeout=600
+        )
+
+    refused = label("/proc/self/cwd/pool", str(tmp_path / "refused"))
+    assert refused.returncode != 0
+    assert "INPUT '/proc/self/cwd/pool/" in refused.stderr, refused.stderr[-3000:]
+    assert "is a local path that node" in refused.stderr
+    assert not list((tmp_path / "refused").glob("labels/*.parquet"))
+    assert not list((tmp_path / "refused").glob(".fiqa-shared-check-*"))  # its marker removed
+
+    seen = label(str(tmp_path / "pool"), str(tmp_path / "out"))  # every node sees these
+    assert seen.returncode == 0, seen.stderr[-3000:]
+    assert len(list((tmp_path / "out").glob("labels/*.parquet"))) == 1

@@ -22,6 +22,15 @@ from fiqa.config import (
 from fiqa.models.meta import checkpoint_dir, read_meta
 
 
+def _shared(model: str, first_input: str, output: str) -> dict[str, str]:
+    """What every node must see where these are local paths (`check_shared`)."""
+    from fiqa.data.shards import expand_shard_spec
+
+    if not storage.is_remote(first_input):
+        first_input = expand_shard_spec(first_input)[0]  # a file, not a glob or a folder
+    return {"MODEL": model, "INPUT": first_input, "--output": output}
+
+
 def label_shards(
     model_path: str,
     shard_spec: str | list[str],
@@ -168,7 +177,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         label_field=data.label_field,
         max_pixels=data.max_image_pixels,
         min_side=data.min_image_side,
-        on_start=lambda: ensure_ray(cfg["ray"]),
+        on_start=lambda: ensure_ray(cfg["ray"], shared=_shared(model, inputs[0], args.output)),
     )
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats["reasons"].items())) or "none"
     print(

@@ -80,7 +80,7 @@ def _run(args: argparse.Namespace, only: str | None) -> int:
         STAGES,
         only=only,
         force=getattr(args, "force", False),
-        on_start=lambda: ensure_ray(cfg.ray),
+        on_start=lambda: ensure_ray(cfg.ray, shared=shared_paths(cfg)),
     )
     ran = [k for k, v in outcome.items() if v == "ran"]
     print(
@@ -90,6 +90,24 @@ def _run(args: argparse.Namespace, only: str | None) -> int:
     )
     print_results(cfg.run_dir)
     return 0
+
+
+def shared_paths(cfg: Any) -> dict[str, str]:
+    """The run's local paths that every node of a cluster must see: ``run_dir``, a shard of
+    each local data split, local pretrained weights (`fiqa.cluster.local.check_shared`)."""
+    from fiqa.data.shards import expand_shard_spec
+
+    paths = {"run_dir": cfg.run_dir}
+    for split in ("labeled_train", "labeled_val", "test", "unlabeled_1", "unlabeled_2"):
+        spec = getattr(cfg.data, split)
+        first = spec if isinstance(spec, str) else (spec[0] if spec else "")
+        if first and not storage.is_remote(first):
+            paths[f"data.{split}"] = expand_shard_spec(spec)[0]
+    for model in ("teacher", "student"):
+        weights = getattr(cfg, model).pretrained_weights
+        if weights:
+            paths[f"{model}.pretrained_weights"] = weights
+    return paths
 
 
 def report_paths(run_dir: str) -> tuple[str, str]:

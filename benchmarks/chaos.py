@@ -168,12 +168,6 @@ class Chaos:
     def committed(self, stage: str) -> int:
         return sum(p.endswith(".parquet") for p in self._find(f"{self.run}/{stage}/labels"))
 
-    def checkpoints(self) -> list[str]:
-        found = self._find(f"{self.run}/train_teacher_plus/ray_train")
-        return sorted(
-            {p.split("/checkpoint_")[1].split("/")[0] for p in found if "/checkpoint_" in p}
-        )
-
     def checkpoint_registered(self) -> bool:
         """Ray Train writes its snapshot once a checkpoint is whole in storage."""
         snapshot = "train_teacher_plus/ray_train/teacher_plus/checkpoint_manager_snapshot.json"
@@ -425,11 +419,17 @@ def table(results: list[Result], faults: dict[str, Fault]) -> str:
         extra = "-" if r.extra_seconds is None else f"{r.extra_seconds:+.0f}"
         lost = "-" if r.keys_lost is None else r.keys_lost
         dup = "-" if r.keys_duplicated is None else r.keys_duplicated
+        outcome = r.outcome
         if r.stage == "train_teacher_plus":
             lost = dup = "n/a"
-            r.outcome += f"; epochs 1-{len(r.checks.get('epochs', []))}, restarts {r.checks.get('restarts')}, {r.checks.get('checkpoints_loaded')} checkpoints load"
+            c = r.checks
+            outcome += (
+                f"; epochs 1-{len(c.get('epochs', []))}, restarts {c.get('restarts')}, "
+                f"{c.get('checkpoints_loaded')} checkpoints load"
+            )
         rows.append(
-            f"| {what} | {r.stage} | {r.when} | {r.outcome} | {lost} | {dup} | {r.seconds:.0f} | {extra} |"
+            f"| {what} | {r.stage} | {r.when} | {outcome} | {lost} | {dup} | {r.seconds:.0f} "
+            f"| {extra} |"
         )
     return "\n".join(rows)
 

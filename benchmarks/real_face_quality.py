@@ -632,6 +632,17 @@ def table_text(summary: dict, per_seed: dict[int, dict]) -> str:
         )
         lines.append(line.rstrip())
     lines.append("")
+    for name in ("self_training", "distillation"):
+        got = {s: r["intervals"][name]["srcc"] for s, r in per_seed.items()
+               if name in r.get("intervals", {})}  # fmt: skip
+        if got:
+            lines.append(
+                f"{name} SRCC, 95 % paired bootstrap interval over the test images: "
+                + ", ".join(
+                    f"seed {s} {d['value']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+                    for s, d in got.items()
+                )
+            )
     lines.append(
         "wall time per seed (this invocation; finished stages are skipped): "
         + ", ".join(f"seed {s} {r['wall_s']:.0f} s" for s, r in per_seed.items())
@@ -671,6 +682,8 @@ def run_seeds(
                 for m in MODELS
                 if m in report
             },
+            # the report's paired bootstrap intervals over the test images, per difference
+            "intervals": report.get("intervals", {}).get("deltas", {}),
         }
         print(f"seed {seed}: done in {wall:.0f} s", flush=True)
     summary = summarise(per_seed)

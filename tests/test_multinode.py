@@ -192,6 +192,38 @@ def test_training_resumed_from_its_checkpoint_on_a_surviving_node(multinode_run)
     assert history[-1]["restarts"] >= 1  # a restart, from a checkpoint after epoch >= 1
 
 
+def test_the_cluster_labels_as_a_single_node_does(multinode_run, s3_server, tmp_path):
+    """PL(U1) of the 3-node run, with its node loss, against `fiqa label` of the same teacher
+    on the same shards on a single-node local Ray: the same keys, the same scores."""
+    from s3_server import clean_env
+
+    fs, bucket = multinode_run["fs"], multinode_run["bucket"]
+    out = f"s3://{bucket}/single-node-u1"
+    env = {k: v for k, v in clean_env().items() if k != "RAY_ADDRESS"}
+    single = subprocess.run(
+        [*fiqa_cmd(), "label", f"s3://{bucket}/run/train_teacher/model",
+         f"s3://{bucket}/data/unlabeled_1", "-o", out, "--batch-size", str(U1_SHARD_SIZE),
+         "--endpoint-url", s3_server.endpoint, "--set", "storage.addressing_style=path"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    def scores(prefix: str) -> dict[str, float]:
+        parts = [p for p in fs.find(prefix) if p.endswith(".parquet")]
+        tables = [pq.read_table(io.BytesIO(fs.cat(p)), columns=["key", "score"]) for p in parts]
+        return {
+            k: s
+            for t in tables
+            for k, s in zip(t["key"].to_pylist(), t["score"].to_pylist(), strict=True)
+        }
+
+    cluster = scores(f"{bucket}/run/pseudo_label_1/labels")
+    alone = scores(f"{bucket}/single-node-u1/labels")
+    assert cluster.keys() == alone.keys() and len(cluster) == U1_SHARDS * U1_SHARD_SIZE
+    worst = max(abs(cluster[k] - alone[k]) for k in cluster)
+    assert worst < 1e-4, f"scores differ by up to {worst}"
+
+
 def test_a_local_path_some_node_cannot_see_is_refused(ray_cluster, tiny_data, tmp_path):
     """`fiqa label` joined to the cluster with local paths: each node looks for them first.
 

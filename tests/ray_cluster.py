@@ -71,6 +71,9 @@ class LocalCluster:
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"
         self.nodes: dict[str, subprocess.Popen] = {}
         self.killed: list[str] = []
+        # node id -> name of every node seen: the state API lists a dead node without the
+        # resources that name it
+        self._names: dict[str, str] = {}
         self._start(
             "head",
             [
@@ -159,7 +162,8 @@ class LocalCluster:
 
     def node_names(self) -> dict[str, str]:
         """node id -> the test's name, of every node that ever joined (dead ones too)."""
-        return {i: n for i, (n, _) in self._nodes().items()}
+        self._nodes()
+        return dict(self._names)
 
     def _nodes(self) -> dict[str, tuple[str, str]]:
         from ray.util.state import list_nodes
@@ -175,6 +179,7 @@ class LocalCluster:
             marks = [r for r in (n.resources_total or {}) if r.startswith("fiqa_node_")]
             if marks:
                 out[n.node_id] = (marks[0].removeprefix("fiqa_node_"), n.state)
+                self._names[n.node_id] = out[n.node_id][0]
         return out
 
     # -- start-up and teardown ----------------------------------------------------------------

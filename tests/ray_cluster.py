@@ -156,6 +156,25 @@ class LocalCluster:
         self.killed.append(name)
         return at
 
+    def workers(self, title: str) -> dict[int, str]:
+        """pid -> node name of this cluster's Ray workers running ``title`` now: found by
+        process title (``ray::<actor class or task>...``) at once, where the state API lists
+        a new actor a second or more late."""
+        out = {}
+        for name, proc in list(self.nodes.items()):
+            try:
+                tree = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.Error:
+                continue
+            for p in tree:
+                try:
+                    argv = p.cmdline()
+                except psutil.Error:
+                    continue
+                if argv and argv[0].startswith(f"ray::{title}"):
+                    out[p.pid] = name
+        return out
+
     def alive(self) -> dict[str, str]:
         """node id -> the test's name, of the nodes the head counts alive ({} while it cannot say)."""
         return {i: n for i, (n, state) in self._nodes().items() if state == "ALIVE"}

@@ -36,17 +36,6 @@ U1_SHARDS, U1_SHARD_SIZE = 12, 16  # small shards: the node loss lands between c
 TP_EPOCHS = 3
 
 
-def actors_on(cluster: LocalCluster, fragment: str) -> dict[str, str]:
-    """Alive actors whose class name contains ``fragment``: actor id -> node id."""
-    from ray.util.state import list_actors
-
-    return {
-        a.actor_id: a.node_id
-        for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")], limit=1000)
-        if fragment in a.class_name
-    }
-
-
 def wait_for(condition, what: str, job, timeout: float = 900) -> None:
     """Poll ``condition`` while the submitted job runs; fail with its logs if it ends first."""
     deadline = time.time() + timeout
@@ -107,9 +96,9 @@ def multinode_run(ray_cluster, s3_server, tiny_data, tmp_path_factory):
 
     # 1. the scoring actor's node dies once pseudo_label_1 committed a shard
     wait_for(lambda: parts("pseudo_label_1"), "pseudo_label_1 committed a shard", job)
-    scorers = actors_on(ray_cluster, "MapWorker")
-    names = ray_cluster.alive()
-    victim = names[next(iter(scorers.values()))] if scorers else "b"
+    scorers = ray_cluster.workers("MapWorker(")
+    assert scorers, "no scoring actor alive at the kill"
+    victim = next(iter(scorers.values()))
     seen["pl1_committed_at_kill"] = len(parts("pseudo_label_1"))
     ray_cluster.kill_node(victim)
     seen["events"].append(("pseudo_label_1", victim, time.time() - t0))
@@ -120,9 +109,9 @@ def multinode_run(ray_cluster, s3_server, tiny_data, tmp_path_factory):
         f"{bucket}/run/train_teacher_plus/ray_train/teacher_plus/checkpoint_manager_snapshot.json"
     )
     wait_for(lambda: fs.invalidate_cache() or fs.exists(snapshot), "a teacher_plus checkpoint", job)
-    trainers = actors_on(ray_cluster, "RayTrainWorker")
+    trainers = ray_cluster.workers("RayTrainWorker")
     assert trainers, "no Train worker alive at the kill"
-    victim = ray_cluster.alive()[next(iter(trainers.values()))]
+    victim = next(iter(trainers.values()))
     assert victim != "head"
     ray_cluster.kill_node(victim)
     seen["events"].append(("train_teacher_plus", victim, time.time() - t0))

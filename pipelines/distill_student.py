@@ -28,7 +28,8 @@ def run(ctx: StageContext) -> dict:
     labeled = f"{tables}/labeled_train/labels"
     pseudo = [f"{ctx.dir('pseudo_label_1')}/labels", f"{ctx.dir('pseudo_label_2')}/labels"]
     # equal optimizer steps: the labeled rows read as often as make the distilled set's count
-    repeat = max(1, round(table_rows([labeled, *pseudo]) / max(table_rows([labeled]), 1)))
+    labeled_rows = table_rows([labeled])
+    repeat = max(1, round((labeled_rows + table_rows(pseudo)) / max(labeled_rows, 1)))
     out = {}
     for name, train_tables, times in (
         ("student", [labeled, *pseudo], 1),

@@ -59,6 +59,7 @@ def write_table(directory: str, split: str, n: int, draw: int, parts: int) -> st
                 "mos": [s.mos for s in samples],
                 "raw_score": [None] * len(samples),
                 "score": [s.mos for s in samples],
+                "score_spread": [None] * len(samples),
                 "model_id": [None] * len(samples),
                 "source": ["labeled"] * len(samples),
             },

@@ -40,6 +40,12 @@ class Logistic4:
         z = np.clip(-(x - self.b3) / abs(self.b4), -50.0, 50.0)
         return self.b2 + (self.b1 - self.b2) / (1.0 + np.exp(z))
 
+    def slope(self, x: np.ndarray) -> np.ndarray:
+        """df/dx at ``x``: how far a raw-score spread moves on the MOS scale."""
+        x = np.asarray(x, dtype=np.float64)
+        s = 1.0 / (1.0 + np.exp(np.clip(-(x - self.b3) / abs(self.b4), -50.0, 50.0)))
+        return (self.b1 - self.b2) * s * (1.0 - s) / abs(self.b4)
+
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
 
@@ -102,3 +108,15 @@ def to_mos_scale(mos: np.ndarray, raw: np.ndarray, calibration: Logistic4 | None
     raw = np.asarray(raw, dtype=np.float64)[missing]
     score[missing] = calibration(raw) if calibration is not None else raw
     return score
+
+
+def spread_on_mos_scale(
+    mos: np.ndarray, raw: np.ndarray, raw_spread: np.ndarray, calibration: Logistic4 | None
+) -> np.ndarray:
+    """A table's ``score_spread``: the raw scores' spread over views carried to the MOS scale
+    through the calibration's slope at the raw score; NaN where a row has a MOS (no guess)."""
+    spread = np.asarray(raw_spread, dtype=np.float64).copy()
+    if calibration is not None:
+        spread *= np.abs(calibration.slope(raw))
+    spread[~np.isnan(np.asarray(mos, dtype=np.float64))] = np.nan
+    return spread

@@ -60,6 +60,9 @@ class TrainConfig:
     warmup_epochs: float = 0.0  # linear warm-up from 0, before either schedule (fractions ok)
     hflip: bool = True  # random horizontal flips beside the random crops
     plcc_loss_weight: float = 1.0  # loss = MSE + w * (1 - PLCC) / 2
+    # A pseudo-label's loss weight x 1 / (1 + (spread / s)^2), s the tables' RMS score_spread:
+    # labels the teacher is unsure of (scores that move under flips and crops) count less.
+    spread_weighting: bool = False
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -132,6 +135,11 @@ class ScoringConfig:
     # images each) or the decode tasks the CPUs run beside them need, whichever is more
     # (fiqa.scoring.stream.stream_buffer_bytes).
     buffer_mb: int | None = None
+    # What a pseudo-label averages (pseudo-labeling stages and `fiqa label`; evaluation always
+    # scores the centre crop): "center", "flip" (and its mirror image), or "crops" (the centre
+    # and four corner crops of the resized image, each mirrored too: 10 views, the training
+    # crops' extremes). With more than one view each row also gets ``score_spread``.
+    views: str = "center"
 
     def actor_range(self) -> tuple[int, int]:
         """(min, max) actors of the scoring pool."""
@@ -140,6 +148,7 @@ class ScoringConfig:
 
 
 DECODE_PLACES = ("auto", "tasks", "actor")
+VIEWS = ("center", "flip", "crops")
 PRECISIONS = ("16-mixed", "bf16-mixed", "16-true", "bf16-true", "32-true")
 
 
@@ -362,6 +371,8 @@ def check_scoring_config(lc: ScoringConfig, where: str) -> None:
         raise ConfigError(
             f"{where}.precision: one of {', '.join(PRECISIONS)}, got {lc.precision!r}"
         )
+    if lc.views not in VIEWS:
+        raise ConfigError(f"{where}.views: one of {', '.join(VIEWS)}, got {lc.views!r}")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

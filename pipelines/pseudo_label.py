@@ -27,6 +27,7 @@ def pseudo_label(ctx: StageContext, pool: str, model_stage: str, source: str) ->
         label_field=cfg.data.label_field,
         max_pixels=cfg.data.max_image_pixels,
         min_side=cfg.data.min_image_side,
+        views=cfg.scoring.views,
     )
     job.description = f"pseudo-label {pool} with {model_stage}"
     return run_score_job(job)

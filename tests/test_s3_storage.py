@@ -91,6 +91,7 @@ def test_tables_on_object_storage(s3):
             "mos": [1.0, None],
             "raw_score": [0.1, 0.2],
             "score": [1.0, 2.0],
+            "score_spread": [None, 0.1],
             "model_id": ["m", "m"],
             "source": ["x", "x"],
         },

@@ -77,6 +77,7 @@ def write_table(directory, n: int, source: str, seed: int, parts: int = 2) -> st
                 "mos": [r[1] for r in rows],
                 "raw_score": [None] * len(rows),
                 "score": [r[1] for r in rows],
+                "score_spread": [None] * len(rows),
                 "model_id": [None] * len(rows),
                 "source": [source] * len(rows),
             },

@@ -11,6 +11,7 @@ from fiqa.calibration import Logistic4
 from fiqa.cli.options import add_output, add_set, hidden_alias, option
 from fiqa.cluster.local import ensure_ray
 from fiqa.config import (
+    VIEWS,
     ConfigError,
     DataConfig,
     ScoringConfig,
@@ -66,25 +67,29 @@ def label_shards(
         label_field=label_field,
         max_pixels=max_pixels,
         min_side=min_side,
+        views=scoring.views,
     )
     record = {
         "model": model_path,
         "model_id": job.model_id,
         "calibration": job.calibration.to_dict() if job.calibration else None,
         "source": source,
+        "views": job.views,
     }
     record_path = storage.join(out_dir, "label_job.json")
-    keys = ("model_id", "calibration", "source")
+    keys = ("model_id", "calibration", "source", "views")
     try:
         before = storage.read_json(record_path)
     except FileNotFoundError:
         storage.write_json(record_path, record)
     else:
+        before.setdefault("views", "center")  # written before views existed
         if {k: before.get(k) for k in keys} != {k: record[k] for k in keys}:
             raise ConfigError(
                 f"{out_dir} holds labels from {before.get('model_id')} "
-                f"(source {before.get('source')!r}); this job would write {job.model_id} "
-                f"(source {source!r}). Use another -o/--output, or delete it to start over."
+                f"(source {before.get('source')!r}, views {before['views']}); this job would "
+                f"write {job.model_id} (source {source!r}, views {job.views}). Use another "
+                "-o/--output, or delete it to start over."
             )
     stats = run_score_job(job, progress=progress, on_start=on_start, **engine)
     stats["model_id"] = job.model_id
@@ -105,6 +110,7 @@ SHORTCUTS = {
     "compile": "scoring.compile",
     "pin_cores": "scoring.pin_cores",
     "buffer_mb": "scoring.buffer_mb",
+    "views": "scoring.views",
     "max_image_pixels": "data.max_image_pixels",
     "min_image_side": "data.min_image_side",
     "label_field": "data.label_field",
@@ -248,6 +254,12 @@ def add_label(sub: Any) -> None:
         choices=list(PIN_CORES),
         help="scoring.pin_cores: CPU actors on cores of their own, decoding on the rest (auto: "
         "where a node's cores are all its processes may use)",
+    )
+    s.add_argument(
+        "--views",
+        choices=list(VIEWS),
+        help="scoring.views: what a score averages: the centre crop, it and its mirror image, "
+        "or 10 crops and flips; with more than one, each row gets score_spread (default center)",
     )
     s.add_argument(
         "--buffer-mb",

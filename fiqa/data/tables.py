@@ -5,7 +5,8 @@ input shard, named after the shard, each written whole and only then renamed
 into place (or PUT in one request on object storage; see `fiqa.storage`), so
 a part that exists is complete.
 
-Scored table (``labels/``): key, shard, image, mos, raw_score, score, model_id, source
+Scored table (``labels/``): key, shard, image, mos, raw_score, score, score_spread, model_id,
+source
 Rejects table (``rejects/``): key, shard, reason
 """
 
@@ -20,8 +21,8 @@ import pyarrow.parquet as pq
 from fiqa import storage
 
 # Part of every stage's fingerprint: a run made with older tables rebuilds them.
-# 2: the MOS column is ``mos`` (was ``label``).
-TABLES_VERSION = 2
+# 2: the MOS column is ``mos`` (was ``label``). 3: ``score_spread``.
+TABLES_VERSION = 3
 
 SCORED_SCHEMA = pa.schema(
     [
@@ -31,6 +32,9 @@ SCORED_SCHEMA = pa.schema(
         ("mos", pa.float32()),  # from the shard's json (labeled data), else null
         ("raw_score", pa.float32()),  # the model's output (null when no model ran)
         ("score", pa.float32()),  # on the MOS scale: mos if present, else calibrated raw_score
+        # The pseudo-label's spread over views on the MOS scale (scoring.views); null for a
+        # row with a MOS or scored from one view. A confidence users may filter on.
+        ("score_spread", pa.float32()),
         ("model_id", pa.string()),
         ("source", pa.string()),
     ]

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from fiqa import storage
-from fiqa.calibration import to_mos_scale
+from fiqa.calibration import spread_on_mos_scale, to_mos_scale
 from fiqa.data.tables import (
     REJECTS_SCHEMA,
     SCORED_SCHEMA,
@@ -104,6 +104,7 @@ def _scored_table(job: ScoreJob, url: str, t: pa.Table) -> pa.Table:
     n = t.num_rows
     mos = _floats(t.column("mos"))
     raw = _floats(t.column("raw_score"))
+    spread = spread_on_mos_scale(mos, raw, _floats(t.column("raw_spread")), job.calibration)
     return pa.table(
         {
             "key": t.column("key"),
@@ -112,6 +113,7 @@ def _scored_table(job: ScoreJob, url: str, t: pa.Table) -> pa.Table:
             "mos": _nullable(mos),
             "raw_score": _nullable(raw),
             "score": _nullable(to_mos_scale(mos, raw, job.calibration)),
+            "score_spread": _nullable(spread),
             "model_id": pa.array([job.model_id] * n, pa.string()),
             "source": pa.array([job.source] * n, pa.string()),
         },

@@ -150,6 +150,7 @@ def _scorer_kwargs(job: ScoreJob) -> dict:
         "decode": job.decode_spec() if job.decode_in_actor else None,
         "precision": cfg.precision,
         "batch_size": cfg.batch_size,
+        "views": job.views,
     }
 
 

@@ -28,7 +28,7 @@ from fiqa.scoring.job import ScoreJob
 
 STAGING = "_staging"
 # What a fragment holds of each row (its shard is in its path).
-FRAGMENT_COLUMNS = ("key", "row", "image", "mos", "reason", "raw_score")
+FRAGMENT_COLUMNS = ("key", "row", "image", "mos", "reason", "raw_score", "raw_spread")
 
 
 def staging_dir(job: ScoreJob, shard_url: str | None = None) -> str:
@@ -60,7 +60,7 @@ def write_fragments(batch: pa.Table | dict, job: ScoreJob) -> dict[str, np.ndarr
 
 def _as_table(batch: pa.Table | dict) -> pa.Table:
     """A decode task's (numpy) or an actor's (Arrow) batch as a table, without pixels and
-    with a ``raw_score`` column (null where no model ran)."""
+    with ``raw_score`` and ``raw_spread`` columns (null where no model ran or one view)."""
     if isinstance(batch, dict):
         cols = {k: v for k, v in batch.items() if k != "pixels"}
         table = pa.table(
@@ -68,8 +68,9 @@ def _as_table(batch: pa.Table | dict) -> pa.Table:
         )
     else:
         table = batch.drop_columns([c for c in ("pixels",) if c in batch.column_names])
-    if "raw_score" not in table.column_names:
-        table = table.append_column("raw_score", pa.nulls(table.num_rows, pa.float64()))
+    for name in ("raw_score", "raw_spread"):
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, pa.float64()))
     return table
 
 

@@ -40,6 +40,7 @@ class ScoreJob:
     min_side: int = 16
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     description: str = ""  # the progress bar's label; "" is "score <source>"
+    views: str = "center"  # what a score averages (`fiqa.scoring.scorer.views_of`)
     # The driver's object-storage settings (`fiqa.storage.configure`), travelling with the
     # job to the Ray tasks that read its shards, whatever environment their workers have.
     storage_options: dict = field(default_factory=storage.options)
@@ -76,10 +77,13 @@ def job_for_model(
     require_label: bool = False,
     max_pixels: int = 40_000_000,
     min_side: int = 16,
+    views: str = "center",
 ) -> ScoreJob:
     """A scoring job for a trained checkpoint: input size and calibration from its model.json.
 
     ``calibration_override`` replaces the model's own; ``model_id`` defaults to `model_id_of`.
+    ``views`` (`fiqa.config.VIEWS`): with ``crops`` the images are decoded at the model's
+    resize, uncropped, and the actor cuts the crops.
     """
     meta = ModelMeta.from_dict(read_meta(model_path))
     return ScoreJob(
@@ -92,8 +96,9 @@ def job_for_model(
         calibration=calibration_override or meta.calibration,
         model_id=model_id if model_id is not None else model_id_of(meta.raw),
         resize=meta.resize,
-        crop=meta.image_size,
+        crop=max(meta.resize, meta.image_size) if views == "crops" else meta.image_size,
         max_pixels=max_pixels,
         min_side=min_side,
         scoring=scoring,
+        views=views,
     )

@@ -33,6 +33,8 @@ class Scorer:
     model in fp16 or bf16 (``16-true``, ``bf16-true``), or fp32; a CPU always runs fp32. A mixed
     batch that overflows fp16 is scored again in fp32. ``compile``: torch.compile for one batch
     shape, every batch padded to ``batch_size`` (a shard's last is shorter): it compiles once.
+    ``views`` (`views_of`): a row's ``raw_score`` is the mean over its views, ``raw_spread``
+    their standard deviation (NaN from one view).
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class Scorer:
         decode: DecodeSpec | None = None,
         precision: str = "16-mixed",
         batch_size: int | None = None,
+        views: str = "center",
     ):
         import torch
 
@@ -60,6 +63,7 @@ class Scorer:
         if self.device.type == "cpu" and pin_cores is not False:
             self.cores = claim_cores(threads or torch.get_num_threads(), pin_cores is True)
         self.decode = decode
+        self.views = views
         cuda = self.device.type == "cuda"
         half = {"16": torch.float16, "bf16": torch.bfloat16}.get(precision.split("-")[0])
         self.precision = precision if cuda else "32-true"
@@ -88,6 +92,7 @@ class Scorer:
         reason = batch.column("reason")
         ok = pc.equal(reason, "").to_numpy(zero_copy_only=False)
         raw = np.full(len(ok), np.nan, dtype=np.float64)
+        spread = raw.copy()
         if self.decode is not None and ok.any():
             x, refused = self._pixels_decoding(batch, np.flatnonzero(ok))
             if refused:  # the CPU path rejected what the device decoder refused
@@ -105,9 +110,19 @@ class Scorer:
                 x = torch.from_numpy(pixels if ok.all() else pixels[ok])
             x = x.to(self.device, non_blocking=True)
         if ok.any():
-            raw[ok] = self.score(x)
+            raw[ok], spread[ok] = self.score_views(x)
         out = batch.drop_columns(["pixels"]).append_column("raw_score", pa.array(raw))
+        out = out.append_column("raw_spread", pa.array(spread))
         return out.set_column(out.schema.get_field_index("reason"), "reason", reason)
+
+    def score_views(self, x) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation of the raw scores of ``x``'s views (NaN from one);
+        ``x`` is uint8 NHWC at the model's size, or at its resize for ``crops``."""
+        views = views_of(x, self.loaded.meta["image_size"], self.views)
+        if len(views) == 1:
+            return self.score(views[0]), np.full(len(x), np.nan)
+        scores = np.stack([self.score(v) for v in views])  # one batch per view: bounded memory
+        return scores.mean(axis=0), scores.std(axis=0)
 
     def score(self, x) -> np.ndarray:
         """Raw scores of uint8 NHWC pixels on this actor's device."""
@@ -169,6 +184,20 @@ class Scorer:
                 self.device
             )
         return x, refused
+
+
+def views_of(x, crop: int, views: str) -> list:
+    """The views of uint8 NHWC pixels ``x`` a pseudo-label averages (`fiqa.config.VIEWS`):
+    ``center`` x itself; ``flip`` x and its mirror image; ``crops`` the centre and four corner
+    ``crop`` squares of x (the resized image) and their mirror images. Crops and flips only:
+    they keep the image's quality, which blur, noise or recompression would change."""
+    if views == "crops":
+        m = x.shape[1] - crop
+        corners = [(m // 2, m // 2), (0, 0), (0, m), (m, 0), (m, m)]
+        base = [x[:, t : t + crop, left : left + crop] for t, left in corners]
+    else:
+        base = [x]
+    return base if views == "center" else base + [v.flip(2) for v in base]
 
 
 def claim_cores(n: int, always: bool) -> list[int] | None:

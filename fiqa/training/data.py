@@ -32,20 +32,34 @@ def decode_train_batch(
     weights: dict[str, float],
     source_ids: dict[str, int],
     hflip: bool = True,
+    spread_scale: float | None = None,
 ) -> dict:
-    """Bytes -> randomly cropped (and flipped) uint8 pixels, target, loss weight, source id."""
+    """Bytes -> randomly cropped (and flipped) uint8 pixels, target, loss weight, source id.
+
+    With ``spread_scale`` a row's weight is also 1 / (1 + (score_spread / spread_scale)^2)
+    (`spread_weight`)."""
     rng = np.random.default_rng()
     n = len(batch["image"])
     pixels = np.empty((n, crop, crop, 3), dtype=np.uint8)
     for i, data in enumerate(batch["image"]):
         pixels[i] = random_crop_flip(decode_image(data, resize), crop, rng, flip=hflip)
     sources = [str(s) for s in batch["source"]]
+    weight = np.array([weights.get(s, 1.0) for s in sources], dtype=np.float32)
+    if spread_scale:
+        weight *= spread_weight(batch["score_spread"], spread_scale)
     return {
         "pixels": pixels,
         "target": batch["score"].astype(np.float32),
-        "weight": np.array([weights.get(s, 1.0) for s in sources], dtype=np.float32),
+        "weight": weight,
         "source_id": np.array([source_ids[s] for s in sources], dtype=np.int64),
     }
+
+
+def spread_weight(spread: np.ndarray, scale: float) -> np.ndarray:
+    """A pseudo-label's confidence weight: 1 at no spread, 1/2 at the tables' RMS spread,
+    1 for rows without one (a MOS, or one view)."""
+    s = np.nan_to_num(np.asarray(spread, dtype=np.float64), nan=0.0)
+    return (1.0 / (1.0 + (s / scale) ** 2)).astype(np.float32)
 
 
 def decode_eval_batch(batch: dict, resize: int, crop: int) -> dict:
@@ -70,17 +84,22 @@ def read_parts(parts: list[str], **kwargs: Any) -> Any:
         ctx.use_datasource_v2 = before
 
 
-def train_dataset(job: TrainJob, parts: list[str], sources: list[str]) -> Any:
+def train_dataset(
+    job: TrainJob, parts: list[str], sources: list[str], spread_rms: float | None = None
+) -> Any:
     """The training stream: files (``job.repeat`` times each) in a new order every epoch,
-    decoded, cropped and flipped."""
+    decoded, cropped and flipped; pseudo-labels weighted by their spread where
+    ``train.spread_weighting`` is on (``spread_rms``: the tables' RMS spread)."""
     import ray
 
+    scale = spread_rms if job.train.spread_weighting else None
+    columns = ["image", "score", "source"] + (["score_spread"] if scale else [])
     # Reproducible from the run's seed (row order across workers depends on who asks first).
     shuffle = ray.data.FileShuffleConfig(seed=job.seed)
     # select_columns is pushed down into the Parquet read: only these columns are read.
     return (
         read_parts(parts * job.repeat, shuffle=shuffle)
-        .select_columns(["image", "score", "source"])
+        .select_columns(columns)
         .map_batches(
             decode_train_batch,
             batch_size=DECODE_BATCH_ROWS,
@@ -90,6 +109,7 @@ def train_dataset(job: TrainJob, parts: list[str], sources: list[str]) -> Any:
                 "weights": job.train.source_weights,
                 "source_ids": {s: i for i, s in enumerate(sources)},
                 "hflip": job.train.hflip,
+                "spread_scale": scale,
             },
         )
     )
@@ -132,22 +152,28 @@ class TableStats:
     target_mean: float
     target_std: float
     rows_by_source: dict[str, int]
+    spread_rms: float | None = None  # of the rows with a score_spread; None: none has one
 
 
 def table_stats(tables: list[str]) -> TableStats:
-    """Mean and standard deviation of ``score`` and row counts per ``source`` over the tables."""
+    """Mean and standard deviation of ``score``, row counts per ``source`` and the RMS of
+    ``score_spread`` over the tables."""
     total, total_sq, n = 0.0, 0.0, 0
+    spread_sq, spread_n = 0.0, 0
     rows: dict[str, int] = {}
     for d in tables:
         for p in list_parts(d):
-            tab = read_part(p, columns=["score", "source"])
+            tab = read_part(p, columns=["score", "source", "score_spread"])
             col = tab.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
             col = col[~np.isnan(col)]
             total, total_sq, n = total + col.sum(), total_sq + (col**2).sum(), n + len(col)
+            sp = tab.column("score_spread").drop_null().to_numpy().astype(np.float64)
+            spread_sq, spread_n = spread_sq + (sp**2).sum(), spread_n + len(sp)
             for vc in pc.value_counts(tab.column("source")).to_pylist():
                 rows[str(vc["values"])] = rows.get(str(vc["values"]), 0) + int(vc["counts"])
     if n < 2:
         raise RuntimeError(f"need at least 2 labeled rows to train, found {n} in {tables}")
     mean = total / n
     std = float(max(np.sqrt(max(total_sq / n - mean**2, 0.0)), 1e-6))
-    return TableStats(float(mean), std, dict(sorted(rows.items())))
+    rms = float(np.sqrt(spread_sq / spread_n)) if spread_n and spread_sq > 0 else None
+    return TableStats(float(mean), std, dict(sorted(rows.items())), rms)

@@ -80,7 +80,13 @@ def fit(job: TrainJob) -> dict:
         "torch_threads": worker_threads(t),
         "train_rows": rows * job.repeat,
     }
-    datasets = {"train": train_dataset(job, parts, sources)}
+    if t.spread_weighting and stats.spread_rms is None:
+        log.warning(
+            "%s: spread_weighting is on but no row has a score_spread (scoring.views is "
+            "center): pseudo-labels are not weighted",
+            job.name,
+        )
+    datasets = {"train": train_dataset(job, parts, sources, stats.spread_rms)}
     datasets.update({f"val_{i}": v for i, v in enumerate(val_slices(job, val_parts))})
     trainer = torch_trainer(job, paths, loop_config, datasets)
     # A marker of another job must not outlive the model this run is about to replace.
@@ -98,6 +104,7 @@ def fit(job: TrainJob) -> dict:
         "train_parts": len(parts),
         "rows_by_source": stats.rows_by_source,
         "repeat": job.repeat,
+        "spread_rms": stats.spread_rms if t.spread_weighting else None,
     }
     storage.write_json(paths.fit, {**summary, **marks})  # the commit: this job finished
     return summary

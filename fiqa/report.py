@@ -292,6 +292,15 @@ def _markdown(report: dict, plots: list[str]) -> str:
         )
         std = f"{p['score_std']:.3f}" if "score_std" in p else "n/a"
         lines.append(f"| {pool} | {p['labeled']} | {p['rejected']} | {std} | {cells} |")
+    for pool, p in report.get("pseudo_label", {}).items():
+        c = p.get("confidence")
+        if c:
+            by = ", ".join("n/a" if v is None else f"{v:.3f}" for v in c["rmse_by_spread_quartile"])
+            lines.append(
+                f"\n{pool}: score_spread (mean {c['spread_mean']:.3f}) ranks the labels' errors "
+                f"with SRCC {c['srcc_spread_error']:.3f}; RMSE vs truth by spread quartile, "
+                f"lowest first: {by}."
+            )
     lines += ["", "## Plots", ""] + [
         f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots
     ]

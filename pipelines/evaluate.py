@@ -41,6 +41,24 @@ POOLS = {"unlabeled_1": "pseudo_label_1", "unlabeled_2": "pseudo_label_2"}
 ROUNDS = {"unlabeled_1": (1, "train_teacher"), "unlabeled_2": (2, "train_teacher_plus")}
 
 
+def confidence(score: np.ndarray, spread: np.ndarray, truth: np.ndarray) -> dict:
+    """Whether ``score_spread`` tells good pseudo-labels from bad: the rank correlation of the
+    spread with the label's error, and the RMSE vs truth per spread quartile (low to high)."""
+    from scipy.stats import spearmanr
+
+    error = np.abs(score - truth)
+    spread = spread.astype(np.float64)
+    quartile = np.searchsorted(np.quantile(spread, [0.25, 0.5, 0.75]), spread, side="right")
+    return {
+        "spread_mean": float(spread.mean()),
+        "srcc_spread_error": float(spearmanr(spread, error)[0]),
+        "rmse_by_spread_quartile": [
+            float(np.sqrt(np.mean(error[quartile == q] ** 2))) if (quartile == q).any() else None
+            for q in range(4)
+        ],
+    }
+
+
 def _read_truth(path: str | None) -> dict[str, float] | None:
     if not path:
         return None
@@ -109,7 +127,9 @@ def run(ctx: StageContext) -> dict:
     for pool, stage in POOLS.items():
         # Count from the tables, not the manifest: a resumed stage's manifest
         # counts only the shards of its last attempt.
-        table = read_table(f"{ctx.dir(stage)}/labels", columns=["key", "score", "model_id"])
+        table = read_table(
+            f"{ctx.dir(stage)}/labels", columns=["key", "score", "score_spread", "model_id"]
+        )
         rejects = read_table(f"{ctx.dir(stage)}/rejects", columns=["key", "reason"])
         round_, by = ROUNDS[pool]
         entry = {
@@ -134,6 +154,9 @@ def run(ctx: StageContext) -> dict:
                 agree["rmse_calibrated"] = float(np.sqrt(np.mean((scores[mask] - t[mask]) ** 2)))
                 entry["agreement"] = agree
                 pool_scores[pool]["truth"] = t[mask]
+                spreads = table.column("score_spread").to_numpy(zero_copy_only=False)
+                if not np.isnan(spreads[mask].astype(np.float64)).any():
+                    entry["confidence"] = confidence(scores[mask], spreads[mask], t[mask])
         pools[pool] = entry
     report["pseudo_label"] = pools
     if "teacher" in report and "student" in report and report["teacher"]["gflops"]:

@@ -99,6 +99,21 @@ def test_report_md_has_the_same_table_and_findings():
     for line in findings(a_report()):
         assert f"- {line}" in md
     assert "| unlabeled_1 | 1600 | 0 | 0.550 | n/a | n/a | n/a |" in md
+    assert "score_spread" not in md  # one view: no confidence to speak of
+
+
+def test_report_md_says_what_the_pseudo_labels_spread_is_worth():
+    report = a_report()
+    report["pseudo_label"]["unlabeled_1"]["confidence"] = {
+        "spread_mean": 0.12,
+        "srcc_spread_error": 0.31,
+        "rmse_by_spread_quartile": [0.2, 0.25, 0.3, 0.5],
+    }
+    md = _markdown(report, [])
+    assert (
+        "unlabeled_1: score_spread (mean 0.120) ranks the labels' errors with SRCC 0.310; "
+        "RMSE vs truth by spread quartile, lowest first: 0.200, 0.250, 0.300, 0.500." in md
+    )
 
 
 def test_a_report_without_intervals_still_renders():

@@ -142,3 +142,15 @@ def test_fiqa_label_writes_the_spread_of_each_pseudo_label(checkpoint, tmp_path)
     # The mean over ten views stays near the centre crop's score (raw scale: no calibration).
     a, b = centre.column("raw_score").to_numpy(), crops.column("raw_score").to_numpy()
     assert np.corrcoef(a, b)[0, 1] > 0.9
+
+
+def test_the_report_says_whether_the_spread_finds_the_bad_labels():
+    from fiqa.pipelines.evaluate import confidence
+
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(1, 5, 2000)
+    spread = rng.uniform(0.05, 1.0, 2000)
+    got = confidence(truth + rng.normal(0, 1, 2000) * spread, spread, truth)
+    assert got["srcc_spread_error"] > 0.3 and got["spread_mean"] == pytest.approx(spread.mean())
+    rmse = got["rmse_by_spread_quartile"]
+    assert len(rmse) == 4 and rmse == sorted(rmse) and rmse[3] > 3 * rmse[0]

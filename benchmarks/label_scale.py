@@ -2,6 +2,7 @@
 
     python benchmarks/label_scale.py                        # 100,000 then 1,000,000 images
     python benchmarks/label_scale.py --sizes 20000 40000    # a quick check
+    python benchmarks/label_scale.py --resume-images 100000 # the resume on the 100k pool
 
 The pool: synthetic faces (48 px JPEGs) copied with distinct keys into shards of 10,000,
 labeled by `fiqa label` with the demo student (random weights) on a local Ray of every CPU,
@@ -149,11 +150,18 @@ def main() -> None:
     ap.add_argument("--work", help="keep the pool here (default: a temporary folder)")
     ap.add_argument("--shard", type=int, default=SHARD, help="images per shard")
     ap.add_argument("--no-resume", action="store_true", help="skip the kill-and-resume run")
+    ap.add_argument(
+        "--resume-images",
+        type=int,
+        help="the pool of the kill-and-resume run (one of --sizes; default the largest)",
+    )
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     sizes, shard = sorted(args.sizes), args.shard
     if any(s % shard for s in sizes):
         ap.error(f"sizes must be multiples of --shard ({shard})")
+    if args.resume_images is not None and args.resume_images not in sizes:
+        ap.error(f"--resume-images {args.resume_images}: one of --sizes {sizes}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
     results: dict = {"runs": []}
     with scratch(args.work, "fiqa-scale-") as work:
@@ -185,7 +193,7 @@ def main() -> None:
                 f"largest process's, {b['summary_bytes'] / a['summary_bytes']:.2f}x the summary"
             )
         if not args.no_resume:
-            n = sizes[-1]
+            n = args.resume_images or sizes[-1]
             out = work / "out-resume"
             cmd = label_cmd(ckpt, shards[: n // shard], out)
             half = n // shard // 2

@@ -7,6 +7,7 @@ training's weight of a pseudo-label by that spread (``train.spread_weighting``).
 import numpy as np
 import pyarrow as pa
 import pytest
+import test_device_decode
 import torch
 from test_device_decode import faces
 
@@ -14,23 +15,12 @@ from fiqa.calibration import Logistic4, spread_on_mos_scale
 from fiqa.config import ConfigError, ScoringConfig, check_scoring_config
 from fiqa.data.decode import decode_image
 from fiqa.data.tables import SCORED_SCHEMA, write_part
-from fiqa.models import create_model, save_checkpoint
 from fiqa.scoring.scorer import Scorer, views_of
 from fiqa.training.data import decode_train_batch, spread_weight, table_stats
 
 from conftest import write_tar
 
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    ck = str(tmp_path_factory.mktemp("model") / "ck")
-    torch.manual_seed(0)
-    save_checkpoint(
-        ck,
-        create_model("resnet10t", 64).eval(),
-        {"arch": "resnet10t", "image_size": 64, "resize": 72},
-    )
-    return ck
+checkpoint = test_device_decode.checkpoint  # the fixture: a small resnet10t at 64 px of 72
 
 
 def test_views_are_the_training_crops_extremes_and_their_mirror_images():

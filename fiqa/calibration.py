@@ -36,14 +36,15 @@ class Logistic4:
     b4: float
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.b2 + (self.b1 - self.b2) * self._sigmoid(x)
+
+    def _sigmoid(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
-        z = np.clip(-(x - self.b3) / abs(self.b4), -50.0, 50.0)
-        return self.b2 + (self.b1 - self.b2) / (1.0 + np.exp(z))
+        return 1.0 / (1.0 + np.exp(np.clip(-(x - self.b3) / abs(self.b4), -50.0, 50.0)))
 
     def slope(self, x: np.ndarray) -> np.ndarray:
         """df/dx at ``x``: how far a raw-score spread moves on the MOS scale."""
-        x = np.asarray(x, dtype=np.float64)
-        s = 1.0 / (1.0 + np.exp(np.clip(-(x - self.b3) / abs(self.b4), -50.0, 50.0)))
+        s = self._sigmoid(x)
         return (self.b1 - self.b2) * s * (1.0 - s) / abs(self.b4)
 
     def to_dict(self) -> dict[str, float]:

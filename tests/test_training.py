@@ -586,20 +586,21 @@ def test_a_rerun_continues_from_the_last_checkpoint(parity_runs):
 
 
 @pytest.mark.slow
-def test_a_repeated_table_gives_each_row_as_many_times_per_epoch(tables, tmp_path, two_cpu_ray):
-    """`TrainJob.repeat`, the labeled-only ablation's equal steps, under a cosine warm-up."""
+def test_epoch_rows_reads_a_table_over_again_and_cuts_it(tables, tmp_path, two_cpu_ray):
+    """`TrainJob.epoch_rows`, the labeled-only ablation's equal steps, under a cosine warm-up:
+    300 rows an epoch from a 160-row table, 9 whole batches of 32."""
     job = dataclasses.replace(
         job_for(tables, tmp_path, epochs=1, schedule="cosine", warmup_epochs=0.5),
         train_tables=[tables["labeled"]],
-        repeat=2,
+        epoch_rows=300,
     )
     with deadline(300):
         result = fit(job)
     (h,) = json.loads((tmp_path / "history.json").read_text())
-    assert h["rows_by_source"] == {"labeled": 2 * 160} and h["steps"] == 2 * 160 // 32
-    assert result["repeat"] == 2 and result["rows_by_source"] == {"labeled": 160}
-    # the first of 10 steps ends a tenth into the epoch: a fifth of the half-epoch ramp
-    assert h["lr"] == pytest.approx(2e-3 * 0.2)
+    assert h["rows_by_source"] == {"labeled": 9 * 32} and h["steps"] == 300 // 32
+    assert result["epoch_rows"] == 300 and result["rows_by_source"] == {"labeled": 160}
+    # the first of 9 steps ends a ninth into the epoch: 2/9 of the half-epoch ramp
+    assert h["lr"] == pytest.approx(2e-3 * 2 / 9)
 
 
 def _train_worker_pids() -> list[int]:

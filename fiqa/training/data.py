@@ -85,9 +85,14 @@ def read_parts(parts: list[str], **kwargs: Any) -> Any:
 
 
 def train_dataset(
-    job: TrainJob, parts: list[str], sources: list[str], spread_rms: float | None = None
+    job: TrainJob,
+    parts: list[str],
+    sources: list[str],
+    spread_rms: float | None = None,
+    rows: int | None = None,
 ) -> Any:
-    """The training stream: files (``job.repeat`` times each) in a new order every epoch,
+    """The training stream: files in a new order every epoch (with ``job.epoch_rows``, read
+    over again as often as needed, ``rows`` each time, and cut to exactly that many),
     decoded, cropped and flipped; pseudo-labels weighted by their spread where
     ``train.spread_weighting`` is on (``spread_rms``: the tables' RMS spread)."""
     import ray
@@ -96,22 +101,22 @@ def train_dataset(
     columns = ["image", "score", "source"] + (["score_spread"] if scale else [])
     # Reproducible from the run's seed (row order across workers depends on who asks first).
     shuffle = ray.data.FileShuffleConfig(seed=job.seed)
+    passes = -(-job.epoch_rows // max(rows or 1, 1)) if job.epoch_rows else 1
+    ds = read_parts(parts * passes, shuffle=shuffle)
+    if job.epoch_rows:
+        ds = ds.limit(job.epoch_rows)
     # select_columns is pushed down into the Parquet read: only these columns are read.
-    return (
-        read_parts(parts * job.repeat, shuffle=shuffle)
-        .select_columns(columns)
-        .map_batches(
-            decode_train_batch,
-            batch_size=DECODE_BATCH_ROWS,
-            fn_kwargs={
-                "resize": job.resize,
-                "crop": job.image_size,
-                "weights": job.train.source_weights,
-                "source_ids": {s: i for i, s in enumerate(sources)},
-                "hflip": job.train.hflip,
-                "spread_scale": scale,
-            },
-        )
+    return ds.select_columns(columns).map_batches(
+        decode_train_batch,
+        batch_size=DECODE_BATCH_ROWS,
+        fn_kwargs={
+            "resize": job.resize,
+            "crop": job.image_size,
+            "weights": job.train.source_weights,
+            "source_ids": {s: i for i, s in enumerate(sources)},
+            "hflip": job.train.hflip,
+            "spread_scale": scale,
+        },
     )
 
 

@@ -34,9 +34,9 @@ class TrainJob:
     config_fingerprint: str = ""
     max_pixels: int = 40_000_000
     extra_meta: dict = field(default_factory=dict)
-    # Each table read this many times per epoch: an ablation on fewer rows takes as many
-    # optimizer steps as the model it is compared with.
-    repeat: int = 1
+    # Rows per epoch, the tables read over again and cut to make them: an ablation on fewer
+    # rows takes exactly as many optimizer steps as the model it is compared with. None: once.
+    epoch_rows: int | None = None
 
 
 @dataclass

@@ -64,7 +64,7 @@ def fit(job: TrainJob) -> dict:
         job.name,
         rows,
         stats.rows_by_source,
-        f", read {job.repeat}x per epoch" if job.repeat > 1 else "",
+        f", {job.epoch_rows} read per epoch" if job.epoch_rows else "",
         t.batch_size,
         t.num_workers,
         micro,
@@ -78,7 +78,7 @@ def fit(job: TrainJob) -> dict:
         "sources": sources,
         "tensorboard_dir": paths.tensorboard,
         "torch_threads": worker_threads(t),
-        "train_rows": rows * job.repeat,
+        "train_rows": job.epoch_rows or rows,
     }
     if t.spread_weighting and stats.spread_rms is None:
         log.warning(
@@ -86,7 +86,7 @@ def fit(job: TrainJob) -> dict:
             "center): pseudo-labels are not weighted",
             job.name,
         )
-    datasets = {"train": train_dataset(job, parts, sources, stats.spread_rms)}
+    datasets = {"train": train_dataset(job, parts, sources, stats.spread_rms, rows)}
     datasets.update({f"val_{i}": v for i, v in enumerate(val_slices(job, val_parts))})
     trainer = torch_trainer(job, paths, loop_config, datasets)
     # A marker of another job must not outlive the model this run is about to replace.
@@ -103,7 +103,7 @@ def fit(job: TrainJob) -> dict:
         "restarts": history[-1].get("restarts", 0) if history else 0,
         "train_parts": len(parts),
         "rows_by_source": stats.rows_by_source,
-        "repeat": job.repeat,
+        "epoch_rows": job.epoch_rows or rows,
         "spread_rms": stats.spread_rms if t.spread_weighting else None,
     }
     storage.write_json(paths.fit, {**summary, **marks})  # the commit: this job finished

@@ -70,6 +70,9 @@ class TrainConfig:
     # CPUs shared among the workers, when that is more)
     torch_threads: int | None = None
     init_from: str = "scratch"  # scratch | teacher (teacher_plus only)
+    # Self-training rounds (teacher_plus only): in round r > 1 the teacher-plus of round r - 1
+    # labels U1 again and a new teacher-plus learns from those labels.
+    rounds: int = 1
     source_weights: dict[str, float] = field(default_factory=dict)  # per-source loss weights
     shuffle_buffer: int = 512  # rows; training starts once the buffer is full
     # Rows per worker per forward/backward; None: batch_size / num_workers. The global
@@ -325,6 +328,11 @@ def _validate(cfg: RunConfig) -> None:
             )
         if t.lr <= 0:
             raise ConfigError(f"{name}.lr: must be > 0")
+        if t.rounds < 1 or (t.rounds > 1 and name != "train_teacher_plus"):
+            raise ConfigError(
+                f"{name}.rounds: self-training rounds belong to train_teacher_plus (>= 1); "
+                f"got {t.rounds}"
+            )
     check_scoring_config(cfg.scoring, "scoring")
     check_storage_config(cfg.storage)
 

@@ -176,8 +176,22 @@ def findings(report: dict) -> list[str]:
             f"Cost: the student needs {100 * report['student_teacher_gflops_ratio']:.1f}% "
             "of the teacher's GFLOPs."
         )
-    out += steps_notes(report) + provenance_notes(report)
+    out += steps_notes(report) + provenance_notes(report) + rounds_notes(report)
     out += compression_notes(report)
+    return out
+
+
+def rounds_notes(report: dict) -> list[str]:
+    """A sentence per self-training round (several rounds only): who labeled U1, how close
+    those labels came to its truth, and the round's teacher-plus on validation."""
+    out = []
+    for r in report.get("self_training", []):
+        agree = r.get("pseudo_u1_agreement")
+        vs_truth = f", SRCC {agree['srcc']:.4f} against its truth" if agree else ""
+        out.append(
+            f"Self-training round {r['round']}: U1 labeled by {r['labeled_by']}{vs_truth}; "
+            f"its teacher-plus reached validation SRCC {r['val']['srcc']:.4f}."
+        )
     return out
 
 
@@ -188,7 +202,7 @@ def steps_notes(report: dict) -> list[str]:
         return []
     return [
         f"Training: the distilled student took {s['optimizer_steps']} optimizer steps, the "
-        f"labeled-only student {lo['optimizer_steps']} (its smaller table is read again "
+        f"labeled-only student {lo['optimizer_steps']} (its smaller table is read over again, and cut, "
         "within each epoch to match)."
     ]
 

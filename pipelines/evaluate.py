@@ -26,6 +26,7 @@ from fiqa.bootstrap import model_intervals
 from fiqa.calibration import fit_logistic
 from fiqa.data.tables import read_table
 from fiqa.metrics import quality_metrics
+from fiqa.pipelines.train_teacher_plus import u1_table
 from fiqa.report import DELTAS, write_report
 from fiqa.runner import Stage, StageContext
 from fiqa.scoring import job_for_model, run_score_job
@@ -37,8 +38,66 @@ MODELS = {
     "student_labeled_only": "distill_student/student_labeled_only",
 }
 POOLS = {"unlabeled_1": "pseudo_label_1", "unlabeled_2": "pseudo_label_2"}
-# Which model labeled which pool: the self-training round of each pool's pseudo-labels.
-ROUNDS = {"unlabeled_1": (1, "train_teacher"), "unlabeled_2": (2, "train_teacher_plus")}
+
+
+def pool_tables(ctx: StageContext) -> dict[str, tuple[str, int, str]]:
+    """Each pool's pseudo-labels the student learned from: table, round and labeling model."""
+    n = ctx.cfg.train_teacher_plus.rounds
+    u1_by = "train_teacher" if n == 1 else f"train_teacher_plus round {n - 1}"
+    return {
+        "unlabeled_1": (u1_table(ctx.run_dir, n), n, u1_by),
+        "unlabeled_2": (ctx.dir("pseudo_label_2"), n + 1, "train_teacher_plus"),
+    }
+
+
+def pool_entry(table_dir: str, truth: dict[str, float] | None) -> tuple[dict, dict]:
+    """A pool's pseudo-label counts, spread, model ids and, with ``truth``, their agreement
+    with it and how well their ``score_spread`` ranks their errors; and the scores matched
+    to the truth, for the plots."""
+    # Count from the tables, not the manifest: a resumed stage's manifest
+    # counts only the shards of its last attempt.
+    table = read_table(f"{table_dir}/labels", columns=["key", "score", "score_spread", "model_id"])
+    rejects = read_table(f"{table_dir}/rejects", columns=["key", "reason"])
+    entry: dict = {
+        "labeled": table.num_rows,
+        "rejected": rejects.num_rows,
+        "model_ids": sorted(set(table.column("model_id").to_pylist())),
+    }
+    scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+    entry.update({f"score_{k}": v for k, v in spread(scores).items()})
+    matched: dict = {"score": scores, "truth": None}
+    if truth:
+        keys = table.column("key").to_pylist()
+        mask = np.array([k in truth for k in keys])
+        t = np.array([truth.get(k, np.nan) for k in keys])
+        if mask.sum() >= 4:
+            agree = quality_metrics(scores[mask], t[mask])
+            agree["rmse_calibrated"] = float(np.sqrt(np.mean((scores[mask] - t[mask]) ** 2)))
+            entry["agreement"] = agree
+            matched["truth"] = t[mask]
+            spreads = table.column("score_spread").to_numpy(zero_copy_only=False)
+            if not np.isnan(spreads[mask].astype(np.float64)).any():
+                entry["confidence"] = confidence(scores[mask], spreads[mask], t[mask])
+    return entry, matched
+
+
+def self_training(ctx: StageContext, rounds: list[dict]) -> list[dict]:
+    """Per self-training round: which model labeled U1, how close its labels came to U1's
+    truth (when known), and the round's teacher-plus on validation."""
+    truth = _read_truth(ctx.cfg.data.unlabeled_1_truth)
+    out = []
+    for r in rounds:
+        entry, _ = pool_entry(u1_table(ctx.run_dir, r["round"]), truth)
+        out.append(
+            {
+                "round": r["round"],
+                "labeled_by": r["labeled_by"],
+                "pseudo_u1_agreement": entry.get("agreement"),
+                "val": r["training"]["val"],
+                "best_epoch": r["training"]["best_epoch"],
+            }
+        )
+    return out
 
 
 def confidence(score: np.ndarray, spread: np.ndarray, truth: np.ndarray) -> dict:
@@ -124,40 +183,19 @@ def run(ctx: StageContext) -> dict:
 
     pools: dict = {}
     pool_scores: dict[str, dict] = {}
-    for pool, stage in POOLS.items():
-        # Count from the tables, not the manifest: a resumed stage's manifest
-        # counts only the shards of its last attempt.
-        table = read_table(
-            f"{ctx.dir(stage)}/labels", columns=["key", "score", "score_spread", "model_id"]
-        )
-        rejects = read_table(f"{ctx.dir(stage)}/rejects", columns=["key", "reason"])
-        round_, by = ROUNDS[pool]
-        entry = {
-            "labeled": table.num_rows,
-            "rejected": rejects.num_rows,
-            "shards": stage_summary(ctx.manifests[stage]).get("shards_total"),
-            # provenance: every row's model_id names the model stage and its output's digest
-            "round": round_,
-            "labeled_by": by,
-            "model_ids": sorted(set(table.column("model_id").to_pylist())),
-        }
-        scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
-        entry.update({f"score_{k}": v for k, v in spread(scores).items()})
+    for pool, (table_dir, round_, by) in pool_tables(ctx).items():
         truth = _read_truth(getattr(cfg.data, f"{pool}_truth"))
-        pool_scores[pool] = {"score": scores, "truth": None}
-        if truth:
-            keys = table.column("key").to_pylist()
-            mask = np.array([k in truth for k in keys])
-            t = np.array([truth.get(k, np.nan) for k in keys])
-            if mask.sum() >= 4:
-                agree = quality_metrics(scores[mask], t[mask])
-                agree["rmse_calibrated"] = float(np.sqrt(np.mean((scores[mask] - t[mask]) ** 2)))
-                entry["agreement"] = agree
-                pool_scores[pool]["truth"] = t[mask]
-                spreads = table.column("score_spread").to_numpy(zero_copy_only=False)
-                if not np.isnan(spreads[mask].astype(np.float64)).any():
-                    entry["confidence"] = confidence(scores[mask], spreads[mask], t[mask])
+        entry, pool_scores[pool] = pool_entry(table_dir, truth)
+        entry.update(
+            shards=stage_summary(ctx.manifests[POOLS[pool]]).get("shards_total"),
+            # provenance: every row's model_id names the model and its output's digest
+            round=round_,
+            labeled_by=by,
+        )
         pools[pool] = entry
+    rounds = stage_summary(ctx.manifests["train_teacher_plus"]).get("rounds")
+    if rounds:
+        report["self_training"] = self_training(ctx, rounds)
     report["pseudo_label"] = pools
     if "teacher" in report and "student" in report and report["teacher"]["gflops"]:
         report["student_teacher_gflops_ratio"] = (

@@ -1,10 +1,12 @@
-"""Shared recipe of stages 2 and 4: a trained model pseudo-labels an unlabeled pool.
+"""Shared recipe of stages 2 and 4 (and of self-training's later rounds): a trained model
+pseudo-labels an unlabeled pool.
 
 Ray Data streams the pool's shards through CPU decode tasks and an actor
 pool holding the model; raw scores are mapped to the MOS scale with the
 4-parameter logistic fitted on labeled data when the model was trained (it
 travels in the model's ``model.json``); one Parquet part per shard goes to
-``labels/`` and the samples that could not be used go to ``rejects/``.
+``labels/`` and the samples that could not be used go to ``rejects/``. Every row
+names the model that labeled it (``model_id``).
 """
 
 from __future__ import annotations
@@ -13,23 +15,35 @@ from fiqa.runner import StageContext
 from fiqa.scoring import job_for_model, run_score_job
 
 
-def pseudo_label(ctx: StageContext, pool: str, model_stage: str, source: str) -> dict:
+def stage_model(ctx: StageContext, stage: str) -> tuple[str, str]:
+    """A finished stage's model: its directory and its provenance id (``stage:output id``)."""
+    return f"{ctx.dir(stage)}/model", f"{stage}:{ctx.manifests[stage]['output_id'][:12]}"
+
+
+def pseudo_label(
+    ctx: StageContext,
+    pool: str,
+    source: str,
+    model_dir: str,
+    model_id: str,
+    out_dir: str | None = None,
+) -> dict:
+    """``data.<pool>`` scored by the model in ``model_dir`` into ``out_dir`` (the stage's own
+    directory by default), its rows' ``source`` and ``model_id`` as given."""
     cfg = ctx.cfg
-    model_dir = f"{ctx.dir(model_stage)}/model"
-    shards = ctx.shards(pool)
     job = job_for_model(
         model_dir,
-        shards,
-        ctx.dir(),
+        ctx.shards(pool),
+        out_dir or ctx.dir(),
         source,
         scoring=cfg.scoring,
-        model_id=f"{model_stage}:{ctx.manifests[model_stage]['output_id'][:12]}",
+        model_id=model_id,
         label_field=cfg.data.label_field,
         max_pixels=cfg.data.max_image_pixels,
         min_side=cfg.data.min_image_side,
         views=cfg.scoring.views,
     )
-    job.description = f"pseudo-label {pool} with {model_stage}"
+    job.description = f"pseudo-label {pool} with {model_id.split(':')[0]}"
     return run_score_job(job)
 
 

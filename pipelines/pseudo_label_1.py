@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fiqa.pipelines.pseudo_label import headline, pseudo_label
+from fiqa.pipelines.pseudo_label import headline, pseudo_label, stage_model
 from fiqa.runner import Stage, StageContext
 
 
 def run(ctx: StageContext) -> dict:
-    return pseudo_label(ctx, pool="unlabeled_1", model_stage="train_teacher", source="pseudo_u1")
+    return pseudo_label(ctx, "unlabeled_1", "pseudo_u1", *stage_model(ctx, "train_teacher"))
 
 
 STAGE = Stage(

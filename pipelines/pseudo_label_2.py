@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from fiqa.pipelines.pseudo_label import headline, pseudo_label
+from fiqa.pipelines.pseudo_label import headline, pseudo_label, stage_model
 from fiqa.runner import Stage, StageContext
 
 
 def run(ctx: StageContext) -> dict:
-    return pseudo_label(
-        ctx, pool="unlabeled_2", model_stage="train_teacher_plus", source="pseudo_u2"
-    )
+    return pseudo_label(ctx, "unlabeled_2", "pseudo_u2", *stage_model(ctx, "train_teacher_plus"))
 
 
 STAGE = Stage(

@@ -73,6 +73,11 @@ def test_semantic_checks():
         from_dict(minimal(train_teacher={"batch_size": 10, "num_workers": 3}))
     with pytest.raises(ConfigError, match="init_from"):
         from_dict(minimal(train_teacher_plus={"init_from": "nowhere"}))
+    with pytest.raises(ConfigError, match=r"train_teacher_plus\.rounds"):
+        from_dict(minimal(train_teacher_plus={"rounds": 0}))
+    with pytest.raises(ConfigError, match=r"distill_student\.rounds.*belong"):
+        from_dict(minimal(distill_student={"rounds": 2}))
+    assert from_dict(minimal(train_teacher_plus={"rounds": 3})).train_teacher_plus.rounds == 3
     with pytest.raises(ConfigError, match="scoring.buffer_mb"):
         from_dict(minimal(scoring={"buffer_mb": 1}))
     with pytest.raises(ConfigError, match="scoring.concurrency"):

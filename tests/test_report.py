@@ -116,6 +116,32 @@ def test_report_md_says_what_the_pseudo_labels_spread_is_worth():
     )
 
 
+def test_each_self_training_round_gets_a_finding_and_one_round_none():
+    assert not [x for x in findings(a_report()) if x.startswith("Self-training round")]
+    report = a_report()
+    report["self_training"] = [
+        {
+            "round": 1,
+            "labeled_by": "train_teacher:abc",
+            "pseudo_u1_agreement": {"srcc": 0.81},
+            "val": {"srcc": 0.83},
+        },
+        {
+            "round": 2,
+            "labeled_by": "train_teacher_plus/round_1:def",
+            "pseudo_u1_agreement": None,  # no truth for U1
+            "val": {"srcc": 0.84},
+        },
+    ]
+    notes = [x for x in findings(report) if x.startswith("Self-training round")]
+    assert notes == [
+        "Self-training round 1: U1 labeled by train_teacher:abc, SRCC 0.8100 against its "
+        "truth; its teacher-plus reached validation SRCC 0.8300.",
+        "Self-training round 2: U1 labeled by train_teacher_plus/round_1:def; its "
+        "teacher-plus reached validation SRCC 0.8400.",
+    ]
+
+
 def test_a_report_without_intervals_still_renders():
     report = a_report()
     del report["intervals"]

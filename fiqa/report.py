@@ -202,8 +202,8 @@ def steps_notes(report: dict) -> list[str]:
         return []
     return [
         f"Training: the distilled student took {s['optimizer_steps']} optimizer steps, the "
-        f"labeled-only student {lo['optimizer_steps']} (its smaller table is read over again, and cut, "
-        "within each epoch to match)."
+        f"labeled-only student {lo['optimizer_steps']} (its smaller table is read over "
+        "again, and cut, within each epoch to match)."
     ]
 
 

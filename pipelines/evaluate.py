@@ -81,13 +81,15 @@ def pool_entry(table_dir: str, truth: dict[str, float] | None) -> tuple[dict, di
     return entry, matched
 
 
-def self_training(ctx: StageContext, rounds: list[dict]) -> list[dict]:
+def self_training(ctx: StageContext, rounds: list[dict], last_u1: dict) -> list[dict]:
     """Per self-training round: which model labeled U1, how close its labels came to U1's
-    truth (when known), and the round's teacher-plus on validation."""
+    truth (when known), and the round's teacher-plus on validation. ``last_u1``: the pool
+    entry of U1's table the last round learned from, already read."""
     truth = _read_truth(ctx.cfg.data.unlabeled_1_truth)
     out = []
     for r in rounds:
-        entry, _ = pool_entry(u1_table(ctx.run_dir, r["round"]), truth)
+        last = r["round"] == len(rounds)
+        entry = last_u1 if last else pool_entry(u1_table(ctx.run_dir, r["round"]), truth)[0]
         out.append(
             {
                 "round": r["round"],
@@ -195,7 +197,7 @@ def run(ctx: StageContext) -> dict:
         pools[pool] = entry
     rounds = stage_summary(ctx.manifests["train_teacher_plus"]).get("rounds")
     if rounds:
-        report["self_training"] = self_training(ctx, rounds)
+        report["self_training"] = self_training(ctx, rounds, pools["unlabeled_1"])
     report["pseudo_label"] = pools
     if "teacher" in report and "student" in report and report["teacher"]["gflops"]:
         report["student_teacher_gflops_ratio"] = (

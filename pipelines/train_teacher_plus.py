@@ -71,8 +71,7 @@ def run(ctx: StageContext) -> dict:
         entry["training"] = fit(job)
         rounds.append(entry)
         model_dir = run_paths(job).model  # (not the summary's: a resumed copy of a run)
-        digest = model_id_of(read_meta(model_dir)).split(":")[1]
-        labeler = f"{NAME}/round_{r}:{digest}"
+        labeler = model_id_of(read_meta(model_dir), name=f"{NAME}/round_{r}")
     summary = {"training": rounds[-1]["training"]}
     if t.rounds > 1:
         summary["rounds"] = rounds

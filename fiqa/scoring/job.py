@@ -58,10 +58,11 @@ class ScoreJob:
         return DecodeSpec(self.resize, self.crop, self.max_pixels, self.min_side)
 
 
-def model_id_of(meta: dict) -> str:
-    """``arch:digest`` of a model's metadata (its training fingerprint and calibration)."""
+def model_id_of(meta: dict, name: str | None = None) -> str:
+    """``name:digest`` of a model's metadata (its training fingerprint and calibration);
+    ``name`` defaults to the model's architecture."""
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{meta.get('arch', 'model')}:{digest}"
+    return f"{name or meta.get('arch', 'model')}:{digest}"
 
 
 def job_for_model(

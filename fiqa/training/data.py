@@ -11,6 +11,7 @@ Ray Data tasks import this module: it imports neither torch nor timm.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,11 +89,11 @@ def train_dataset(
     job: TrainJob,
     parts: list[str],
     sources: list[str],
+    rows: int,
     spread_rms: float | None = None,
-    rows: int | None = None,
 ) -> Any:
     """The training stream: files in a new order every epoch (with ``job.epoch_rows``, read
-    over again as often as needed, ``rows`` each time, and cut to exactly that many),
+    over again as often as needed, ``rows`` a pass, and cut to exactly that many),
     decoded, cropped and flipped; pseudo-labels weighted by their spread where
     ``train.spread_weighting`` is on (``spread_rms``: the tables' RMS spread)."""
     import ray
@@ -101,7 +102,7 @@ def train_dataset(
     columns = ["image", "score", "source"] + (["score_spread"] if scale else [])
     # Reproducible from the run's seed (row order across workers depends on who asks first).
     shuffle = ray.data.FileShuffleConfig(seed=job.seed)
-    passes = -(-job.epoch_rows // max(rows or 1, 1)) if job.epoch_rows else 1
+    passes = math.ceil(job.epoch_rows / max(rows, 1)) if job.epoch_rows else 1
     ds = read_parts(parts * passes, shuffle=shuffle)
     if job.epoch_rows:
         ds = ds.limit(job.epoch_rows)

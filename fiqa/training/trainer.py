@@ -86,7 +86,7 @@ def fit(job: TrainJob) -> dict:
             "center): pseudo-labels are not weighted",
             job.name,
         )
-    datasets = {"train": train_dataset(job, parts, sources, stats.spread_rms, rows)}
+    datasets = {"train": train_dataset(job, parts, sources, rows, stats.spread_rms)}
     datasets.update({f"val_{i}": v for i, v in enumerate(val_slices(job, val_parts))})
     trainer = torch_trainer(job, paths, loop_config, datasets)
     # A marker of another job must not outlive the model this run is about to replace.

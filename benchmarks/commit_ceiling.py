@@ -1,13 +1,17 @@
 """The driver's commit ceiling: how many rows/s the scoring engine commits when nothing else limits it.
 
-Every scored row, its encoded image included, reaches the driver, which writes every Parquet
-part. With a stand-in actor that returns at once and a stand-in decode task that reads the tar
-but decodes nothing (both passed to the engine through its seams), the driver's side is the
-bottleneck: this prints the rows/s and MB/s of encoded images it sustains, for small (112 px)
-and large (512 px) source images, and where the driver's time goes (cProfile of the driver).
+With a stand-in actor that returns at once and a stand-in decode task that reads the tar but
+decodes nothing (both passed to the engine through its seams), only the commit path is left:
+this prints the rows/s and MB/s of encoded images it sustains, for small (112 px) and large
+(512 px) source images, the driver's CPU per 1,000 rows (the rows/s one core of driver could
+carry: its ceiling) and where the driver's time goes (cProfile of the driver). The actors stage
+their rows and commit tasks merge them, so the driver only counts a line per staged fragment;
+run on an engine where the driver wrote every part (before 46a5702), the same benchmark shows
+that engine's ceiling side by side.
 
-    python benchmarks/commit_ceiling.py                 # 20,480 x 112 px and 5,120 x 512 px
-    python benchmarks/commit_ceiling.py --scale 0.1     # a quick check
+    python benchmarks/commit_ceiling.py --scale 2                    # 81,920 x 112 px, 20,480 x 512 px
+    python benchmarks/commit_ceiling.py --scale 2 --batch-size 1024  # fewer, larger blocks
+    python benchmarks/commit_ceiling.py --scale 0.1                  # a quick check
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def driver_profile(stats: pstats.Stats, total: float) -> dict[str, float]:
 
     add, writes = cumulative("add"), cumulative("write_part")
     return {
-        "collector: group rows by shard, write parts": add / total,
+        "commit code: rows or lines by shard (parts, if it writes)": add / total,
         "  of which Parquet writes": writes / total,
         "the rest: start-up, waiting for and converting batches": 1 - add / total,
     }
@@ -86,7 +90,8 @@ def measure(name: str, shards: list[str], ckpt: str, work: Path, batch: int) -> 
         print(
             f"  after the first commit: {(len(steady) - 1) * per / span:,.0f} rows/s, "
             f"{(len(steady) - 1) * bytes_ / len(shards) / 2**20 / span:.1f} MiB/s; the driver's "
-            f"CPU {1e6 * cpu / ((len(steady) - 1) * per):.1f} ms per 1,000 rows: its ceiling "
+            f"CPU {1e6 * cpu / ((len(steady) - 1) * per):.1f} ms per 1,000 rows, busy "
+            f"{100 * cpu / span:.0f} % of one core: its ceiling, were all of it per row, "
             f"{(len(steady) - 1) * per / max(cpu, 1e-9):,.0f} rows/s"
         )
     for label, share in driver_profile(pstats.Stats(prof), run.seconds).items():

@@ -81,6 +81,11 @@ class TrainConfig:
     lr_scaling: str = "fixed"  # fixed | linear | sqrt: lr follows batch_size / lr_reference_batch
     lr_reference_batch: int | None = None  # the global batch `lr` was tuned for (linear, sqrt)
     precision: str = "bf16"  # bf16: bf16 autocast on GPU (CPU always computes in fp32) | fp32
+    # Same seed and config, the same model: the training stream keeps its order (Ray Data
+    # preserve_order), crops and flips are drawn on the worker from the seed, torch uses
+    # deterministic algorithms. Costs the stream's reordering slack; a restart after a failure
+    # resumes from a checkpoint with fresh draws.
+    deterministic: bool = False
 
 
 def batch_plan(t: TrainConfig) -> tuple[int, int]:

@@ -30,3 +30,22 @@ def to_model_input(pixels: torch.Tensor, channels_last: bool = False) -> torch.T
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def random_crop_flip_batch(
+    pixels: torch.Tensor, crop: int, rng: torch.Generator, flip: bool = True
+) -> torch.Tensor:
+    """A random ``crop`` x ``crop`` window of each uint8 NHWC image, flipped left-right with
+    probability 1/2 where ``flip``: `fiqa.data.transforms.random_crop_flip` on the training
+    worker, drawn from ``rng`` (CPU) so that a seeded run draws the same windows again."""
+    n, h, w = pixels.shape[:3]
+    if not (0 < crop <= h and crop <= w):
+        raise ValueError(f"crop {crop} must fit the {h}x{w} images")
+    tops = torch.randint(0, h - crop + 1, (n,), generator=rng).tolist()
+    lefts = torch.randint(0, w - crop + 1, (n,), generator=rng).tolist()
+    flips = (torch.rand(n, generator=rng) < 0.5).tolist() if flip else [False] * n
+    windows = []
+    for i, (top, left, flipped) in enumerate(zip(tops, lefts, flips, strict=True)):
+        window = pixels[i, top : top + crop, left : left + crop]
+        windows.append(window.flip(1) if flipped else window)
+    return torch.stack(windows)

@@ -28,8 +28,11 @@ from PIL import Image
 
 from fiqa.cluster.resources import check_training, worker_threads
 from fiqa.config import ConfigError, TrainConfig, from_dict
+from fiqa.data.decode import decode_image
 from fiqa.data.tables import SCORED_SCHEMA, write_part
 from fiqa.models import registry
+from fiqa.models.checkpoint import load_checkpoint
+from fiqa.models.inputs import random_crop_flip_batch
 from fiqa.models.registry import check_pretrained
 from fiqa.training import TrainJob, batch_plan, effective_lr, fit
 from fiqa.training.data import decode_train_batch, table_stats
@@ -229,6 +232,41 @@ def test_decode_gives_source_ids_and_weights():
     assert out["pixels"].shape == (3, 32, 32, 3) and out["pixels"].dtype == np.uint8
     assert out["source_id"].tolist() == [0, 1, 1]
     assert out["weight"].tolist() == [1.0, 0.25, 0.25]
+
+
+def test_decode_leaves_the_crop_to_the_worker_when_training_is_deterministic():
+    img, _ = brightness_image(0, 0, size=48)
+    batch = {
+        "image": np.array([img, img], dtype=object),
+        "score": np.array([1.0, 2.0]),
+        "source": np.array(["labeled", "labeled"], dtype=object),
+    }
+    out = decode_train_batch(batch, 40, None, {}, {"labeled": 0})
+    assert out["pixels"].shape == (2, 40, 40, 3)
+    assert (out["pixels"][0] == decode_image(img, 40)).all()  # whole, neither cropped nor flipped
+
+
+def test_worker_crops_are_windows_drawn_again_from_the_same_seed():
+    pixels = torch.randint(0, 256, (4, 10, 12, 3), dtype=torch.uint8)
+
+    def draw(seed: int, flip: bool = True) -> torch.Tensor:
+        return random_crop_flip_batch(pixels, 8, torch.Generator().manual_seed(seed), flip)
+
+    first = draw(3)
+    assert first.shape == (4, 8, 8, 3) and torch.equal(first, draw(3))
+    assert not torch.equal(first, draw(4))
+    for i in range(4):  # each is a window of its own image, as it is or mirrored
+        windows = [pixels[i, t : t + 8, s : s + 8] for t in range(3) for s in range(5)]
+        assert any(torch.equal(first[i], w) or torch.equal(first[i], w.flip(1)) for w in windows)
+    unflipped = draw(5, flip=False)
+    for i in range(4):
+        assert any(
+            torch.equal(unflipped[i], pixels[i, t : t + 8, s : s + 8])
+            for t in range(3)
+            for s in range(5)
+        )
+    with pytest.raises(ValueError, match="crop 11 must fit"):
+        random_crop_flip_batch(pixels, 11, torch.Generator())
 
 
 def fixed_rows(n: int = 32, size: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -601,6 +639,35 @@ def test_epoch_rows_reads_a_table_over_again_and_cuts_it(tables, tmp_path, two_c
     assert result["epoch_rows"] == 300 and result["rows_by_source"] == {"labeled": 160}
     # the first of 9 steps ends a ninth into the epoch: 2/9 of the half-epoch ramp
     assert h["lr"] == pytest.approx(2e-3 * 2 / 9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_deterministic_run_trains_the_same_model_again(tables, tmp_path, two_cpu_ray, workers):
+    """`train.deterministic`: two runs of one config (seed, tables, workers) end with the same
+    weights and the same curves, random crops, flips, shuffles and worker splits included."""
+    runs = []
+    for attempt in ("a", "b"):
+        job = job_for(
+            tables,
+            tmp_path / attempt,
+            deterministic=True,
+            num_workers=workers,
+            cpus_per_worker=1.0 / workers,  # leaves a CPU for the decode tasks
+            source_weights={"pseudo_u1": 0.5},
+        )
+        with deadline(300):
+            fit(job)
+        history = json.loads((tmp_path / attempt / "history.json").read_text())
+        weights = load_checkpoint(str(tmp_path / attempt / "model")).model.state_dict()
+        runs.append((history, weights))
+    (history_a, weights_a), (history_b, weights_b) = runs
+    curve = ("train_loss", "loss_by_source", "rows_by_source", "val_srcc", "val_rmse", "steps")
+    assert [{k: h[k] for k in curve} for h in history_a] == [
+        {k: h[k] for k in curve} for h in history_b
+    ]
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 
 def _train_worker_pids() -> list[int]:

@@ -29,7 +29,7 @@ DECODE_BATCH_ROWS = 128
 def decode_train_batch(
     batch: dict,
     resize: int,
-    crop: int,
+    crop: int | None,
     weights: dict[str, float],
     source_ids: dict[str, int],
     hflip: bool = True,
@@ -37,13 +37,16 @@ def decode_train_batch(
 ) -> dict:
     """Bytes -> randomly cropped (and flipped) uint8 pixels, target, loss weight, source id.
 
-    With ``spread_scale`` a row's weight is also 1 / (1 + (score_spread / spread_scale)^2)
-    (`spread_weight`)."""
+    ``crop`` None: the whole resized images, for the training worker to crop and flip
+    (deterministic training). With ``spread_scale`` a row's weight is also
+    1 / (1 + (score_spread / spread_scale)^2) (`spread_weight`)."""
     rng = np.random.default_rng()
     n = len(batch["image"])
-    pixels = np.empty((n, crop, crop, 3), dtype=np.uint8)
+    side = crop or resize
+    pixels = np.empty((n, side, side, 3), dtype=np.uint8)
     for i, data in enumerate(batch["image"]):
-        pixels[i] = random_crop_flip(decode_image(data, resize), crop, rng, flip=hflip)
+        img = decode_image(data, resize)
+        pixels[i] = random_crop_flip(img, crop, rng, flip=hflip) if crop else img
     sources = [str(s) for s in batch["source"]]
     weight = np.array([weights.get(s, 1.0) for s in sources], dtype=np.float32)
     if spread_scale:
@@ -104,6 +107,7 @@ def train_dataset(
     shuffle = ray.data.FileShuffleConfig(seed=job.seed)
     passes = math.ceil(job.epoch_rows / max(rows, 1)) if job.epoch_rows else 1
     ds = read_parts(parts * passes, shuffle=shuffle)
+    # (deterministic: the trainer's DataConfig keeps the order, `ordered_ingest`)
     if job.epoch_rows:
         ds = ds.limit(job.epoch_rows)
     # select_columns is pushed down into the Parquet read: only these columns are read.
@@ -112,7 +116,7 @@ def train_dataset(
         batch_size=DECODE_BATCH_ROWS,
         fn_kwargs={
             "resize": job.resize,
-            "crop": job.image_size,
+            "crop": None if job.train.deterministic else job.image_size,
             "weights": job.train.source_weights,
             "source_ids": {s: i for i, s in enumerate(sources)},
             "hflip": job.train.hflip,
@@ -131,8 +135,9 @@ def val_slices(job: TrainJob, parts: list[str]) -> list[Any]:
             batch_size=DECODE_BATCH_ROWS,
             fn_kwargs={"resize": job.resize, "crop": job.image_size},
         )
-        .materialize()  # small and the same every epoch
     )
+    val_ds.context.execution_options.preserve_order = job.train.deterministic
+    val_ds = val_ds.materialize()  # small and the same every epoch
     workers, n = job.train.num_workers, val_ds.count()
     cuts = [round(n * i / workers) for i in range(1, workers)]
     return val_ds.split_at_indices(cuts) if cuts else [val_ds]

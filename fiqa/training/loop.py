@@ -10,6 +10,7 @@ checkpoint by (SRCC + PLCC) / 2 and restarts a failed worker group from the late
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from fiqa.config import TrainConfig, batch_plan, effective_lr
 from fiqa.metrics import quality_metrics
 from fiqa.models.allocator import retain_freed_memory
 from fiqa.models.checkpoint import load_checkpoint
-from fiqa.models.inputs import to_model_input
+from fiqa.models.inputs import random_crop_flip_batch, to_model_input
 from fiqa.models.registry import create_model
 from fiqa.training import checkpoints
 from fiqa.training.checkpoints import Progress
@@ -94,6 +95,10 @@ def setup(config: dict) -> Worker:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(job.seed)
+    if t.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
     torch.set_num_threads(config["torch_threads"])
     retain_freed_memory()  # step after step reuses the same activation and gradient memory
     device = get_device()
@@ -135,7 +140,20 @@ def setup(config: dict) -> Worker:
 
 
 def train_batches(w: Worker, epoch: int) -> Any:
-    """This worker's share of the training stream, in micro-batches on its device."""
+    """This worker's share of the training stream, in micro-batches on its device
+    (deterministic: cropped and flipped here, from the seed, the epoch and the rank)."""
+    t = w.job.train
+    batches = _stream_batches(w, epoch)
+    if not t.deterministic:
+        return batches
+    rng = torch.Generator().manual_seed(w.job.seed * 1_000_003 + epoch * 1009 + w.rank)
+    return (
+        {**b, "pixels": random_crop_flip_batch(b["pixels"], w.job.image_size, rng, t.hflip)}
+        for b in batches
+    )
+
+
+def _stream_batches(w: Worker, epoch: int) -> Any:
     t = w.job.train
     return ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=w.micro,

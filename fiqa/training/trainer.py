@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from dataclasses import asdict
 from typing import Any
 
@@ -118,6 +119,19 @@ def target_scale(job: TrainJob, mean: float, std: float) -> tuple[float, float]:
     return init_meta["target_mean"], init_meta["target_std"]
 
 
+def ordered_ingest() -> Any:
+    """Ray Train's ingest options, in order: every run reads the same rows into the same
+    batches and, when split, the same workers (deterministic training)."""
+    import ray.train
+
+    with warnings.catch_warnings():
+        # Ray's own defaults pass the deprecated exclude_resources (Ray 2.60); not ours to fix.
+        warnings.filterwarnings("ignore", message=".*exclude_resources.*")
+        options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
 def torch_trainer(job: TrainJob, paths: RunPaths, loop_config: dict, datasets: dict) -> Any:
     """The `TorchTrainer`: workers and their resources, checkpoints kept, restarts on failure."""
     import ray.train
@@ -152,6 +166,7 @@ def torch_trainer(job: TrainJob, paths: RunPaths, loop_config: dict, datasets: d
         datasets=datasets,
         # Only the training stream is split; one worker reads it without a split coordinator.
         dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train"] if t.num_workers > 1 else []
+            datasets_to_split=["train"] if t.num_workers > 1 else [],
+            execution_options={"train": ordered_ingest()} if t.deterministic else None,
         ),
     )

@@ -96,7 +96,7 @@ def setup(config: dict) -> Worker:
     rank = ctx.get_world_rank()
     torch.manual_seed(job.seed)
     if t.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at cuBLAS's first call
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     torch.set_num_threads(config["torch_threads"])

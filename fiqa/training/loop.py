@@ -146,11 +146,16 @@ def train_batches(w: Worker, epoch: int) -> Any:
     batches = _stream_batches(w, epoch)
     if not t.deterministic:
         return batches
-    rng = torch.Generator().manual_seed(w.job.seed * 1_000_003 + epoch * 1009 + w.rank)
+    rng = torch.Generator().manual_seed(epoch_seed(w, epoch))
     return (
         {**b, "pixels": random_crop_flip_batch(b["pixels"], w.job.image_size, rng, t.hflip)}
         for b in batches
     )
+
+
+def epoch_seed(w: Worker, epoch: int) -> int:
+    """This worker's seed for ``epoch``: its shuffle buffer's and its crops'."""
+    return w.job.seed * 1_000_003 + epoch * 1009 + w.rank
 
 
 def _stream_batches(w: Worker, epoch: int) -> Any:
@@ -158,9 +163,7 @@ def _stream_batches(w: Worker, epoch: int) -> Any:
     return ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=w.micro,
         local_shuffle_buffer_size=t.shuffle_buffer or None,
-        local_shuffle_seed=(w.job.seed * 1_000_003 + epoch * 1009 + w.rank)
-        if t.shuffle_buffer
-        else None,
+        local_shuffle_seed=epoch_seed(w, epoch) if t.shuffle_buffer else None,
         drop_last=True,  # equal splits + drop_last: every worker takes the same steps
         device=w.device,
         pin_memory=w.cuda,

@@ -4,13 +4,17 @@ With a stand-in actor that returns at once and a stand-in decode task that reads
 decodes nothing (both passed to the engine through its seams), only the commit path is left:
 this prints the rows/s and MB/s of encoded images it sustains, for small (112 px) and large
 (512 px) source images, the driver's CPU per 1,000 rows (the rows/s one core of driver could
-carry: its ceiling) and where the driver's time goes (cProfile of the driver). The actors stage
+carry: its ceiling) and where the driver's time goes (cProfile of the driver). On a machine
+too small for the driver to fill its core, ``--rates`` paces the stand-in actor to several row
+rates and fits the driver's CPU as a fixed cost plus a cost per row: the rows/s at which it
+would fill one core is the ceiling, extrapolated from a measured slope rather than bounded. The actors stage
 their rows and commit tasks merge them, so the driver only counts a line per staged fragment;
 run on an engine where the driver wrote every part (before 46a5702), the same benchmark shows
 that engine's ceiling side by side.
 
     python benchmarks/commit_ceiling.py --scale 2                    # 81,920 x 112 px, 20,480 x 512 px
     python benchmarks/commit_ceiling.py --scale 2 --batch-size 1024  # fewer, larger blocks
+    python benchmarks/commit_ceiling.py --scale 2 --rates 500 1000 2000 0  # the fitted ceiling
     python benchmarks/commit_ceiling.py --scale 0.1                  # a quick check
 """
 
@@ -23,6 +27,7 @@ import platform
 import pstats
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +51,18 @@ class InstantScorer:
         return batch.drop_columns(["pixels"]).append_column("raw_score", zeros)
 
 
+def paced(rows_per_s: float) -> type:
+    """An `InstantScorer` that holds each batch long enough to pass ``rows_per_s`` rows a
+    second (one actor): the driver's load at a row rate of our choosing."""
+
+    class PacedScorer(InstantScorer):
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            time.sleep(batch.num_rows / rows_per_s)
+            return super().__call__(batch)
+
+    return PacedScorer
+
+
 def read_only(batch: dict, job):
     """The decode task's output shape (pixels included, all zero) from the tar alone."""
     rows_per = rows_per_block(job.crop, job.scoring.batch_size)
@@ -53,7 +70,7 @@ def read_only(batch: dict, job):
         recs = [{**r, "pixels": None} for r in read_shard(url, job.label_field)]
         for i in range(0, len(recs), rows_per):
             last = i + rows_per >= len(recs)
-            yield to_batch(recs[i : i + rows_per], len(recs) if last else -1, job)
+            yield to_batch(recs[i : i + rows_per], len(recs) if last else -1, job, start=i)
 
 
 def driver_profile(stats: pstats.Stats, total: float) -> dict[str, float]:
@@ -70,12 +87,24 @@ def driver_profile(stats: pstats.Stats, total: float) -> dict[str, float]:
     }
 
 
-def measure(name: str, shards: list[str], ckpt: str, work: Path, batch: int) -> None:
+def measure(
+    name: str,
+    shards: list[str],
+    ckpt: str,
+    work: Path,
+    batch: int,
+    scorer: type = InstantScorer,
+    profiled: bool = True,
+) -> tuple[float, float] | None:
+    """One run; prints its figures and returns (rows/s, the driver's busy share of one core)
+    after the first commit, or None where too few shards committed to tell. ``profiled``:
+    with cProfile on the driver's main thread (which adds to its CPU)."""
     cfg = ScoringConfig(batch_size=batch, concurrency=1, num_cpus=0.5, num_gpus=0.0)
     bytes_ = sum(os.path.getsize(s) for s in shards)
     prof = cProfile.Profile()
-    prof.enable()
-    run = label_run(ckpt, shards, work / "out", cfg, scorer=InstantScorer, decode=read_only)
+    if profiled:
+        prof.enable()
+    run = label_run(ckpt, shards, work / "out", cfg, scorer=scorer, decode=read_only)
     prof.disable()
     steady = run.commit_times
     rows = run.images
@@ -83,36 +112,78 @@ def measure(name: str, shards: list[str], ckpt: str, work: Path, batch: int) -> 
         f"{name}: {rows} rows, {bytes_ / 2**20:.0f} MiB of shards in {run.seconds:.1f} s: "
         f"{rows / run.seconds:,.0f} rows/s, {bytes_ / 2**20 / run.seconds:.1f} MiB/s end to end"
     )
-    if len(steady) > 2:
-        per = rows / len(shards)
-        span = steady[-1] - steady[0]
-        cpu = run.commit_cpu_times[-1] - run.commit_cpu_times[0]
-        print(
-            f"  after the first commit: {(len(steady) - 1) * per / span:,.0f} rows/s, "
-            f"{(len(steady) - 1) * bytes_ / len(shards) / 2**20 / span:.1f} MiB/s; the driver's "
-            f"CPU {1e6 * cpu / ((len(steady) - 1) * per):.1f} ms per 1,000 rows, busy "
-            f"{100 * cpu / span:.0f} % of one core: its ceiling, were all of it per row, "
-            f"{(len(steady) - 1) * per / max(cpu, 1e-9):,.0f} rows/s"
-        )
-    for label, share in driver_profile(pstats.Stats(prof), run.seconds).items():
-        print(f"  {label:<56} {100 * share:5.1f} % of the driver's time")
+    if profiled:
+        for label, share in driver_profile(pstats.Stats(prof), run.seconds).items():
+            print(f"  {label:<56} {100 * share:5.1f} % of the driver's time")
+    if len(steady) <= 2:
+        return None
+    per = rows / len(shards)
+    span = steady[-1] - steady[0]
+    cpu = run.commit_cpu_times[-1] - run.commit_cpu_times[0]
+    rate, busy = (len(steady) - 1) * per / span, cpu / span
+    print(
+        f"  after the first commit: {rate:,.0f} rows/s, "
+        f"{(len(steady) - 1) * bytes_ / len(shards) / 2**20 / span:.1f} MiB/s; the driver's "
+        f"CPU {1e3 * busy / rate * 1e3:.1f} ms per 1,000 rows, busy {100 * busy:.0f} % of one "
+        f"core: its ceiling, were all of it per row, {rate / max(busy, 1e-9):,.0f} rows/s"
+    )
+    return rate, busy
+
+
+def fit_ceiling(points: list[tuple[float, float]]) -> str:
+    """The driver's busy share as fixed + marginal x rows/s (least squares over the paced
+    runs): the rows/s at which it would fill one core is (1 - fixed) / marginal."""
+    if len(points) < 2 or len({round(r) for r, _ in points}) < 2:
+        return "too few runs at distinct rates to fit"
+    rates, busy = np.array(points).T
+    marginal, fixed = np.polyfit(rates, busy, 1)
+    spread = np.abs(busy - (fixed + marginal * rates)).max()
+    fit = (
+        f"driver busy = {100 * fixed:.1f} % + {1e6 * marginal:.2f} ms per 1,000 rows "
+        f"(largest residual {100 * spread:.1f} points of one core)"
+    )
+    if marginal <= 0:
+        return fit + ": no cost per row measurable between these rates"
+    return fit + f": one core full at {(1 - fixed) / marginal:,.0f} rows/s"
+
+
+# Pools per source size: images per copy and shard size (10 copies at --scale 1).
+POOLS = {32: (8192, 2048), 112: (2048, 512), 512: (512, 512)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scale", type=float, default=1.0, help="multiply the pools' sizes")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--sources", type=int, nargs="+", default=[112, 512], choices=sorted(POOLS))
+    p.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        help="pace the stand-in actor to these rows/s (0: unpaced) and fit the driver's "
+        "fixed and per-row CPU over the runs",
+    )
     args = p.parse_args()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
     work = Path(tempfile.mkdtemp(prefix="fiqa-ceiling-"))
     try:
         ckpt = make_checkpoint("mobilenetv3_small_100", work / "model")
-        for source, images, copies in ((112, 2048, 10), (512, 512, 10)):
+        for source in args.sources:
+            images, shard = POOLS[source]
             n = max(256, int(images * args.scale))
-            shards = make_pool(
-                work / f"pool{source}", n, source, max(1, round(copies * args.scale))
-            )
-            measure(f"{source} px sources", shards, ckpt, work, args.batch_size)
+            copies = max(1, round(10 * args.scale))
+            shards = make_pool(work / f"pool{source}", n, source, copies, shard_size=shard)
+            name = f"{source} px sources"
+            if not args.rates:
+                measure(name, shards, ckpt, work, args.batch_size)
+                continue
+            points = []
+            for r in args.rates:
+                scorer = paced(r) if r > 0 else InstantScorer
+                label = f"{name}, paced to {r:,.0f} rows/s" if r > 0 else f"{name}, unpaced"
+                point = measure(label, shards, ckpt, work, args.batch_size, scorer, profiled=False)
+                points += [point] if point else []
+            print(f"  {name}, batch {args.batch_size}: {fit_ceiling(points)}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

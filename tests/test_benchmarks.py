@@ -206,6 +206,20 @@ def test_commit_ceiling_commits_every_row_of_both_pools():
     assert len(shares) == 6 and all(0 <= s <= 100 for s in shares), out
 
 
+def test_commit_ceiling_fits_the_driver_cost_over_paced_runs():
+    # 32 px at this scale: a shard of 2,048 rows, two blocks of 1,024 rows each
+    out = run_benchmark(
+        "commit_ceiling.py", "--scale", "0.3", "--sources", "32", "--batch-size", "1024",
+        "--rates", "3000", "0",
+    )  # fmt: skip
+    assert "32 px sources, paced to 3,000 rows/s: 7371 rows" in out, out
+    assert "32 px sources, unpaced: 7371 rows" in out, out
+    fit = re.search(
+        r"batch 1024: driver busy = (-?[0-9.]+) % \+ (-?[0-9.]+) ms per 1,000 rows", out
+    )
+    assert fit, out
+
+
 def test_label_scale_labels_each_key_once_and_resumes_only_what_is_left(tmp_path):
     report = tmp_path / "scale.json"
     out = run_benchmark(

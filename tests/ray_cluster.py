@@ -61,6 +61,10 @@ class LocalCluster:
         }
         self.env["RAY_AUTH_MODE"] = "disabled"
         self.env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # a test cluster: no drain
+        # A killed node declared dead after 3 missed checks a second apart, not Ray's 5 of 3 s:
+        # the suite waits for two node losses.
+        self.env.setdefault("RAY_health_check_period_ms", "1000")
+        self.env.setdefault("RAY_health_check_failure_threshold", "3")
         venv_bin = os.path.dirname(sys.executable)
         # a job's entrypoint starts with the head's PATH: the test's interpreter first
         self.env["PATH"] = venv_bin + os.pathsep + self.env.get("PATH", "")

@@ -167,7 +167,7 @@ class CommitTasks:
         import ray
 
         self.ray = ray
-        self.job = job
+        self.job = ray.put(job)  # pickled once, not once a shard on the driver
         self.task = ray.remote(commit_shard).options(num_cpus=0, scheduling_strategy="SPREAD")
         self.waiting: list[tuple[str, int]] = []
         self.running: dict = {}  # ObjectRef -> shard URL

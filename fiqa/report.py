@@ -214,8 +214,8 @@ def provenance_notes(report: dict) -> list[str]:
         if p.get("labeled_by"):
             ids = ", ".join(p.get("model_ids") or []) or "none"
             out.append(
-                f"Provenance: {pool} was pseudo-labeled in round {p['round']} by "
-                f"{p['labeled_by']} (model_id {ids})."
+                f"Provenance: {pool} was pseudo-labeled by {p['labeled_by']} in the run's "
+                f"labeling pass {p['round']} (model_id {ids})."
             )
     return out
 

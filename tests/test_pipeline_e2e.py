@@ -159,7 +159,7 @@ def test_report(finished_run):
         assert (ev / "plots" / png).stat().st_size > 5000
     md = (ev / "report.md").read_text()
     assert "| teacher |" in md
-    assert "unlabeled_2 was pseudo-labeled in round 2 by train_teacher_plus" in md
+    assert "unlabeled_2 was pseudo-labeled by train_teacher_plus in the run's labeling pass 2" in md
 
 
 def test_rerun_of_a_finished_run_does_no_work(finished_run):

@@ -142,6 +142,25 @@ def test_each_self_training_round_gets_a_finding_and_one_round_none():
     ]
 
 
+def test_provenance_counts_labeling_passes_apart_from_self_training_rounds():
+    report = a_report()
+    report["pseudo_label"] = {  # two self-training rounds: U1 relabeled, U2 the third pass
+        "unlabeled_1": {
+            "round": 2,
+            "labeled_by": "train_teacher_plus round 1",
+            "model_ids": ["train_teacher_plus/round_1:def"],
+        },
+        "unlabeled_2": {"round": 3, "labeled_by": "train_teacher_plus", "model_ids": []},
+    }
+    notes = [x for x in findings(report) if x.startswith("Provenance")]
+    assert notes == [
+        "Provenance: unlabeled_1 was pseudo-labeled by train_teacher_plus round 1 in the run's "
+        "labeling pass 2 (model_id train_teacher_plus/round_1:def).",
+        "Provenance: unlabeled_2 was pseudo-labeled by train_teacher_plus in the run's "
+        "labeling pass 3 (model_id none).",
+    ]
+
+
 def test_a_report_without_intervals_still_renders():
     report = a_report()
     del report["intervals"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import os
-import platform
 import pstats
 import shutil
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from harness import label_run, make_checkpoint, make_pool
+from harness import cpu_model, label_run, make_checkpoint, make_pool
 
 from fiqa.config import ScoringConfig
 from fiqa.data.reader import read_shard
@@ -164,7 +163,7 @@ def main() -> None:
         "fixed and per-row CPU over the runs",
     )
     args = p.parse_args()
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    print(f"# {cpu_model()}, {os.cpu_count()} CPUs")
     work = Path(tempfile.mkdtemp(prefix="fiqa-ceiling-"))
     try:
         ckpt = make_checkpoint("mobilenetv3_small_100", work / "model")

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import platform
 import shutil
 import tarfile
 import tempfile
@@ -46,6 +47,18 @@ def scratch(work: str | None, prefix: str) -> Iterator[Path]:
 
 
 # Models and pools -------------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for the machine line of a benchmark's output:
+    runs on one kind of 2-core machine can land on another (an Intel Xeon, an AMD EPYC)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def make_checkpoint(arch: str, out: Path) -> str:
     """A checkpoint of ``arch`` with random weights, at the demo's input size."""
     from fiqa.models import create_model, save_checkpoint

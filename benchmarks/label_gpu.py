@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 from harness import (
     RunningTasks,
+    cpu_model,
     label_run,
     make_pool,
     no_steady_state,
@@ -356,14 +356,7 @@ def pipeline(ckpt, shards, work: Path, scoring) -> dict | None:
 
 
 def describe_machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     gpu = (
         f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
         if device.type == "cuda"

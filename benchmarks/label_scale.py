@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
-from harness import make_checkpoint, make_pool, scratch
+from harness import cpu_model, make_checkpoint, make_pool, scratch
 
 from fiqa.data.tables import list_parts
 
@@ -162,7 +161,7 @@ def main() -> None:
         ap.error(f"sizes must be multiples of --shard ({shard})")
     if args.resume_images is not None and args.resume_images not in sizes:
         ap.error(f"--resume-images {args.resume_images}: one of --sizes {sizes}")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs")
     results: dict = {"runs": []}
     with scratch(args.work, "fiqa-scale-") as work:
         t = time.perf_counter()

@@ -134,6 +134,7 @@ def _read_truth(path: str | None) -> dict[str, float] | None:
 
 def run(ctx: StageContext) -> dict:
     from fiqa.models import load_checkpoint, model_cost  # torch: only when the stage runs
+    from fiqa.models.export import weights_sha256
 
     cfg = ctx.cfg
     test_shards = ctx.shards("test")
@@ -170,6 +171,8 @@ def run(ctx: StageContext) -> dict:
             "arch": loaded.meta["arch"],
             "image_size": loaded.image_size,
             "best_epoch": loaded.meta.get("epoch"),
+            # model_id names a run's output; equal digests are the same weights, run or not
+            "weights_sha256": weights_sha256(model_dir),
             "rejected": counts["rejected"],
         }
         predictions[name] = {"pred": pred, "mos": mos, "keys": keys}

@@ -1,6 +1,7 @@
 """The whole recipe through a real local Ray, on tiny data: every stage, a kill and its resume,
 reruns, and a single stage."""
 
+import hashlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from fiqa.data.tables import list_parts
+from fiqa.pipelines.evaluate import MODELS
 
 from conftest import fiqa_cmd, subprocess_env, tiny_config
 
@@ -141,6 +143,8 @@ def test_report(finished_run):
         for k in ("srcc", "plcc", "krcc", "rmse", "gflops", "params_m"):
             assert isinstance(r[k], float), (model, k)
         assert -1 <= r["srcc"] <= 1 and r["n"] == 64
+        weights = finished_run["run_dir"] / MODELS[model] / "model" / "model.safetensors"
+        assert r["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert report["student"]["gflops"] < report["teacher"]["gflops"]
     for pool, round_, by in (
         ("unlabeled_1", 1, "train_teacher"),

@@ -7,7 +7,7 @@ this prints the rows/s and MB/s of encoded images it sustains, for small (112 px
 carry: its ceiling) and where the driver's time goes (cProfile of the driver). On a machine
 too small for the driver to fill its core, ``--rates`` paces the stand-in actor to several row
 rates and fits the driver's CPU as a fixed cost plus a cost per row: the rows/s at which it
-would fill one core is the ceiling, extrapolated from a measured slope rather than bounded. The actors stage
+would fill one core is the ceiling, extrapolated from a measured slope. The actors stage
 their rows and commit tasks merge them, so the driver only counts a line per staged fragment;
 run on an engine where the driver wrote every part (before 46a5702), the same benchmark shows
 that engine's ceiling side by side.
@@ -100,30 +100,31 @@ def measure(
     with cProfile on the driver's main thread (which adds to its CPU)."""
     cfg = ScoringConfig(batch_size=batch, concurrency=1, num_cpus=0.5, num_gpus=0.0)
     bytes_ = sum(os.path.getsize(s) for s in shards)
-    prof = cProfile.Profile()
-    if profiled:
+    prof = cProfile.Profile() if profiled else None
+    if prof:
         prof.enable()
     run = label_run(ckpt, shards, work / "out", cfg, scorer=scorer, decode=read_only)
-    prof.disable()
+    if prof:
+        prof.disable()
     steady = run.commit_times
     rows = run.images
     print(
         f"{name}: {rows} rows, {bytes_ / 2**20:.0f} MiB of shards in {run.seconds:.1f} s: "
         f"{rows / run.seconds:,.0f} rows/s, {bytes_ / 2**20 / run.seconds:.1f} MiB/s end to end"
     )
-    if profiled:
+    if prof:
         for label, share in driver_profile(pstats.Stats(prof), run.seconds).items():
             print(f"  {label:<56} {100 * share:5.1f} % of the driver's time")
     if len(steady) <= 2:
         return None
-    per = rows / len(shards)
+    shards_after = len(steady) - 1  # those committed after the first commit
     span = steady[-1] - steady[0]
     cpu = run.commit_cpu_times[-1] - run.commit_cpu_times[0]
-    rate, busy = (len(steady) - 1) * per / span, cpu / span
+    rate, busy = shards_after * rows / len(shards) / span, cpu / span
     print(
         f"  after the first commit: {rate:,.0f} rows/s, "
-        f"{(len(steady) - 1) * bytes_ / len(shards) / 2**20 / span:.1f} MiB/s; the driver's "
-        f"CPU {1e3 * busy / rate * 1e3:.1f} ms per 1,000 rows, busy {100 * busy:.0f} % of one "
+        f"{shards_after * bytes_ / len(shards) / 2**20 / span:.1f} MiB/s; the driver's "
+        f"CPU {1e6 * busy / rate:.1f} ms per 1,000 rows, busy {100 * busy:.0f} % of one "
         f"core: its ceiling, were all of it per row, {rate / max(busy, 1e-9):,.0f} rows/s"
     )
     return rate, busy
@@ -132,7 +133,7 @@ def measure(
 def fit_ceiling(points: list[tuple[float, float]]) -> str:
     """The driver's busy share as fixed + marginal x rows/s (least squares over the paced
     runs): the rows/s at which it would fill one core is (1 - fixed) / marginal."""
-    if len(points) < 2 or len({round(r) for r, _ in points}) < 2:
+    if len({round(r) for r, _ in points}) < 2:
         return "too few runs at distinct rates to fit"
     rates, busy = np.array(points).T
     marginal, fixed = np.polyfit(rates, busy, 1)

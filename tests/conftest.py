@@ -10,9 +10,8 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-# Ray Train's controller learns that its workers finished at its next poll, every 2 s by
-# default: up to two polls of each tiny training run's 15 s. Inherited by every Ray the
-# suite starts (in process, `fiqa` subprocesses, `ray start` nodes).
+# Ray Train's controller learns its workers finished at its next poll (every 2 s by default),
+# seconds of each tiny training run; every Ray the suite starts inherits this.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 pytest_plugins = ["s3_server", "ray_cluster"]  # fixtures: the S3 test server, a multi-node Ray
 

@@ -9,6 +9,10 @@ def ci(value, low, high):
     return {"value": value, "low": low, "high": high}
 
 
+def notes_about(report, prefix):
+    return [x for x in findings(report) if x.startswith(prefix)]
+
+
 def a_report():
     report = {
         m: {
@@ -88,7 +92,7 @@ def test_a_difference_below_zero_trails():
 
 
 def test_compressed_pseudo_labels_get_a_note_and_others_none():
-    notes = [x for x in findings(a_report()) if x.startswith("Pseudo-labels")]
+    notes = notes_about(a_report(), "Pseudo-labels")
     assert len(notes) == 1 and "unlabeled_1" in notes[0]
     assert "std 0.55 against 1.00" in notes[0] and "1.70-4.70 against 1.00-5.00" in notes[0]
 
@@ -117,7 +121,7 @@ def test_report_md_says_what_the_pseudo_labels_spread_is_worth():
 
 
 def test_each_self_training_round_gets_a_finding_and_one_round_none():
-    assert not [x for x in findings(a_report()) if x.startswith("Self-training round")]
+    assert not notes_about(a_report(), "Self-training round")
     report = a_report()
     report["self_training"] = [
         {
@@ -133,7 +137,7 @@ def test_each_self_training_round_gets_a_finding_and_one_round_none():
             "val": {"srcc": 0.84},
         },
     ]
-    notes = [x for x in findings(report) if x.startswith("Self-training round")]
+    notes = notes_about(report, "Self-training round")
     assert notes == [
         "Self-training round 1: U1 labeled by train_teacher:abc, SRCC 0.8100 against its "
         "truth; its teacher-plus reached validation SRCC 0.8300.",
@@ -152,7 +156,7 @@ def test_provenance_counts_labeling_passes_apart_from_self_training_rounds():
         },
         "unlabeled_2": {"round": 3, "labeled_by": "train_teacher_plus", "model_ids": []},
     }
-    notes = [x for x in findings(report) if x.startswith("Provenance")]
+    notes = notes_about(report, "Provenance")
     assert notes == [
         "Provenance: unlabeled_1 was pseudo-labeled by train_teacher_plus round 1 in the run's "
         "labeling pass 2 (model_id train_teacher_plus/round_1:def).",

@@ -167,25 +167,29 @@ def test_stream_buffer_is_bounded_by_the_actors_and_the_cpus_not_the_pool():
 
 
 @pytest.mark.parametrize(
-    "crop, batch, jpeg_kb",
-    [(448, 64, 30), (448, 64, 250), (352, 64, 150), (224, 256, 60), (112, 64, 8), (112, 64, 60)],
+    "crop, batch, jpeg_kb, probed_kb",
+    [
+        (448, 64, 30, 30),
+        (448, 64, 250, 250),
+        (352, 64, 150, 150),
+        (224, 256, 60, 60),
+        (112, 64, 8, 8),
+        (112, 64, 60, 60),
+        (112, 256, 8, 4),  # images twice the probe's size
+        (112, 256, 8, 16),  # half its size
+        (0, 64, 16, 14),  # actor-decoding: encoded images only, 14 % over the probe
+    ],
 )
-def test_ray_data_passes_each_decoded_block_on_as_it_was_yielded(crop, batch, jpeg_kb):
-    """Through Ray Data's own output buffer, at the target the stream sets: blocks of one
-    batch are neither merged (at its 128 MB default four 448 px blocks became one) nor sliced;
-    blocks of several batches (112 px) keep Ray Data's default, under which they stay whole."""
+def test_ray_data_passes_each_decoded_block_on_as_it_was_yielded(crop, batch, jpeg_kb, probed_kb):
+    """Through Ray Data's own output buffer, at the target the stream sets: a decode task's
+    blocks (here three, as of its shards in turn) are neither merged (at Ray Data's 128 MB
+    default four 448 px blocks became one, and a task's shards reached the actors together
+    when it ended) nor sliced, when the images are within 20 % of the probed size in a block."""
     from ray.data._internal.output_buffer import BlockOutputBuffer, OutputBlockSizeOption
-    from ray.data.context import DataContext
 
     rows = rows_per_block(crop, batch)
-    target = stream.ray_block_target(crop, batch)
-    if rows == batch:
-        assert target == batch * crop * crop * 3
-    else:
-        assert target is None
-    out = BlockOutputBuffer(
-        OutputBlockSizeOption(target or DataContext.get_current().target_max_block_size)
-    )
+    target = stream.ray_block_target(crop, batch, stream.Sources(probed_kb * 1024))
+    out = BlockOutputBuffer(OutputBlockSizeOption(target))
     sizes = []
     recs = [
         {
@@ -198,12 +202,21 @@ def test_ray_data_passes_each_decoded_block_on_as_it_was_yielded(crop, batch, jp
         }
         for i in range(rows)
     ]
-    job = ScoreJob(shards=[], out_dir="", source="x", model_path="m", crop=crop)
-    for _ in range(3):  # a shard's blocks, as `read_and_decode` yields them
+    # crop 0: the blocks of actor-decoding, encoded images only (here without a model)
+    job = ScoreJob(shards=[], out_dir="", source="x", model_path="m" if crop else None, crop=crop)
+    for _ in range(3):  # three blocks in turn, as `read_and_decode` yields them
         out.add_batch(to_batch(recs, -1, job))
         while out.has_next():
             sizes.append(out.next().num_rows)
     out.finalize()
     while out.has_next():
         sizes.append(out.next().num_rows)
-    assert sizes == [rows] * 3 if target else sum(sizes) == 3 * rows and sizes[0] % batch == 0
+    assert sizes == [rows] * 3
+
+
+def test_a_decode_task_reads_several_shards_while_each_slot_keeps_several_tasks():
+    assert stream.shards_per_task(3, 1) == 1  # a handful of shards: one a task, as ever
+    assert stream.shards_per_task(80, 1) == 8  # at most 8 a task
+    assert stream.shards_per_task(80, 4) == 5  # 16 tasks for 4 slots
+    assert stream.shards_per_task(100_000, 15) == 8
+    assert stream.shards_per_task(10, 0) == 2

@@ -122,3 +122,40 @@ def test_decoded_blocks_reach_the_actor_as_the_engine_yields_them(
     stats = label_shards(model, [shard], str(tmp_path / "out"), label, progress=False)
     assert stats["scored"] == 512
     assert sizes == [256, 256]  # Ray Data's default target made it one block of 512
+
+
+@pytest.mark.slow
+def test_a_decode_task_reads_several_shards_and_commits_each_once(two_cpu_ray, tmp_path, caplog):
+    """Twelve shards on one decode slot: tasks of three shards in turn (the plan says so); a
+    junk shard among them is reported and its task goes on; every key comes out once."""
+    import logging
+
+    import pyarrow.parquet as pq
+
+    from fiqa.cli.label import label_shards
+    from fiqa.data.tables import list_parts
+    from fiqa.models import create_model, save_checkpoint
+
+    from conftest import labeled_members, write_tar
+
+    shards = [
+        write_tar(tmp_path / f"s{i:02d}.tar", labeled_members(20, prefix=f"s{i}-"))
+        for i in range(11)
+    ]
+    junk = tmp_path / "s11.tar"
+    junk.write_bytes(b"not a tar" * 100)
+    shards.insert(4, str(junk))
+    model = str(tmp_path / "model")
+    meta = {"arch": "mobilenetv3_small_100", "image_size": 64, "resize": 64}
+    save_checkpoint(model, create_model("mobilenetv3_small_100", 64), meta)
+    label = ScoringConfig(batch_size=8, num_gpus=0.0, num_cpus=1, concurrency=1)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.DEBUG, logger="fiqa.scoring.engine"):
+        stats = label_shards(model, shards, str(out), label, progress=False)
+    (plan,) = [r.stream_plan for r in caplog.records if hasattr(r, "stream_plan")]
+    assert plan["decode_tasks"] == 1 and plan["shards_per_task"] == 3
+    assert (stats["shards"], stats["scored"]) == (12, 220)
+    keys = pq.read_table(list_parts(f"{out}/labels")).column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 220
+    rejects = pq.read_table(list_parts(f"{out}/rejects")).to_pylist()
+    assert [r["reason"].split(":")[0] for r in rejects] == ["unreadable_shard"]

@@ -2,7 +2,8 @@
 
 ::
 
-    from_items(shard URLs) --map_batches(read_and_decode: CPU tasks)--> record batches
+    from_items(shard URLs) --map_batches(read_and_decode: CPU tasks, a few shards each)-->
+          record batches
         --map_batches(ScoreThenWrite: actor pool, GPU when there is one)--> + raw_score,
           staged where scored (`fragments`) --> one line per fragment
         --iter_batches on the driver: ShardLedger counts rows per shard-->
@@ -72,10 +73,11 @@ def _score(job: ScoreJob, todo: list[str], counts: dict, progress: bool, scorer,
 
     cfg = plan_scoring(job.scoring, job.with_model)
     job = dataclasses.replace(job, scoring=cfg)  # the decode tasks read where to decode
-    plan = _plan_stream(job, cfg, probe_sources(todo[0], job))
+    plan = _plan_stream(job, cfg, probe_sources(todo[0], job), len(todo))
     storage.rm(staging_dir(job))  # an earlier attempt's fragments: its shards are staged anew
 
-    ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
+    tasks = -(-len(todo) // plan.shards_per_task)  # each reads its shards in turn
+    ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=tasks)
     # A reservation of their own also keeps the decode tasks a separate operator: Ray Data
     # fuses a task map into an actor map with equal requests, and decoding and inference
     # would then take turns instead of overlapping.
@@ -194,7 +196,7 @@ class CommitTasks:
         return out
 
 
-def _plan_stream(job: ScoreJob, cfg: ScoringConfig, sources: Sources) -> StreamPlan:
+def _plan_stream(job: ScoreJob, cfg: ScoringConfig, sources: Sources, shards: int) -> StreamPlan:
     """The stream's blocks, object-store bound and decode tasks' memory, logged."""
     import ray
 
@@ -207,15 +209,19 @@ def _plan_stream(job: ScoreJob, cfg: ScoringConfig, sources: Sources) -> StreamP
         object_store=ray.cluster_resources().get("object_store_memory", 0),
         cap_fraction=ctx.override_object_store_memory_limit_fraction or 0.5,
         sources=sources,
+        shards=shards,
+        with_model=job.with_model,
     )
     log.debug(
         "scoring stream: object store bound %d MiB (Ray Data's cap here: %d MiB) for %d "
-        "actor(s) and %d decode task(s) of %d MiB each, blocks of %d rows, decoding in the %s",
+        "actor(s) and %d decode task(s) of %d MiB each, %d shard(s) a task, blocks of %d rows, "
+        "decoding in the %s",
         plan.buffer_bytes // 2**20,
         plan.cap_bytes // 2**20,
         plan.actors,
         plan.decode_tasks,
         plan.decode_memory_bytes // 2**20,
+        plan.shards_per_task,
         plan.block_rows,
         "actors" if job.decode_in_actor else "decode tasks",
         extra={"stream_plan": plan.as_dict()},

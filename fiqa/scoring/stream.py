@@ -17,6 +17,14 @@ MEAN_IMAGE_BYTES = 16_384  # an encoded face, for sizing blocks before any is re
 BUFFER_ROWS_PER_ACTOR = 1024  # decoded images the stream may hold per actor, at least
 
 
+@dataclass(frozen=True)
+class Sources:
+    """What a pool's first images say about it (`fiqa.scoring.decode_task.probe_sources`)."""
+
+    mean_image_bytes: int = MEAN_IMAGE_BYTES
+    max_pixels: int = 0  # width x height of the largest
+
+
 def rows_per_block(crop: int | None, batch_size: int) -> int:
     """Rows of one decoded block: whole scoring batches, as many as fit in ``BLOCK_BYTES``
     and at least one (``crop`` None or 0: no pixels, the encoded images only)."""
@@ -24,15 +32,35 @@ def rows_per_block(crop: int | None, batch_size: int) -> int:
     return max(1, BLOCK_BYTES // (row * batch_size)) * batch_size
 
 
-def ray_block_target(crop: int | None, batch_size: int) -> int | None:
-    """Ray Data's ``target_max_block_size`` where a block is a single batch: the batch's
-    pixels, so that Ray Data neither merges nor slices it; None otherwise (its default).
+# Ray Data merges a map task's outputs until they pass its target block size and slices one
+# of 1.5 targets or more: a target of 0.8 of a block passes every block whose size is within
+# 20 % of the plan's on as its own, neither merged with the next nor sliced.
+TARGET_OF_BLOCK = 0.8
+ROW_BYTES = 128  # a row's other columns: key, shard, row, mos, reason, shard_total
 
-    Merged into 128 MB blocks, each running decode task counts as holding two of them, and
-    the stream admits about one decode task at a time."""
-    if not crop or rows_per_block(crop, batch_size) != batch_size:
-        return None
-    return batch_size * crop * crop * 3
+
+def ray_block_target(crop: int | None, batch_size: int, sources: Sources) -> int:
+    """Ray Data's ``target_max_block_size`` for a stream whose decode tasks yield blocks of
+    `rows_per_block` rows of ``crop`` px (and their encoded images, ``sources``' mean size).
+
+    Left at its 128 MB default, Ray Data merges a decode task's blocks, across its shards:
+    a task's shards then reach the actors together when it ends, and a merged block outgrows
+    the object store the stream was planned for (four 448 px blocks became one, and each
+    running decode task counted for two)."""
+    row = (crop or 0) ** 2 * 3 + sources.mean_image_bytes + ROW_BYTES
+    return int(TARGET_OF_BLOCK * rows_per_block(crop, batch_size) * row)
+
+
+# Each decode task costs the driver's Ray Data executor more than its blocks do (about 16 ms
+# of CPU a task against 2 ms a block, benchmarks/RESULTS.md), so a task reads several shards
+# in turn, as long as each decode slot still has several tasks to balance the stream's end.
+MAX_SHARDS_PER_TASK = 8
+TASKS_PER_SLOT = 4
+
+
+def shards_per_task(shards: int, decode_tasks: int) -> int:
+    """Shards one decode task reads, for ``shards`` over ``decode_tasks`` slots at once."""
+    return max(1, min(MAX_SHARDS_PER_TASK, shards // (TASKS_PER_SLOT * max(1, decode_tasks))))
 
 
 def stream_buffer_bytes(cfg: ScoringConfig, crop: int, *, decode_tasks: int, actors: int) -> int:
@@ -60,14 +88,6 @@ DECODE_TASK_BASE_BYTES = 256 * 2**20
 DECODE_TASK_BLOCK_COPIES = 3
 
 
-@dataclass(frozen=True)
-class Sources:
-    """What a pool's first images say about it (`fiqa.scoring.decode_task.probe_sources`)."""
-
-    mean_image_bytes: int = MEAN_IMAGE_BYTES
-    max_pixels: int = 0  # width x height of the largest
-
-
 def decode_task_memory(crop: int, block_rows: int, sources: Sources) -> int:
     """Bytes a decode task holds at its peak: its process, three copies of a block (pixels
     when it decodes, ``crop`` 0 when the actors do, and the encoded images either way), and
@@ -85,7 +105,8 @@ class StreamPlan:
     actors: int
     decode_tasks: int
     block_rows: int
-    target_block_bytes: int | None
+    target_block_bytes: int | None  # Ray Data's block target (None: its default)
+    shards_per_task: int  # shards each decode task reads
     decode_memory_bytes: int  # each decode task's reservation (Ray's logical memory)
 
     def as_dict(self) -> dict:
@@ -101,9 +122,13 @@ def plan_stream(
     object_store: float,
     cap_fraction: float,
     sources: Sources = Sources(),
+    shards: int = 1,
+    with_model: bool = True,
 ) -> StreamPlan:
-    """The plan for a stream of ``crop`` px pixels (0: no pixels: no model, or the actors
-    decode); each decode task reserves ``cfg.decode_memory_mb``, or `decode_task_memory`."""
+    """The plan for a stream of ``shards`` shards of ``crop`` px pixels (0: no pixels: no
+    model, or the actors decode); each decode task reserves ``cfg.decode_memory_mb``, or
+    `decode_task_memory`. Without a model (ingest) the decode tasks stage their own rows and
+    pass on a line a fragment: one shard a task, and Ray Data's default target."""
     rows = rows_per_block(crop, cfg.batch_size)
     memory = cfg.decode_memory_mb * 2**20 if cfg.decode_memory_mb else None
     return StreamPlan(
@@ -112,6 +137,7 @@ def plan_stream(
         actors=actors,
         decode_tasks=decode_tasks,
         block_rows=rows,
-        target_block_bytes=ray_block_target(crop, cfg.batch_size),
+        target_block_bytes=ray_block_target(crop, cfg.batch_size, sources) if with_model else None,
+        shards_per_task=shards_per_task(shards, decode_tasks) if with_model else 1,
         decode_memory_bytes=memory or decode_task_memory(crop, rows, sources),
     )

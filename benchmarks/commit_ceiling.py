@@ -16,6 +16,11 @@ that engine's ceiling side by side.
     python benchmarks/commit_ceiling.py --scale 2 --batch-size 1024  # fewer, larger blocks
     python benchmarks/commit_ceiling.py --scale 2 --rates 500 1000 2000 0  # the fitted ceiling
     python benchmarks/commit_ceiling.py --scale 0.1                  # a quick check
+    python benchmarks/commit_ceiling.py --sources 112 --rates 1000 2000 0 --shards-per-task 1 8
+
+``--shards-per-task`` caps the shards one decode task reads (the engine's rule plans up to
+`fiqa.scoring.stream.MAX_SHARDS_PER_TASK`), run after run: 1 is the engine before decode tasks
+read several shards.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from harness import cpu_model, label_run, make_checkpoint, make_pool
 
 from fiqa.config import ScoringConfig
 from fiqa.data.reader import read_shard
+from fiqa.scoring import stream
 from fiqa.scoring.decode_task import to_batch
 from fiqa.scoring.stream import rows_per_block
 
@@ -163,6 +169,13 @@ def main() -> None:
         help="pace the stand-in actor to these rows/s (0: unpaced) and fit the driver's "
         "fixed and per-row CPU over the runs",
     )
+    p.add_argument(
+        "--shards-per-task",
+        type=int,
+        nargs="+",
+        default=[stream.MAX_SHARDS_PER_TASK],
+        help="at most this many shards a decode task (the driver's plan), one setting after another",
+    )
     args = p.parse_args()
     print(f"# {cpu_model()}, {os.cpu_count()} CPUs")
     work = Path(tempfile.mkdtemp(prefix="fiqa-ceiling-"))
@@ -173,17 +186,21 @@ def main() -> None:
             n = max(256, int(images * args.scale))
             copies = max(1, round(10 * args.scale))
             shards = make_pool(work / f"pool{source}", n, source, copies, shard_size=shard)
-            name = f"{source} px sources"
-            if not args.rates:
-                measure(name, shards, ckpt, work, args.batch_size)
-                continue
-            points = []
-            for r in args.rates:
-                scorer = paced(r) if r > 0 else InstantScorer
-                label = f"{name}, paced to {r:,.0f} rows/s" if r > 0 else f"{name}, unpaced"
-                point = measure(label, shards, ckpt, work, args.batch_size, scorer, profiled=False)
-                points += [point] if point else []
-            print(f"  {name}, batch {args.batch_size}: {fit_ceiling(points)}")
+            for k in args.shards_per_task:
+                stream.MAX_SHARDS_PER_TASK = k
+                name = f"{source} px sources, up to {k} shard(s) a decode task"
+                if not args.rates:
+                    measure(name, shards, ckpt, work, args.batch_size)
+                    continue
+                points = []
+                for r in args.rates:
+                    scorer = paced(r) if r > 0 else InstantScorer
+                    label = f"{name}, paced to {r:,.0f} rows/s" if r > 0 else f"{name}, unpaced"
+                    point = measure(
+                        label, shards, ckpt, work, args.batch_size, scorer, profiled=False
+                    )
+                    points += [point] if point else []
+                print(f"  {name}, batch {args.batch_size}: {fit_ceiling(points)}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

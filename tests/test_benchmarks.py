@@ -200,7 +200,8 @@ def test_decode_admission_counts_the_decode_tasks_of_each_buffer(tmp_path):
 def test_commit_ceiling_commits_every_row_of_both_pools():
     out = run_benchmark("commit_ceiling.py", "--scale", "0.1")
     for source in (112, 512):
-        line = re.search(rf"{source} px sources: 256 rows, .*: ([0-9,]+) rows/s, {RATE} MiB/s", out)
+        head = rf"{source} px sources, up to 8 shard.s. a decode task: 256 rows"
+        line = re.search(rf"{head}, .*: ([0-9,]+) rows/s, {RATE} MiB/s", out)
         assert line and int(line[1].replace(",", "")) > 0, out
     shares = [float(s) for s in re.findall(r"([0-9.]+) % of the driver's time", out)]
     assert len(shares) == 6 and all(0 <= s <= 100 for s in shares), out
@@ -212,8 +213,8 @@ def test_commit_ceiling_fits_the_driver_cost_over_paced_runs():
         "commit_ceiling.py", "--scale", "0.3", "--sources", "32", "--batch-size", "1024",
         "--rates", "3000", "0",
     )  # fmt: skip
-    assert "32 px sources, paced to 3,000 rows/s: 7371 rows" in out, out
-    assert "32 px sources, unpaced: 7371 rows" in out, out
+    assert "32 px sources, up to 8 shard(s) a decode task, paced to 3,000 rows/s: 7371 rows" in out
+    assert "32 px sources, up to 8 shard(s) a decode task, unpaced: 7371 rows" in out, out
     fit = re.search(
         r"batch 1024: driver busy = (-?[0-9.]+) % \+ (-?[0-9.]+) ms per 1,000 rows", out
     )

@@ -69,13 +69,16 @@ def paced(rows_per_s: float) -> type:
 
 
 def read_only(batch: dict, job):
-    """The decode task's output shape (pixels included, all zero) from the tar alone."""
+    """The decode task's output shape (pixels included, all zero) from the tar alone: full
+    blocks across the task's shards, a shard's last row carrying its row count."""
     rows_per = rows_per_block(job.crop, job.scoring.batch_size)
+    recs, totals = [], []
     for url in batch["shard"]:
-        recs = [{**r, "pixels": None} for r in read_shard(url, job.label_field)]
-        for i in range(0, len(recs), rows_per):
-            last = i + rows_per >= len(recs)
-            yield to_batch(recs[i : i + rows_per], len(recs) if last else -1, job, start=i)
+        shard = list(read_shard(url, job.label_field))
+        recs += [{**r, "pixels": None, "row": i} for i, r in enumerate(shard)]
+        totals += [-1] * (len(shard) - 1) + [len(shard)]
+    for i in range(0, len(recs), rows_per):
+        yield to_batch(recs[i : i + rows_per], np.array(totals[i : i + rows_per]), job)
 
 
 def driver_profile(stats: pstats.Stats, total: float) -> dict[str, float]:

@@ -41,7 +41,7 @@ def test_blocks_hold_whole_batches_within_their_byte_budget():
     assert rows_per_block(112, 1) == 621
 
 
-def test_read_and_decode_marks_the_last_batch_with_the_shard_total(tmp_path, small_blocks):
+def test_read_and_decode_marks_the_shards_last_row_with_its_total(tmp_path, small_blocks):
     n = ROWS + 3
     shard = write_tar(tmp_path / "a.tar", labeled_members(n))
     job = ScoreJob(
@@ -55,7 +55,8 @@ def test_read_and_decode_marks_the_last_batch_with_the_shard_total(tmp_path, sma
     )
     batches = batches_for(shard, job)
     assert [len(b["key"]) for b in batches] == [ROWS, 3]
-    assert batches[0]["shard_total"][0] == -1 and batches[-1]["shard_total"][0] == n
+    assert (batches[0]["shard_total"] == -1).all()
+    assert list(batches[-1]["shard_total"]) == [-1, -1, n]
     assert batches[0]["pixels"].shape == (ROWS, 32, 32, 3)
 
 
@@ -63,7 +64,33 @@ def test_last_batch_is_never_empty(tmp_path, small_blocks):
     shard = write_tar(tmp_path / "a.tar", labeled_members(ROWS))
     job = ScoreJob(shards=[shard], out_dir=str(tmp_path / "o"), source="x", scoring=small_blocks)
     (batch,) = batches_for(shard, job)
-    assert batch["shard_total"][0] == ROWS and "pixels" not in batch  # no model: no pixels
+    assert batch["shard_total"][-1] == ROWS and "pixels" not in batch  # no model: no pixels
+
+
+def test_a_task_fills_its_blocks_across_its_shards(tmp_path, small_blocks):
+    """Shards read in turn into full blocks (Ray Data would merge a short one into the next):
+    each shard's rows numbered from 0, its last row carrying its total; an empty tar and an
+    unreadable shard each leave a row of their own."""
+    import tarfile
+
+    a = write_tar(tmp_path / "a.tar", labeled_members(5))
+    b = write_tar(tmp_path / "b.tar", labeled_members(ROWS + 2, prefix="b"))
+    empty = tmp_path / "empty.tar"
+    tarfile.open(empty, "w").close()
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar" * 100)
+    urls = [a, b, str(empty), str(junk)]
+    job = ScoreJob(shards=urls, out_dir=str(tmp_path / "o"), source="x", scoring=small_blocks)
+    batches = list(read_and_decode({"shard": np.array(urls, dtype=object)}, job))
+    assert [len(x["key"]) for x in batches] == [ROWS, ROWS, 1]  # 5 + 10 + 1 + 1 rows
+    col = {k: np.concatenate([x[k] for x in batches]) for k in ("shard", "row", "shard_total")}
+    for url, n in zip(urls, (5, ROWS + 2, 1, 1), strict=True):
+        mine = col["shard"] == url
+        assert list(col["row"][mine]) == list(range(n))
+        assert list(col["shard_total"][mine]) == [-1] * (n - 1) + [n]
+    ledger = ShardLedger()
+    done = [u for x in batches for u, _ in ledger.add(write_fragments(x, job))]
+    assert done == urls and not ledger.open_shards
 
 
 def test_collector_commits_each_shard_once_complete(tmp_path, small_blocks):

@@ -1,8 +1,9 @@
-"""The CPU side of a scoring stream: a Ray Data task reads a shard and decodes its images.
+"""The CPU side of a scoring stream: a Ray Data task reads shards and decodes their images.
 
-One shard URL in, record batches out (with pixels when a model will run). Every sample of
-the shard leaves as a row, the unusable ones with a ``reason``, numbered by its place in the
-shard (``row``). Every batch carries ``shard_total``: -1, except the shard's last batch, where it is the number of rows the shard
+Shard URLs in (a few a task, read one after another), record batches out (with pixels when
+a model will run). Every sample of a shard leaves as a row, the unusable ones with a
+``reason``, numbered by its place in the shard (``row``). Every row carries
+``shard_total``: -1, except a shard's last row, where it is the number of rows the shard
 produced, so the driver knows when a shard is complete. No torch here: a decode worker
 starts in a fraction of a second.
 
@@ -28,8 +29,7 @@ from fiqa.scoring.stream import MEAN_IMAGE_BYTES, Sources, rows_per_block
 def read_and_decode(batch: dict, job: ScoreJob) -> Iterator[dict]:
     """Ray Data UDF over a batch of shard URLs."""
     with cores.off_claimed_cores():  # those of the scoring actors on this machine (if any)
-        for url in batch["shard"]:
-            yield from decode_shard(url, job)
+        yield from decode_shards(batch["shard"], job)
 
 
 class _Block:
@@ -41,6 +41,7 @@ class _Block:
         in_task = job.with_model and not job.decode_in_actor
         self.pixels = np.zeros((rows, job.crop, job.crop, 3), np.uint8) if in_task else None
         self.sent: list[bytes] = []  # actor-decoding: pixels decoded here, as bytes
+        self.totals: list[int] = []  # each row's shard_total: -1 but on its shard's last row
 
     def add(self, rec: dict) -> None:
         job = self.job
@@ -65,13 +66,18 @@ class _Block:
         elif job.decode_in_actor:
             self.sent.append(b"")
         self.records.append(rec)
+        self.totals.append(-1)
+
+    def end_shard(self, total: int) -> None:
+        """The shard being read ended with ``total`` rows, the last of them here."""
+        self.totals[-1] = total
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def batch(self, total: int) -> dict:
-        """The block as one column batch; ``total``: its ``shard_total`` (-1: not last)."""
-        out = _columns(self.records, total)
+    def batch(self) -> dict:
+        """The block as one column batch."""
+        out = _columns(self.records, np.array(self.totals, dtype=np.int64))
         if self.pixels is not None:
             out["pixels"] = self.pixels[: len(self.records)]
         elif self.job.decode_in_actor:
@@ -79,32 +85,34 @@ class _Block:
         return out
 
 
-def decode_shard(url: str, job: ScoreJob) -> Iterator[dict]:
-    """The batches of one shard; a full block waits for the next record, so that the shard's
-    last batch (the one that carries its total) is never empty."""
+def decode_shards(urls, job: ScoreJob) -> Iterator[dict]:
+    """The blocks of ``urls``' rows, the shards read one after another: every block is full
+    but the task's last, so a block may end one shard and start the next (Ray Data would
+    otherwise merge a shard's short last block into the next one). A full block is yielded
+    when the next record comes, so that a shard's last row, which carries its total, may
+    still be marked."""
     crop = job.crop if job.with_model and not job.decode_in_actor else None
     block_rows = rows_per_block(crop, job.scoring.batch_size)
-    block, full = _Block(job, block_rows), None
-    total = 0
-    for rec in read_shard(url, job.label_field, job.require_label, job.storage_options):
-        if full is not None:
-            yield full.batch(-1)
-            full = None
-        rec["row"] = total
-        block.add(rec)
-        total += 1
-        if len(block) == block_rows:
-            full, block = block, _Block(job, block_rows)
-    if full is not None:
-        yield full.batch(total)
-    elif len(block):
-        yield block.batch(total)
-    else:  # a tar with no members at all
-        empty = _Block(job, 1)
-        empty.add(
-            {"key": "", "shard": url, "image": b"", "mos": None, "reason": "empty_shard", "row": 0}
-        )
-        yield empty.batch(1)
+    block = _Block(job, block_rows)
+    for url in urls:
+        total = 0
+        for rec in read_shard(url, job.label_field, job.require_label, job.storage_options):
+            if len(block) == block_rows:
+                yield block.batch()
+                block = _Block(job, block_rows)
+            rec["row"] = total
+            block.add(rec)
+            total += 1
+        if not total:  # a tar with no members at all
+            if len(block) == block_rows:
+                yield block.batch()
+                block = _Block(job, block_rows)
+            empty = {"key": "", "shard": url, "image": b"", "mos": None, "row": 0}
+            block.add({**empty, "reason": "empty_shard"})
+            total = 1
+        block.end_shard(total)
+    if len(block):
+        yield block.batch()
 
 
 def probe_sources(url: str, job: ScoreJob, samples: int = 16) -> Sources:
@@ -133,8 +141,9 @@ def probe_sources(url: str, job: ScoreJob, samples: int = 16) -> Sources:
 def to_batch(rows: list[dict], total: int, job: ScoreJob, start: int = 0) -> dict:
     """Records that carry their own ``pixels`` (None: zeros) as the batch a decode task
     yields, for code that stands in for one (a benchmark, a test); ``start``: the first
-    record's place in its shard."""
-    out = _columns([{**r, "row": start + i} for i, r in enumerate(rows)], total)
+    record's place in its shard (where the records carry no ``row``); ``total``: the rows'
+    ``shard_total``, one for all or one a row."""
+    out = _columns([{"row": start + i, **r} for i, r in enumerate(rows)], total)
     if job.with_model:
         pix = np.zeros((len(rows), job.crop, job.crop, 3), dtype=np.uint8)
         for i, r in enumerate(rows):
@@ -144,8 +153,8 @@ def to_batch(rows: list[dict], total: int, job: ScoreJob, start: int = 0) -> dic
     return out
 
 
-def _columns(rows: list[dict], total: int) -> dict:
-    """Records as one column batch (no pixels); ``total`` is the batch's ``shard_total``."""
+def _columns(rows: list[dict], total: int | np.ndarray) -> dict:
+    """Records as one column batch (no pixels); ``total``: the rows' ``shard_total``."""
     n = len(rows)
     return {
         "key": np.array([r["key"] for r in rows], dtype=object),

@@ -319,3 +319,12 @@ def test_real_face_quality_builds_the_demo_layout_deterministically(tmp_path):
         assert identities[held_out] and not identities[held_out] & others, held_out
     assert min(labels) >= 1.0 and max(labels) <= 5.0
     assert max(labels) - min(labels) > 1.5 and statistics.pstdev(labels) > 0.3
+
+
+def test_executor_cost_prints_the_driver_cpu_of_each_stream_shape():
+    out = run_benchmark("executor_cost.py", "--blocks", "16", "--rounds", "1")
+    shapes = re.findall(
+        r"round 1: (\d+) tasks x (\d+) block\(s\), (\d+) actor tasks: .* ms a task", out
+    )
+    assert [(int(t), int(b)) for t, b, _ in shapes] == [(16, 1), (4, 4), (2, 8), (4, 1)], out
+    assert all(1 <= int(a) <= int(t) * int(b) for t, b, a in shapes), out

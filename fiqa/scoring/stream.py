@@ -51,9 +51,9 @@ def ray_block_target(crop: int | None, batch_size: int, sources: Sources) -> int
     return int(TARGET_OF_BLOCK * rows_per_block(crop, batch_size) * row)
 
 
-# Each decode task costs the driver's Ray Data executor more than its blocks do (about 16 ms
-# of CPU a task against 2 ms a block, benchmarks/RESULTS.md), so a task reads several shards
-# in turn, as long as each decode slot still has several tasks to balance the stream's end.
+# Each Ray Data task costs the driver's executor far more CPU than a block does (about 8 ms a
+# decode task and its actor task, benchmarks/RESULTS.md), so a decode task reads several
+# shards in turn, as long as each decode slot keeps several tasks to balance the stream's end.
 MAX_SHARDS_PER_TASK = 8
 TASKS_PER_SLOT = 4
 

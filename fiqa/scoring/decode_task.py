@@ -96,23 +96,26 @@ def decode_shards(urls, job: ScoreJob) -> Iterator[dict]:
     block = _Block(job, block_rows)
     for url in urls:
         total = 0
-        for rec in read_shard(url, job.label_field, job.require_label, job.storage_options):
+        for rec in _shard_records(url, job):
             if len(block) == block_rows:
                 yield block.batch()
                 block = _Block(job, block_rows)
             rec["row"] = total
             block.add(rec)
             total += 1
-        if not total:  # a tar with no members at all
-            if len(block) == block_rows:
-                yield block.batch()
-                block = _Block(job, block_rows)
-            empty = {"key": "", "shard": url, "image": b"", "mos": None, "row": 0}
-            block.add({**empty, "reason": "empty_shard"})
-            total = 1
         block.end_shard(total)
     if len(block):
         yield block.batch()
+
+
+def _shard_records(url: str, job: ScoreJob) -> Iterator[dict]:
+    """A shard's records; a tar with no members at all, one reject row of its own."""
+    empty = True
+    for rec in read_shard(url, job.label_field, job.require_label, job.storage_options):
+        empty = False
+        yield rec
+    if empty:
+        yield {"key": "", "shard": url, "image": b"", "mos": None, "reason": "empty_shard"}
 
 
 def probe_sources(url: str, job: ScoreJob, samples: int = 16) -> Sources:
@@ -138,7 +141,7 @@ def probe_sources(url: str, job: ScoreJob, samples: int = 16) -> Sources:
     return Sources(int(np.mean(sizes)) if sizes else MEAN_IMAGE_BYTES, max(pixels))
 
 
-def to_batch(rows: list[dict], total: int, job: ScoreJob, start: int = 0) -> dict:
+def to_batch(rows: list[dict], total: int | np.ndarray, job: ScoreJob, start: int = 0) -> dict:
     """Records that carry their own ``pixels`` (None: zeros) as the batch a decode task
     yields, for code that stands in for one (a benchmark, a test); ``start``: the first
     record's place in its shard (where the records carry no ``row``); ``total``: the rows'

@@ -43,17 +43,15 @@ def ray_block_target(crop: int | None, batch_size: int, sources: Sources) -> int
     """Ray Data's ``target_max_block_size`` for a stream whose decode tasks yield blocks of
     `rows_per_block` rows of ``crop`` px (and their encoded images, ``sources``' mean size).
 
-    Left at its 128 MB default, Ray Data merges a decode task's blocks, across its shards:
-    a task's shards then reach the actors together when it ends, and a merged block outgrows
-    the object store the stream was planned for (four 448 px blocks became one, and each
-    running decode task counted for two)."""
+    At its 128 MB default Ray Data would merge a task's blocks: its shards would reach the
+    actors only when it ends, in blocks larger than the stream's object store was sized for."""
     row = (crop or 0) ** 2 * 3 + sources.mean_image_bytes + ROW_BYTES
     return int(TARGET_OF_BLOCK * rows_per_block(crop, batch_size) * row)
 
 
-# Each Ray Data task costs the driver's executor far more CPU than a block does (about 8 ms a
-# decode task and its actor task, benchmarks/RESULTS.md), so a decode task reads several
-# shards in turn, as long as each decode slot keeps several tasks to balance the stream's end.
+# Ray Data's executor spends the driver's CPU per task far more than per block
+# (benchmarks/executor_cost.py), so a decode task reads several shards in turn, as long as
+# each decode slot keeps several tasks to balance the stream's end.
 MAX_SHARDS_PER_TASK = 8
 TASKS_PER_SLOT = 4
 

@@ -17,16 +17,19 @@ that engine's ceiling side by side.
     python benchmarks/commit_ceiling.py --scale 2 --rates 500 1000 2000 0  # the fitted ceiling
     python benchmarks/commit_ceiling.py --scale 0.1                  # a quick check
     python benchmarks/commit_ceiling.py --sources 112 --rates 1000 2000 0 --shards-per-task 1 8
+    python benchmarks/commit_ceiling.py --sources 112 32 --rates 1000 2000 0 --block-mb 32 128
 
 ``--shards-per-task`` caps the shards one decode task reads (the engine's rule plans up to
 `fiqa.scoring.stream.MAX_SHARDS_PER_TASK`), run after run: 1 is the engine before decode tasks
-read several shards.
+read several shards. ``--block-mb`` sizes the decoded blocks (`fiqa.scoring.stream.BLOCK_BYTES`;
+32 is the engine before its blocks followed Ray Data's own 128 MB target).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import os
 import pstats
 import shutil
@@ -42,7 +45,6 @@ from fiqa.config import ScoringConfig
 from fiqa.data.reader import read_shard
 from fiqa.scoring import stream
 from fiqa.scoring.decode_task import to_batch
-from fiqa.scoring.stream import rows_per_block
 
 
 class InstantScorer:
@@ -68,10 +70,11 @@ def paced(rows_per_s: float) -> type:
     return PacedScorer
 
 
-def read_only(batch: dict, job):
+def read_only(batch: dict, job, block_rows: int):
     """The decode task's output shape (pixels included, all zero) from the tar alone: full
-    blocks across the task's shards, a shard's last row carrying its row count."""
-    rows_per = rows_per_block(job.crop, job.scoring.batch_size)
+    blocks of ``block_rows`` across the task's shards, a shard's last row carrying its row
+    count."""
+    rows_per = block_rows
     recs, totals = [], []
     for url in batch["shard"]:
         shard = list(read_shard(url, job.label_field))
@@ -179,6 +182,14 @@ def main() -> None:
         default=[stream.MAX_SHARDS_PER_TASK],
         help="at most this many shards a decode task (the driver's plan), one setting after another",
     )
+    p.add_argument(
+        "--block-mb",
+        type=int,
+        nargs="+",
+        default=[stream.BLOCK_BYTES // 2**20],
+        help="decoded blocks of whole batches within this many MB (the driver's plan), one "
+        "setting after another",
+    )
     args = p.parse_args()
     print(f"# {cpu_model()}, {os.cpu_count()} CPUs")
     work = Path(tempfile.mkdtemp(prefix="fiqa-ceiling-"))
@@ -189,9 +200,9 @@ def main() -> None:
             n = max(256, int(images * args.scale))
             copies = max(1, round(10 * args.scale))
             shards = make_pool(work / f"pool{source}", n, source, copies, shard_size=shard)
-            for k in args.shards_per_task:
-                stream.MAX_SHARDS_PER_TASK = k
-                name = f"{source} px sources, up to {k} shard(s) a decode task"
+            for k, mb in itertools.product(args.shards_per_task, args.block_mb):
+                stream.MAX_SHARDS_PER_TASK, stream.BLOCK_BYTES = k, mb * 2**20
+                name = f"{source} px sources, up to {k} shard(s) a decode task, {mb} MB blocks"
                 if not args.rates:
                     measure(name, shards, ckpt, work, args.batch_size)
                     continue

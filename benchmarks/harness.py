@@ -248,9 +248,9 @@ def timed_seams(events_file: str) -> tuple[type, Callable]:
             note(first_batch=arrived, first_batch_done=time.time())
             return out
 
-    def timed_read_and_decode(batch, job):
+    def timed_read_and_decode(batch, job, block_rows=None):
         note(decode_task=time.time())
-        yield from read_and_decode(batch, job)
+        yield from read_and_decode(batch, job, block_rows)
 
     # Ray Data names the operator after the function: the same name as the engine's (DECODE_TASK).
     timed_read_and_decode.__name__ = read_and_decode.__name__

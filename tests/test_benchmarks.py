@@ -200,7 +200,7 @@ def test_decode_admission_counts_the_decode_tasks_of_each_buffer(tmp_path):
 def test_commit_ceiling_commits_every_row_of_both_pools():
     out = run_benchmark("commit_ceiling.py", "--scale", "0.1")
     for source in (112, 512):
-        head = rf"{source} px sources, up to 8 shard.s. a decode task: 256 rows"
+        head = rf"{source} px sources, up to 8 shard.s. a decode task, 32 MB blocks: 256 rows"
         line = re.search(rf"{head}, .*: ([0-9,]+) rows/s, {RATE} MiB/s", out)
         assert line and int(line[1].replace(",", "")) > 0, out
     shares = [float(s) for s in re.findall(r"([0-9.]+) % of the driver's time", out)]
@@ -208,13 +208,14 @@ def test_commit_ceiling_commits_every_row_of_both_pools():
 
 
 def test_commit_ceiling_fits_the_driver_cost_over_paced_runs():
-    # 32 px at this scale: a shard of 2,048 rows, two blocks of 1,024 rows each
+    # 32 px at this scale: 3 copies of 2,048 + 409 rows, a shard a task, blocks of 1,024 rows
     out = run_benchmark(
         "commit_ceiling.py", "--scale", "0.3", "--sources", "32", "--batch-size", "1024",
         "--rates", "3000", "0",
     )  # fmt: skip
-    assert "32 px sources, up to 8 shard(s) a decode task, paced to 3,000 rows/s: 7371 rows" in out
-    assert "32 px sources, up to 8 shard(s) a decode task, unpaced: 7371 rows" in out, out
+    name = "32 px sources, up to 8 shard(s) a decode task, 32 MB blocks"
+    assert f"{name}, paced to 3,000 rows/s: 7371 rows" in out
+    assert f"{name}, unpaced: 7371 rows" in out, out
     fit = re.search(
         r"batch 1024: driver busy = (-?[0-9.]+) % \+ (-?[0-9.]+) ms per 1,000 rows", out
     )

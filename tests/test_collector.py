@@ -247,3 +247,16 @@ def test_a_decode_task_reads_several_shards_while_each_slot_keeps_several_tasks(
     assert stream.shards_per_task(80, 4) == 5  # 16 tasks for 4 slots
     assert stream.shards_per_task(100_000, 15) == 8
     assert stream.shards_per_task(10, 0) == 2
+
+
+def test_decode_tasks_grow_from_one_shard_at_the_start_and_shrink_to_one_at_the_end():
+    urls = [f"s{i:02d}" for i in range(40)]
+    groups = stream.task_groups(urls, per_task=8, decode_tasks=2)
+    assert [len(g) for g in groups] == [1, 1, 2, 2, 4, 4, 8, 4, 4, 4, 2, 2, 1, 1]
+    assert [u for g in groups for u in g] == urls  # every shard once, in order
+    assert stream.task_groups(urls[:3], per_task=1, decode_tasks=4) == [["s00"], ["s01"], ["s02"]]
+    one_slot = stream.task_groups(urls, per_task=3, decode_tasks=0)
+    assert [len(g) for g in one_slot] == [1, 2, *[3] * 11, 1, 2, 1]
+    few = stream.task_groups(urls[:5], per_task=8, decode_tasks=2)  # too few for both ramps
+    assert [len(g) for g in few] == [1, 1, 1, 1, 1]
+    assert stream.task_groups([], per_task=8, decode_tasks=2) == []

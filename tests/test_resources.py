@@ -98,11 +98,14 @@ def test_a_joined_cluster_may_grow_unless_the_config_says_otherwise():
 def test_decoded_blocks_reach_the_actor_as_the_engine_yields_them(
     two_cpu_ray, tmp_path, monkeypatch
 ):
-    """Not merged into Ray Data's 128 MB blocks: at 224 px a batch of 256 (39 MB) is a block
-    of its own, so a shard of 512 travels as two, each scored in one actor call."""
+    """The driver's plan sizes the decoded blocks (within 64 MB here, set on the driver
+    only: at 224 px three batches of 128, where the workers' own 32 MB would make one), and
+    Ray Data keeps them as they are yielded: a shard of 512 travels as blocks of 384 and 128."""
     from fiqa.cli.label import label_shards
     from fiqa.models import create_model, save_checkpoint
+    from fiqa.scoring import stream
     from fiqa.scoring.commit import ShardLedger
+    from fiqa.scoring.decode_task import read_and_decode
 
     from conftest import jpeg_bytes, write_tar
 
@@ -110,6 +113,16 @@ def test_decoded_blocks_reach_the_actor_as_the_engine_yields_them(
     model = str(tmp_path / "model")
     meta = {"arch": "mobilenetv3_small_100", "image_size": 224, "resize": 224}
     save_checkpoint(model, create_model("mobilenetv3_small_100", 224), meta)
+    monkeypatch.setattr(stream, "BLOCK_BYTES", 64 * 2**20)  # the workers keep the default
+    decoded = tmp_path / "decoded.txt"
+
+    def recording_decode(batch, job, block_rows=None):
+        for block in read_and_decode(batch, job, block_rows):
+            with open(decoded, "a") as f:
+                f.write(f"{len(block['row'])}\n")
+            yield block
+
+    recording_decode.__name__ = read_and_decode.__name__
     sizes = []
     add = ShardLedger.add
 
@@ -118,10 +131,12 @@ def test_decoded_blocks_reach_the_actor_as_the_engine_yields_them(
         return add(self, lines)
 
     monkeypatch.setattr(ShardLedger, "add", recording_add)  # the driver's side
-    label = ScoringConfig(batch_size=256, num_gpus=0.0, num_cpus=1, concurrency=1)
-    stats = label_shards(model, [shard], str(tmp_path / "out"), label, progress=False)
+    label = ScoringConfig(batch_size=128, num_gpus=0.0, num_cpus=1, concurrency=1)
+    out = str(tmp_path / "out")
+    stats = label_shards(model, [shard], out, label, progress=False, decode=recording_decode)
     assert stats["scored"] == 512
-    assert sizes == [256, 256]  # Ray Data's default target made it one block of 512
+    assert decoded.read_text().split() == ["384", "128"]
+    assert sizes == [128] * 4  # one actor call a batch
 
 
 @pytest.mark.slow

@@ -26,10 +26,11 @@ from fiqa.scoring.job import ScoreJob
 from fiqa.scoring.stream import MEAN_IMAGE_BYTES, Sources, rows_per_block
 
 
-def read_and_decode(batch: dict, job: ScoreJob) -> Iterator[dict]:
-    """Ray Data UDF over a batch of shard URLs."""
+def read_and_decode(batch: dict, job: ScoreJob, block_rows: int | None = None) -> Iterator[dict]:
+    """Ray Data UDF over a batch of shard URLs; ``block_rows``: the stream's plan (by default
+    `rows_per_block` of the job's crop and batch)."""
     with cores.off_claimed_cores():  # those of the scoring actors on this machine (if any)
-        yield from decode_shards(batch["shard"], job)
+        yield from decode_shards(batch["shard"], job, block_rows)
 
 
 class _Block:
@@ -85,14 +86,13 @@ class _Block:
         return out
 
 
-def decode_shards(urls, job: ScoreJob) -> Iterator[dict]:
+def decode_shards(urls, job: ScoreJob, block_rows: int | None = None) -> Iterator[dict]:
     """The blocks of ``urls``' rows, the shards read one after another: every block is full
     but the task's last, so a block may end one shard and start the next (Ray Data would
     otherwise merge a shard's short last block into the next one). A full block is yielded
     when the next record comes, so that a shard's last row, which carries its total, may
     still be marked."""
-    crop = job.crop if job.with_model and not job.decode_in_actor else None
-    block_rows = rows_per_block(crop, job.scoring.batch_size)
+    block_rows = block_rows or rows_per_block(job.decoded_crop, job.scoring.batch_size)
     block = _Block(job, block_rows)
     for url in urls:
         total = 0

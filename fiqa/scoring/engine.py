@@ -2,8 +2,8 @@
 
 ::
 
-    from_items(shard URLs) --map_batches(read_and_decode: CPU tasks, a few shards each)-->
-          record batches
+    from_arrow(a block of shard URLs per decode task)
+        --map_batches(read_and_decode: CPU tasks, a few shards each)--> record batches
         --map_batches(ScoreThenWrite: actor pool, GPU when there is one)--> + raw_score,
           staged where scored (`fragments`) --> one line per fragment
         --iter_batches on the driver: ShardLedger counts rows per shard-->
@@ -21,6 +21,8 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 
+import pyarrow as pa
+
 from fiqa import storage
 from fiqa.cluster.resources import decode_task_slots, plan_scoring
 from fiqa.config import ScoringConfig
@@ -30,7 +32,7 @@ from fiqa.scoring.decode_task import probe_sources, read_and_decode
 from fiqa.scoring.fragments import ScoreThenWrite, decode_then_write, staging_dir
 from fiqa.scoring.job import ScoreJob
 from fiqa.scoring.scorer import Scorer
-from fiqa.scoring.stream import Sources, StreamPlan, plan_stream
+from fiqa.scoring.stream import Sources, StreamPlan, plan_stream, task_groups
 from fiqa.scoring.telemetry import ScoringMetrics
 from fiqa.scoring.unique_keys import DUPLICATE, reject_duplicate_keys
 
@@ -48,7 +50,7 @@ def run_score_job(
 
     ``on_start`` (e.g. starting Ray) is called only when there is work to do. ``scorer`` (the
     actor class: `Scorer`'s constructor and call) and ``decode`` (the decode task:
-    `read_and_decode`'s signature) are seams for benchmarks.
+    `read_and_decode`'s signature, given the plan's ``block_rows``) are seams for benchmarks.
     """
     done = committed_shards(job.out_dir)
     todo = [u for u in job.shards if part_name(u) not in done]
@@ -76,17 +78,19 @@ def _score(job: ScoreJob, todo: list[str], counts: dict, progress: bool, scorer,
     plan = _plan_stream(job, cfg, probe_sources(todo[0], job), len(todo))
     storage.rm(staging_dir(job))  # an earlier attempt's fragments: its shards are staged anew
 
-    tasks = -(-len(todo) // plan.shards_per_task)  # each reads its shards in turn
-    ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=tasks)
+    # One block of shard URLs per decode task, read in one call: its blocks fill across them.
+    groups = task_groups(todo, plan.shards_per_task, plan.decode_tasks)
+    ds = ray.data.from_arrow([pa.table({"shard": pa.array(g, pa.string())}) for g in groups])
     # A reservation of their own also keeps the decode tasks a separate operator: Ray Data
     # fuses a task map into an actor map with equal requests, and decoding and inference
     # would then take turns instead of overlapping.
     decoding = {"num_cpus": cfg.decode_cpus, "memory": plan.decode_memory_bytes}
     if not job.with_model:
-        kwargs = {"job": job, "decode": decode}
-        ds = ds.map_batches(decode_then_write, batch_size=1, fn_kwargs=kwargs, **decoding)
+        kwargs = {"job": job, "decode": decode, "block_rows": plan.block_rows}
+        ds = ds.map_batches(decode_then_write, batch_size=None, fn_kwargs=kwargs, **decoding)
     else:
-        ds = ds.map_batches(decode, batch_size=1, fn_kwargs={"job": job}, **decoding)
+        kwargs = {"job": job, "block_rows": plan.block_rows}
+        ds = ds.map_batches(decode, batch_size=None, fn_kwargs=kwargs, **decoding)
         lo, hi = cfg.actor_range()
         ds = ds.map_batches(
             ScoreThenWrite,
@@ -203,7 +207,7 @@ def _plan_stream(job: ScoreJob, cfg: ScoringConfig, sources: Sources, shards: in
     ctx = ray.data.DataContext.get_current()
     plan = plan_stream(
         cfg,
-        job.crop if job.with_model and not job.decode_in_actor else 0,
+        job.decoded_crop,
         actors=cfg.actor_range()[1] if job.with_model else 0,
         decode_tasks=decode_task_slots(cfg, job.with_model),
         object_store=ray.cluster_resources().get("object_store_memory", 0),

@@ -93,7 +93,9 @@ class ScoreThenWrite:
         return write_fragments(scored, self.job)
 
 
-def decode_then_write(batch: dict, job: ScoreJob, decode: Callable) -> Iterator[dict]:
+def decode_then_write(
+    batch: dict, job: ScoreJob, decode: Callable, block_rows: int | None = None
+) -> Iterator[dict]:
     """The decode task of a job without a model (ingest): its batches staged where decoded."""
-    for block in decode(batch, job):
+    for block in decode(batch, job, block_rows):
         yield write_fragments(block, job)

@@ -54,6 +54,12 @@ class ScoreJob:
         """Whether the actors decode JPEGs (``scoring.decode`` as `plan_scoring` resolved it)."""
         return self.with_model and self.scoring.decode == "actor"
 
+    @property
+    def decoded_crop(self) -> int:
+        """The size the decode tasks decode to: 0 where they yield no pixels (no model, or
+        the actors decode)."""
+        return self.crop if self.with_model and not self.decode_in_actor else 0
+
     def decode_spec(self) -> DecodeSpec:
         return DecodeSpec(self.resize, self.crop, self.max_pixels, self.min_side)
 

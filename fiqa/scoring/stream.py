@@ -6,12 +6,15 @@ The figures behind each rule are in benchmarks/RESULTS.md (label_throughput, dec
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 
 from fiqa.config import ScoringConfig
 
 # Bytes, not rows: a block of 448 px faces would otherwise be 16x one of 112 px faces, and
-# larger blocks cost the actor less Ray Data overhead per image.
+# larger blocks cost the actor less Ray Data overhead per image. Not larger: at 128 MB the
+# driver spends a third of the CPU per row, but Ray Data's backpressure, counted in bytes,
+# then stalls decoding behind scoring (benchmarks/RESULTS.md, "Blocks of 128 MB").
 BLOCK_BYTES = 32 * 2**20
 MEAN_IMAGE_BYTES = 16_384  # an encoded face, for sizing blocks before any is read
 BUFFER_ROWS_PER_ACTOR = 1024  # decoded images the stream may hold per actor, at least
@@ -59,6 +62,27 @@ TASKS_PER_SLOT = 4
 def shards_per_task(shards: int, decode_tasks: int) -> int:
     """Shards one decode task reads, for ``shards`` over ``decode_tasks`` slots at once."""
     return max(1, min(MAX_SHARDS_PER_TASK, shards // (TASKS_PER_SLOT * max(1, decode_tasks))))
+
+
+def task_groups(shards: list[str], per_task: int, decode_tasks: int) -> list[list[str]]:
+    """The shards of each decode task in turn: ``per_task`` a task, but the stream opens and
+    closes with waves of ``decode_tasks`` tasks of 1, 2, 4, ... shards. A block of several
+    shards fills only as fast as one task decodes: small tasks first hand the actors rows
+    after one shard, and small tasks last leave them one shard to score after decoding ends."""
+    slots, k = max(1, decode_tasks), max(1, per_task)
+    ramp, size = [], 1
+    while size < k:
+        ramp += [size] * slots
+        size *= 2
+    head, tail, left = [], [], len(shards)
+    for size in ramp:
+        for side in (head, tail):
+            if left:
+                side.append(min(size, left))
+                left -= side[-1]
+    sizes = head + [k] * (left // k) + ([left % k] if left % k else []) + tail[::-1]
+    starts = [0, *itertools.accumulate(sizes)]
+    return [shards[a:b] for a, b in itertools.pairwise(starts)]
 
 
 def stream_buffer_bytes(cfg: ScoringConfig, crop: int, *, decode_tasks: int, actors: int) -> int:

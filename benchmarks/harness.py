@@ -307,9 +307,10 @@ def label_run(
     cpus: int | None = None,
     scorer: type | None = None,
     decode: Callable | None = None,
+    address: str | None = None,
 ) -> LabelRun:
     """`fiqa label`'s engine on a fresh local Ray of ``cpus`` CPUs (default: every CPU), so
-    that runs are measured alike, into an empty ``out`` (a reused ``--work`` must not find its
+    that runs are measured alike, or on the running cluster at ``address``, into an empty ``out`` (a reused ``--work`` must not find its
     shards committed), removed afterwards. ``monitors``, context managers (peak RSS, GPU
     utilisation, running tasks), span the run. ``scorer`` and ``decode``, where given, replace
     the engine's actor class and decode task (`fiqa.scoring.engine.run_score_job`'s seams)."""
@@ -331,7 +332,8 @@ def label_run(
             for m in monitors:
                 stack.enter_context(m)
             before_ray = time.perf_counter()
-            ensure_ray(RayConfig(num_cpus=cpus or os.cpu_count() or 2))
+            cfg = RayConfig(address=address, num_cpus=None if address else cpus or os.cpu_count())
+            ensure_ray(cfg)
             try:
                 t0, wall_t0 = time.perf_counter(), time.time()
                 stats = label_shards(ckpt, shards, str(out), scoring, progress=False, **seams)

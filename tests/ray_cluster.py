@@ -52,7 +52,13 @@ def node_resource(name: str) -> str:
 class LocalCluster:
     """A head and named worker nodes on 127.0.0.1, each its own `ray start --block`."""
 
-    def __init__(self, env: dict[str, str], head_cpus: int = 0, object_store_mb: int = 256):
+    def __init__(
+        self,
+        env: dict[str, str],
+        head_cpus: int = 0,
+        object_store_mb: int = 256,
+        head_cores: set[int] | None = None,
+    ):
         self.tmp = tempfile.mkdtemp(prefix="fqc-", dir="/tmp")  # short: Ray's socket paths
         # Not the caller's Ray: no address, no auth settings (an in-process `ray.init` of an
         # earlier test sets RAY_AUTH_MODE=token in this process's environment).
@@ -90,6 +96,7 @@ class LocalCluster:
                 f"--ray-client-server-port={client_port}",
                 f"--temp-dir={self.tmp}",
             ],
+            head_cores,
         )
         try:
             self._wait_for_jobs_api()
@@ -100,7 +107,9 @@ class LocalCluster:
 
     # -- nodes --------------------------------------------------------------------------------
 
-    def _start(self, name: str, args: list[str]) -> None:
+    def _start(self, name: str, args: list[str], cores: set[int] | None = None) -> None:
+        """``cores``: the machine's cores this node's processes may run on (all by default),
+        as a node of its own would have its own."""
         names = [
             "dashboard-agent-listen-port",
             "dashboard-agent-grpc-port",
@@ -125,18 +134,24 @@ class LocalCluster:
         self.nodes[name] = subprocess.Popen(
             cmd, env=self.env, cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
         )  # fmt: skip
         log.close()
 
-    def add_node(self, name: str, cpus: int = 2, timeout: float = 120) -> None:
-        """Start worker node ``name`` and wait until the head counts it alive."""
+    def add_node(
+        self, name: str, cpus: int = 2, timeout: float = 120, cores: set[int] | None = None
+    ) -> None:
+        """Start worker node ``name`` (on ``cores`` of this machine, default all) and wait
+        until the head counts it alive."""
         # Its own temp dir, as each machine has its own disk: nodes sharing one would share
         # runtime_resources/, and one node's runtime-env agent would delete what another's
         # job driver runs in.
         temp = os.path.join(self.tmp, name)
         os.makedirs(temp, exist_ok=True)
         self._start(
-            name, [f"--address={self.gcs_address}", f"--num-cpus={cpus}", f"--temp-dir={temp}"]
+            name,
+            [f"--address={self.gcs_address}", f"--num-cpus={cpus}", f"--temp-dir={temp}"],
+            cores,
         )
         deadline = time.time() + timeout
         while name not in self.alive().values():

@@ -134,7 +134,7 @@ def run_engine(job: ScoreJob) -> dict:
             pixels = batch.pop("pixels")
             ok = batch["reason"] == ""
             batch["raw_score"] = np.where(ok, pixels.reshape(len(ok), -1).mean(axis=1), np.nan)
-            for done, total in ledger.add(write_fragments(batch, job)):
+            for done, total, _ in ledger.add(write_fragments(batch, job)):
                 commit_shard(job, done, total)
                 shards += 1
     assert not ledger.open_shards, "every shard must be committed"

@@ -222,6 +222,22 @@ def test_commit_ceiling_fits_the_driver_cost_over_paced_runs():
     assert fit, out
 
 
+def test_writer_scaling_commits_on_the_nodes_that_staged_the_rows():
+    # 112 px at this scale: 10 copies of 2,048 rows in shards of 512
+    out = run_benchmark("writer_scaling.py", "--scale", "1")
+    for nodes in (1, 2):
+        head = rf"112 px, {nodes} node\(s\) on core\(s\) [0-9, ]+: 20,480 rows"
+        line = re.search(
+            rf"{head}, ([0-9,]+) rows/s.*\n    scoring actors on (.*); shard committers on (.*)\n",
+            out,
+        )
+        assert line and int(line[1].replace(",", "")) > 0, out
+        # each node's rows committed on that node; the head (no CPUs, as on KubeRay) runs none
+        actors, committers = line[2].split(", "), line[3].split(", ")
+        assert committers == actors and "head" not in actors, out
+    assert re.search(r"112 px: 2 node\(s\) [0-9,]+ rows/s, [0-9.]+x of 1 node", out), out
+
+
 def test_label_scale_labels_each_key_once_and_resumes_only_what_is_left(tmp_path):
     report = tmp_path / "scale.json"
     out = run_benchmark(

@@ -89,7 +89,7 @@ def test_a_task_fills_its_blocks_across_its_shards(tmp_path, small_blocks):
         assert list(col["row"][mine]) == list(range(n))
         assert list(col["shard_total"][mine]) == [-1] * (n - 1) + [n]
     ledger = ShardLedger()
-    done = [u for x in batches for u, _ in ledger.add(write_fragments(x, job))]
+    done = [u for x in batches for u, *_ in ledger.add(write_fragments(x, job))]
     assert done == urls and not ledger.open_shards
 
 
@@ -114,7 +114,7 @@ def test_collector_commits_each_shard_once_complete(tmp_path, small_blocks):
     for batch in stream:
         batch["raw_score"] = np.where(batch["reason"] == "", 0.5, np.nan)
         batch["mos"][:] = np.nan  # as for an unlabeled pool
-        for url, total in ledger.add(write_fragments(batch, job)):
+        for url, total, _ in ledger.add(write_fragments(batch, job)):
             done.append(url)
             counts.append(commit_shard(job, url, total))
     assert done == [b, a]
@@ -143,15 +143,15 @@ def test_a_commit_retried_after_it_committed_reports_the_shard_again(tmp_path, s
     (done,) = [d for batch in batches_for(a, job) for d in ledger.add(write_fragments(batch, job))]
     staged = list_parts(staging_dir(job, a))
     kept = {p: open(p, "rb").read() for p in staged[:1]}  # the removal got past the others
-    first = commit_shard(job, *done)
+    first = commit_shard(job, done.url, done.total)
     for p, data in kept.items():
         os.makedirs(os.path.dirname(p), exist_ok=True)
         open(p, "wb").write(data)
     before = pq.read_table(list_parts(out + "/labels"))
-    assert commit_shard(job, *done) == first == {
+    assert commit_shard(job, done.url, done.total) == first == {
         "scored": ROWS, "rejected": 1, "reasons": {"no_label": 1}
     }  # fmt: skip
-    assert commit_shard(job, *done) == first  # nothing staged at all any more
+    assert commit_shard(job, done.url, done.total) == first  # nothing staged at all any more
     assert pq.read_table(list_parts(out + "/labels")).equals(before)
     assert not list_parts(staging_dir(job, a))
 
@@ -161,7 +161,7 @@ def test_labeled_rows_keep_their_label_as_score(tmp_path):
     job = ScoreJob(shards=[a], out_dir=str(tmp_path / "o"), source="labeled", require_label=True)
     ledger = ShardLedger()
     for batch in batches_for(a, job):
-        for url, total in ledger.add(write_fragments(batch, job)):
+        for url, total, _ in ledger.add(write_fragments(batch, job)):
             commit_shard(job, url, total)
     t = pq.read_table(list_parts(str(tmp_path / "o/labels")))
     assert t.column("score").to_pylist() == t.column("mos").to_pylist()

@@ -152,6 +152,10 @@ def test_work_ran_on_several_nodes(multinode_run):
         "decode tasks": {names.get(t.node_id) for t in tasks if "decode" in t.name.lower()},
         "scoring actors": {names.get(a.node_id) for a in actors if "MapWorker" in a.class_name},
         "train workers": {names.get(a.node_id) for a in actors if "RayTrainWorker" in a.class_name},
+        # on the nodes that staged the rows, never on the head (it has no CPUs, as on KubeRay)
+        "shard committers": {
+            names.get(a.node_id) for a in actors if a.class_name == "ShardCommitter"
+        },
     }
     for what, nodes in where.items():
         nodes |= multinode_run["ran_on"].get(what, set())

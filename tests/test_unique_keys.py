@@ -42,7 +42,7 @@ def stage_and_commit(job: ScoreJob, split: int = 2) -> ShardLedger:
             cuts = [round(n * i / split) for i in range(split + 1)]
             for a, b in zip(cuts, cuts[1:], strict=False):
                 part = {k: v[a:b] for k, v in block.items()}  # as an actor's batch cuts a block
-                for done_url, total in ledger.add(write_fragments(part, job)):
+                for done_url, total, _ in ledger.add(write_fragments(part, job)):
                     commit_shard(job, done_url, total)
     assert not ledger.open_shards
     return ledger

@@ -8,14 +8,15 @@ node died, it finds the shard committed (the staged fragments may be gone) and r
 granularity.
 
 The driver holds only a count per shard in flight (`ShardLedger`); the rows themselves were
-staged where they were scored (`fiqa.scoring.fragments`) and are merged by `commit_shard`, a
-task that runs wherever the cluster has room. Keys repeated across shards are settled once
+staged where they were scored (`fiqa.scoring.fragments`) and are merged by `commit_shard`, in
+an actor (`ShardCommitter`) on a node that staged them. Keys repeated across shards are settled once
 all shards are committed (`fiqa.scoring.unique_keys`).
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +35,15 @@ from fiqa.scoring.fragments import staging_dir
 from fiqa.scoring.job import ScoreJob
 
 
+class Complete(NamedTuple):
+    """A shard whose rows are all staged: its row count, and the node that staged its last
+    fragment (None where the lines do not say)."""
+
+    url: str
+    total: int
+    node: str | None
+
+
 class ShardLedger:
     """The driver's view of the stream: rows staged per shard, until each is complete."""
 
@@ -41,17 +51,18 @@ class ShardLedger:
         self.seen: dict[str, int] = defaultdict(int)
         self.totals: dict[str, int] = {}
 
-    def add(self, lines: dict) -> list[tuple[str, int]]:
-        """Count the fragments' ``lines``; returns the shards (and row totals) now complete."""
+    def add(self, lines: dict) -> list[Complete]:
+        """Count the fragments' ``lines``; returns the shards now complete."""
         done = []
-        for url, rows, total in zip(
-            lines["shard"], lines["rows"], lines["shard_total"], strict=True
+        nodes = lines.get("node", [None] * len(lines["shard"]))
+        for url, rows, total, node in zip(
+            lines["shard"], lines["rows"], lines["shard_total"], nodes, strict=True
         ):
             self.seen[url] += int(rows)
             if total >= 0:
                 self.totals[url] = int(total)
             if url in self.totals and self.seen[url] == self.totals[url]:
-                done.append((url, self.totals.pop(url)))
+                done.append(Complete(url, self.totals.pop(url), node or None))
                 self.seen.pop(url)
         return done
 
@@ -90,6 +101,17 @@ def commit_shard(job: ScoreJob, url: str, total: int) -> dict:
     storage.rm(stage)
     reasons = Counter(str(r).split(":")[0] for r in reason[~ok])
     return {"scored": int(ok.sum()), "rejected": int((~ok).sum()), "reasons": dict(reasons)}
+
+
+class ShardCommitter:
+    """`commit_shard` for one job, as a Ray actor the stream keeps on a node while it runs
+    (`fiqa.scoring.engine.Committers`)."""
+
+    def __init__(self, job: ScoreJob):
+        self.job = job
+
+    def commit(self, url: str, total: int) -> dict:
+        return commit_shard(self.job, url, total)
 
 
 def _committed_counts(job: ScoreJob, name: str) -> dict:

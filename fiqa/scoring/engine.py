@@ -7,7 +7,7 @@
         --map_batches(ScoreThenWrite: actor pool, GPU when there is one)--> + raw_score,
           staged where scored (`fragments`) --> one line per fragment
         --iter_batches on the driver: ShardLedger counts rows per shard-->
-        commit_shard tasks: one rejects part, then one scored part per shard
+        ShardCommitter actors, one a node: one rejects part, then one scored part per shard
         --when every shard is committed--> reject_duplicate_keys (`unique_keys`)
 
 Without a model (ingest) the decode tasks stage their own batches. The driver sees a line
@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections import Counter
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
+from typing import Any
 
 import pyarrow as pa
 
@@ -27,7 +28,7 @@ from fiqa import storage
 from fiqa.cluster.resources import decode_task_slots, plan_scoring
 from fiqa.config import ScoringConfig
 from fiqa.data.tables import part_name
-from fiqa.scoring.commit import ShardLedger, commit_shard, committed_shards
+from fiqa.scoring.commit import Complete, ShardCommitter, ShardLedger, committed_shards
 from fiqa.scoring.decode_task import probe_sources, read_and_decode
 from fiqa.scoring.fragments import ScoreThenWrite, decode_then_write, staging_dir
 from fiqa.scoring.job import ScoreJob
@@ -113,7 +114,7 @@ def _score(job: ScoreJob, todo: list[str], counts: dict, progress: bool, scorer,
             num_gpus=cfg.num_gpus or None,
         )
     _bound_stream(ds, plan)
-    ledger, commits, metrics = ShardLedger(), CommitTasks(job), ScoringMetrics(job.source)
+    ledger, commits, metrics = ShardLedger(), Committers(job), ScoringMetrics(job.source)
     bar = tqdm(
         total=len(todo),
         unit="shard",
@@ -136,8 +137,8 @@ def _score(job: ScoreJob, todo: list[str], counts: dict, progress: bool, scorer,
     # No prefetch: Ray Data's prefetcher hands a block over only once the next one is ready,
     # so a finished shard would wait a whole shard's scoring to be committed.
     for lines in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-        for url, total in ledger.add(lines):
-            commits.submit(url, total)
+        for shard in ledger.add(lines):
+            commits.submit(shard)
         committed(commits.finished())
     committed(commits.finished(wait=True))
     metrics.finished()
@@ -160,42 +161,93 @@ def _scorer_kwargs(job: ScoreJob) -> dict:
     }
 
 
-class CommitTasks:
-    """`commit_shard` as Ray tasks, spread over the cluster, at most `IN_FLIGHT` at once.
+class Committers:
+    """`commit_shard` in one actor per node that stages fragments, on that node (the node of
+    a shard's last fragment), at most `PER_NODE` shards at once on each.
 
-    They ask for no CPU: a commit is mostly storage I/O and short, and one that waited for
-    the stream's tasks and actors to free a CPU would hold its shard back for nothing.
+    Actors, not tasks: Ray keeps no more idle task workers on a node than it has CPUs and
+    kills the rest after a second, so commit tasks beside the decode tasks had Ray start a
+    new worker process (1 to 2 s of CPU) every few shards (benchmarks/writer_scaling.py).
+    They ask for no CPU: a commit is mostly storage I/O, and one that waited for the
+    stream's tasks and actors to free a CPU would hold its shard back for nothing. Pinned to
+    their node (Ray's soft affinity placed CPU-less actors on the head, which on KubeRay has
+    no CPUs so as to run none, and whose node would then carry every image again); where a
+    committer or its node is gone, its shards go to another (a commit is idempotent).
     """
 
-    IN_FLIGHT = 4
+    PER_NODE = 4
+    TRIES = 3  # committers a shard may outlive before the job fails
 
     def __init__(self, job: ScoreJob):
         import ray
 
         self.ray = ray
         self.job = ray.put(job)  # pickled once, not once a shard on the driver
-        self.task = ray.remote(commit_shard).options(num_cpus=0, scheduling_strategy="SPREAD")
-        self.waiting: list[tuple[str, int]] = []
-        self.running: dict = {}  # ObjectRef -> shard URL
+        self.actor_class = ray.remote(ShardCommitter)
+        self.actors: dict[str, Any] = {}  # node id ("": any node) -> its committer
+        self.gone: set[str] = set()  # nodes whose committer died
+        self.waiting: dict[str, deque[Complete]] = defaultdict(deque)
+        self.busy: Counter[str] = Counter()
+        self.running: dict = {}  # ObjectRef -> (the shard, its committer's node)
+        self.lost: Counter[str] = Counter()  # shard URL -> committers lost under it
 
-    def submit(self, url: str, total: int) -> None:
-        self.waiting.append((url, total))
+    def submit(self, shard: Complete) -> None:
+        node = shard.node or ""
+        self.waiting[self._fallback() if node in self.gone else node].append(shard)
         self._start()
 
+    def _fallback(self) -> str:
+        """A node whose committer is alive, else a live node with CPUs, else "" (anywhere)."""
+        alive = next((n for n in self.actors if n), None)
+        if alive is None:
+            nodes = self.ray.nodes()
+            ok = (n["NodeID"] for n in nodes if n["Alive"] and n["Resources"].get("CPU"))
+            alive = next((n for n in ok if n not in self.gone), "")
+        return alive
+
+    def _committer(self, node: str):
+        if node not in self.actors:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            where = NodeAffinitySchedulingStrategy(node, soft=False) if node else "DEFAULT"
+            self.actors[node] = self.actor_class.options(
+                num_cpus=0, max_concurrency=self.PER_NODE, scheduling_strategy=where
+            ).remote(self.job)
+            log.debug("a shard committer for node %s", node or "(any)")
+        return self.actors[node]
+
     def _start(self) -> None:
-        while self.waiting and len(self.running) < self.IN_FLIGHT:
-            url, total = self.waiting.pop(0)
-            self.running[self.task.remote(self.job, url, total)] = url
+        for node, queue in self.waiting.items():
+            while queue and self.busy[node] < self.PER_NODE:
+                shard = queue.popleft()
+                ref = self._committer(node).commit.remote(shard.url, shard.total)
+                self.running[ref] = (shard, node)
+                self.busy[node] += 1
 
     def finished(self, wait: bool = False) -> list[tuple[str, dict]]:
         """The commits done since the last call; with ``wait``, all of them."""
+        from ray.exceptions import ActorUnschedulableError, RayActorError
+
         out = []
         while self.running:
             ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=None if wait else 0)
             if not ready:
                 break
             for ref in ready:
-                out.append((self.running.pop(ref), self.ray.get(ref)))
+                shard, node = self.running.pop(ref)
+                self.busy[node] -= 1
+                try:
+                    out.append((shard.url, self.ray.get(ref)))
+                except (RayActorError, ActorUnschedulableError) as e:
+                    self.lost[shard.url] += 1
+                    if self.lost[shard.url] >= self.TRIES:
+                        raise RuntimeError(
+                            f"{self.TRIES} committers died committing {shard.url}"
+                        ) from e
+                    if self.actors.pop(node, None) is not None:
+                        self.gone.add(node)
+                        log.warning("the shard committer of node %s is gone: %s", node, e)
+                    self.waiting[self._fallback()].append(shard)
             self._start()
         return out
 

@@ -2,10 +2,11 @@
 
 The scoring actors (or, when no model runs, the decode tasks) write every batch they finish
 as one staged fragment per shard it holds, ``<out_dir>/_staging/<part>/<first row>-<n>``,
-and pass on only a line per fragment (shard, rows, ``shard_total``). The driver counts those
+and pass on only a line per fragment (shard, rows, ``shard_total``, the writer's node). The
+driver counts those
 lines (`fiqa.scoring.commit.ShardLedger`) and, once a shard's rows are all staged, has a
-task merge its fragments into the shard's parts (`fiqa.scoring.commit.commit_shard`). No
-image byte goes through the driver.
+task merge its fragments into the shard's parts (`fiqa.scoring.commit.commit_shard`), on a
+node that staged them. No image byte goes through the driver or its node.
 
 A fragment is written whole (`fiqa.data.tables.write_part`) before its line leaves, so a
 counted row is a staged row. A batch retried after its actor died may stage its rows
@@ -41,6 +42,7 @@ def write_fragments(batch: pa.Table | dict, job: ScoreJob) -> dict[str, np.ndarr
     """Stage ``batch`` (one fragment per shard in it); returns one line per fragment."""
     table = _as_table(batch)
     lines: dict[str, list] = {"shard": [], "rows": [], "shard_total": []}
+    node = _node_id()
     shards = table.column("shard")
     urls = pc.unique(shards).to_pylist()
     for url in urls:
@@ -55,7 +57,15 @@ def write_fragments(batch: pa.Table | dict, job: ScoreJob) -> dict[str, np.ndarr
         "shard": np.array(lines["shard"], dtype=object),
         "rows": np.array(lines["rows"], dtype=np.int64),
         "shard_total": np.array(lines["shard_total"], dtype=np.int64),
+        "node": np.array([node] * len(urls), dtype=object),
     }
+
+
+def _node_id() -> str:
+    """This process's Ray node ("" outside Ray), where its shards' commits should run."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def _as_table(batch: pa.Table | dict) -> pa.Table:

@@ -151,6 +151,8 @@ def run_on(nodes: int, shards: list[str], rows: int, ckpt: str, work: Path, args
     if run.stats["shards"] != len(shards) or run.images != rows:
         raise SystemExit(f"{nodes} node(s): not every row committed: {run.stats}")
     steady = run.commit_times
+    if len(steady) < 3:
+        raise SystemExit(f"{len(steady)} commit(s): too few shards to time (raise --scale)")
     span = steady[-1] - steady[0]
     after = len(steady) - 1
     rate = after * run.images / len(shards) / span
@@ -205,15 +207,17 @@ def main() -> None:
             shards = make_pool(work / f"pool{source}", n, source, max(1, round(10 * args.scale)),
                                shard_size=shard)  # fmt: skip
             rows = pool_rows(shards)
+            runs: dict[int, list[dict]] = {}
             # the driver's threads (Ray's included, started by ray.init) inherit its core
             os.sched_setaffinity(0, {DRIVER_CORE})
-            runs: dict[int, list[dict]] = {}
-            for _ in range(args.repeat):
-                for nodes in args.nodes:
-                    r = run_on(nodes, shards, rows, ckpt, work, args)
-                    runs.setdefault(nodes, []).append(r)
-                    print(describe(source, r), flush=True)
-            os.sched_setaffinity(0, range(os.cpu_count() or 1))
+            try:
+                for _ in range(args.repeat):
+                    for nodes in args.nodes:
+                        r = run_on(nodes, shards, rows, ckpt, work, args)
+                        runs.setdefault(nodes, []).append(r)
+                        print(describe(source, r), flush=True)
+            finally:
+                os.sched_setaffinity(0, range(os.cpu_count() or 1))
             base = min(args.nodes)
             mean = {k: sum(r["rows_s"] for r in v) / len(v) for k, v in runs.items()}
             for nodes in sorted(mean):

@@ -6,6 +6,7 @@ in the benchmarks' own output (`benchmarks/RESULTS.md`), not in a test on a shar
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -222,6 +223,7 @@ def test_commit_ceiling_fits_the_driver_cost_over_paced_runs():
     assert fit, out
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="writer_scaling.py needs a core per node")
 def test_writer_scaling_commits_on_the_nodes_that_staged_the_rows():
     # 112 px at this scale: 10 copies of 2,048 rows in shards of 512
     out = run_benchmark("writer_scaling.py", "--scale", "1")

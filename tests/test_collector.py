@@ -156,6 +156,39 @@ def test_a_commit_retried_after_it_committed_reports_the_shard_again(tmp_path, s
     assert not list_parts(staging_dir(job, a))
 
 
+def test_a_commit_whose_fragments_vanish_reports_the_shard_another_attempt_committed(
+    tmp_path, small_blocks, monkeypatch
+):
+    # A committer taken for lost may still run: a second attempt finds no parts yet, then
+    # finds the fragments gone, which the first removes only after writing both parts.
+    from fiqa import storage
+
+    a = write_tar(tmp_path / "a.tar", labeled_members(ROWS) + [("bad.jpg", b"junk")])
+    job = ScoreJob(shards=[a], out_dir=str(tmp_path / "out"), source="x", require_label=True,
+                   scoring=small_blocks)  # fmt: skip
+    ledger = ShardLedger()
+    (done,) = [d for batch in batches_for(a, job) for d in ledger.add(write_fragments(batch, job))]
+    staged = list_parts(staging_dir(job, a))
+    kept = {p: open(p, "rb").read() for p in staged[:1]}
+    first = commit_shard(job, done.url, done.total)
+    exists, asked = storage.exists, []
+
+    def before_the_first_wrote(path):
+        asked.append(path)
+        return len(asked) > 1 and exists(path)
+
+    monkeypatch.setattr(storage, "exists", before_the_first_wrote)
+    assert commit_shard(job, done.url, done.total) == first  # nothing left staged
+    for p, data in kept.items():  # one fragment left: the first attempt's removal under way
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        open(p, "wb").write(data)
+    asked.clear()
+    assert commit_shard(job, done.url, done.total) == first
+    monkeypatch.setattr(storage, "exists", lambda path: False)  # and never committed: an error
+    with pytest.raises(RuntimeError, match="distinct rows staged"):
+        commit_shard(job, done.url, done.total)
+
+
 def test_labeled_rows_keep_their_label_as_score(tmp_path):
     a = write_tar(tmp_path / "a.tar", labeled_members(3))
     job = ScoreJob(shards=[a], out_dir=str(tmp_path / "o"), source="labeled", require_label=True)

@@ -53,15 +53,17 @@ def test_each_shard_is_committed_on_the_node_that_staged_it(tmp_path, monkeypatc
     assert pq.read_table(list_parts(job.out_dir + "/labels")).num_rows == 2 * (ROWS + 4)
 
 
-def test_a_shard_whose_node_is_gone_is_committed_by_another_committer(
+def test_the_shards_of_a_node_that_is_gone_are_committed_by_another_committer(
     tmp_path, monkeypatch, local_ray
 ):
-    job, (shard,) = staged(tmp_path, monkeypatch, ["a"])
+    job, done = staged(tmp_path, monkeypatch, list("abcdef"))
     gone = "ab" * 28  # a node id no node of this Ray has: its committer can never be placed
     commits = Committers(job)
-    commits.submit(shard._replace(node=gone))
-    assert dict(commits.finished(wait=True)) == {
-        shard.url: {"scored": ROWS + 4, "rejected": 0, "reasons": {}}
-    }
+    for shard in done:  # 4 sent to the node's committer at once, 2 waiting behind them
+        commits.submit(shard._replace(node=gone))
+    counts = dict(commits.finished(wait=True))
+    assert counts == {d.url: {"scored": ROWS + 4, "rejected": 0, "reasons": {}} for d in done}
     assert commits.gone == {gone}
     assert list(commits.actors) == [local_ray.get_runtime_context().get_node_id()]
+    # each shard sent to the lost committer failed there once; the waiting ones never went
+    assert sorted(commits.lost.values()) == [1, 1, 1, 1]

@@ -80,11 +80,14 @@ def commit_shard(job: ScoreJob, url: str, total: int) -> dict:
     if storage.exists(labels):  # an earlier attempt committed it, then died (its node lost)
         storage.rm(stage)
         return _committed_counts(job, name)
-    table = pa.concat_tables([read_part(f) for f in list_parts(stage)])
-    rows, first = np.unique(table.column("row").to_numpy(), return_index=True)
-    if len(rows) != total or (total and (rows[0] != 0 or rows[-1] != total - 1)):
-        raise RuntimeError(f"{url}: {len(rows)} distinct rows staged of {total}")
-    table = table.take(pa.array(first))  # one copy of each row, in the shard's order
+    try:
+        table = _staged_rows(stage, url, total)
+    except (FileNotFoundError, RuntimeError):
+        # An attempt taken for lost may still have been running: its fragments go only after
+        # its parts are written, so a shard whose fragments went missing is committed.
+        if storage.exists(labels):
+            return _committed_counts(job, name)
+        raise
     reason = table.column("reason").to_numpy(zero_copy_only=False)
     ok = reason == ""
     rejected = table.filter(pa.array(~ok))
@@ -101,6 +104,18 @@ def commit_shard(job: ScoreJob, url: str, total: int) -> dict:
     storage.rm(stage)
     reasons = Counter(str(r).split(":")[0] for r in reason[~ok])
     return {"scored": int(ok.sum()), "rejected": int((~ok).sum()), "reasons": dict(reasons)}
+
+
+def _staged_rows(stage: str, url: str, total: int) -> pa.Table:
+    """The rows staged for shard ``url``, one copy of each of its ``total``, in its order."""
+    parts = list_parts(stage)
+    if not parts:
+        raise RuntimeError(f"{url}: nothing staged of {total} rows")
+    table = pa.concat_tables([read_part(f) for f in parts])
+    rows, first = np.unique(table.column("row").to_numpy(), return_index=True)
+    if len(rows) != total or (total and (rows[0] != 0 or rows[-1] != total - 1)):
+        raise RuntimeError(f"{url}: {len(rows)} distinct rows staged of {total}")
+    return table.take(pa.array(first))
 
 
 class ShardCommitter:

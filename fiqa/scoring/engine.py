@@ -188,7 +188,7 @@ class Committers:
         self.gone: set[str] = set()  # nodes whose committer died
         self.waiting: dict[str, deque[Complete]] = defaultdict(deque)
         self.busy: Counter[str] = Counter()
-        self.running: dict = {}  # ObjectRef -> (the shard, its committer's node)
+        self.running: dict = {}  # ObjectRef -> (the shard, its committer's node, the actor)
         self.lost: Counter[str] = Counter()  # shard URL -> committers lost under it
 
     def submit(self, shard: Complete) -> None:
@@ -219,10 +219,23 @@ class Committers:
     def _start(self) -> None:
         for node, queue in self.waiting.items():
             while queue and self.busy[node] < self.PER_NODE:
-                shard = queue.popleft()
-                ref = self._committer(node).commit.remote(shard.url, shard.total)
-                self.running[ref] = (shard, node)
+                shard, actor = queue.popleft(), self._committer(node)
+                self.running[actor.commit.remote(shard.url, shard.total)] = (shard, node, actor)
                 self.busy[node] += 1
+
+    def _lost(self, node: str, actor, shard: Complete, error: Exception) -> None:
+        """``actor``, the committer of ``node``, died under ``shard``: the node's shards go to
+        another committer, and so do its later ones."""
+        self.lost[shard.url] += 1
+        if self.lost[shard.url] >= self.TRIES:
+            raise RuntimeError(f"{self.TRIES} committers died committing {shard.url}") from error
+        if self.actors.get(node) is actor:  # not a newer committer of the node
+            del self.actors[node]
+            if node:  # "" is no node: its next committer goes wherever Ray places it
+                self.gone.add(node)
+            log.warning("the shard committer of node %s is gone: %s", node or "(any)", error)
+        queue = [shard, *self.waiting.pop(node, ())] if node in self.gone else [shard]
+        self.waiting[self._fallback() if node in self.gone else node].extend(queue)
 
     def finished(self, wait: bool = False) -> list[tuple[str, dict]]:
         """The commits done since the last call; with ``wait``, all of them."""
@@ -234,20 +247,12 @@ class Committers:
             if not ready:
                 break
             for ref in ready:
-                shard, node = self.running.pop(ref)
+                shard, node, actor = self.running.pop(ref)
                 self.busy[node] -= 1
                 try:
                     out.append((shard.url, self.ray.get(ref)))
                 except (RayActorError, ActorUnschedulableError) as e:
-                    self.lost[shard.url] += 1
-                    if self.lost[shard.url] >= self.TRIES:
-                        raise RuntimeError(
-                            f"{self.TRIES} committers died committing {shard.url}"
-                        ) from e
-                    if self.actors.pop(node, None) is not None:
-                        self.gone.add(node)
-                        log.warning("the shard committer of node %s is gone: %s", node, e)
-                    self.waiting[self._fallback()].append(shard)
+                    self._lost(node, actor, shard, e)
             self._start()
         return out
 

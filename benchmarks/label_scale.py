@@ -113,7 +113,7 @@ def run_label(cmd: list[str], out: Path, stop_after_parts: int | None = None) ->
         if stop_after_parts and parts is not None and len(parts) >= stop_after_parts:
             kill_tree(proc)
             break
-        time.sleep(0.5)
+        time.sleep(0.1 if stop_after_parts else 0.5)  # shards may commit several a second
     seconds = time.perf_counter() - t0
     log = proc.stdout.read()
     if not stop_after_parts and proc.returncode != 0:
@@ -198,6 +198,8 @@ def main() -> None:
             half = n // shard // 2
             killed = run_label(cmd, out, stop_after_parts=half)
             done = len(list_parts(str(out / "labels")))
+            if done >= n // shard:
+                raise SystemExit(f"the kill came after the last of {done} commits: more shards")
             rerun = run_label(cmd, out)
             rerun |= check_exactly_once(out, n)
             scored_again = json.loads((out / "label_summary.json").read_text())["shards"]

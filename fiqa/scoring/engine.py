@@ -162,8 +162,9 @@ def _scorer_kwargs(job: ScoreJob) -> dict:
 
 
 class Committers:
-    """`commit_shard` in one actor per node that stages fragments, on that node (the node of
-    a shard's last fragment), at most `PER_NODE` shards at once on each.
+    """`commit_shard` in one actor per node with CPUs (started with the stream; on a node
+    that joins later, at its first shard), each shard on the node of its last fragment, at
+    most `PER_NODE` shards at once on each.
 
     Actors, not tasks: Ray keeps no more idle task workers on a node than it has CPUs and
     kills the rest after a second, so commit tasks beside the decode tasks had Ray start a
@@ -190,6 +191,11 @@ class Committers:
         self.busy: Counter[str] = Counter()
         self.running: dict = {}  # ObjectRef -> (the shard, its committer's node, the actor)
         self.lost: Counter[str] = Counter()  # shard URL -> committers lost under it
+        # Started with the stream, not at its first complete shard: an actor's worker takes
+        # a second or two to start, while the shards it should commit pile up.
+        for n in ray.nodes():
+            if n["Alive"] and n["Resources"].get("CPU"):
+                self._committer(n["NodeID"])
 
     def submit(self, shard: Complete) -> None:
         node = shard.node or ""

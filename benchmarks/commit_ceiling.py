@@ -163,6 +163,13 @@ def fit_ceiling(points: list[tuple[float, float]]) -> str:
 POOLS = {32: (8192, 2048), 112: (2048, 512), 512: (512, 512)}
 
 
+def make_ceiling_pool(work: Path, source: int, scale: float) -> tuple[list[str], int]:
+    """`POOLS`' pool of ``source`` px at ``scale``: its shards and its rows."""
+    images, shard = POOLS[source]
+    n, copies = max(256, int(images * scale)), max(1, round(10 * scale))
+    return make_pool(work / f"pool{source}", n, source, copies, shard_size=shard), n * copies
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scale", type=float, default=1.0, help="multiply the pools' sizes")
@@ -196,10 +203,7 @@ def main() -> None:
     try:
         ckpt = make_checkpoint("mobilenetv3_small_100", work / "model")
         for source in args.sources:
-            images, shard = POOLS[source]
-            n = max(256, int(images * args.scale))
-            copies = max(1, round(10 * args.scale))
-            shards = make_pool(work / f"pool{source}", n, source, copies, shard_size=shard)
+            shards, _ = make_ceiling_pool(work, source, args.scale)
             for k, mb in itertools.product(args.shards_per_task, args.block_mb):
                 stream.MAX_SHARDS_PER_TASK, stream.BLOCK_BYTES = k, mb * 2**20
                 name = f"{source} px sources, up to {k} shard(s) a decode task, {mb} MB blocks"

@@ -30,11 +30,10 @@ import threading
 from pathlib import Path
 
 import psutil
-from commit_ceiling import POOLS, InstantScorer, read_only
-from harness import cpu_model, label_run, make_checkpoint, make_pool
+from commit_ceiling import POOLS, InstantScorer, make_ceiling_pool, read_only
+from harness import cpu_model, label_run, make_checkpoint
 
 from fiqa.config import ScoringConfig
-from fiqa.data.reader import read_shard
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))  # the test bed's cluster
@@ -119,12 +118,6 @@ def daemon_title(argv: list[str]) -> str:
     return prog
 
 
-def pool_rows(shards: list[str]) -> int:
-    """Rows in ``shards`` (the pools' shards hold ``commit_ceiling.POOLS``' shard size, the
-    last of each copy fewer), counted from the tars."""
-    return sum(sum(1 for _ in read_shard(s, "mos")) for s in shards)
-
-
 def nodes_running(ran: dict[str, set[str]], title: str) -> list[str]:
     return sorted(n for n, titles in ran.items() if any(t.startswith(title) for t in titles))
 
@@ -202,11 +195,7 @@ def main() -> None:
     try:
         ckpt = make_checkpoint("mobilenetv3_small_100", work / "model")
         for source in args.sources:
-            images, shard = POOLS[source]
-            n = max(256, int(images * args.scale))
-            shards = make_pool(work / f"pool{source}", n, source, max(1, round(10 * args.scale)),
-                               shard_size=shard)  # fmt: skip
-            rows = pool_rows(shards)
+            shards, rows = make_ceiling_pool(work, source, args.scale)
             runs: dict[int, list[dict]] = {}
             # the driver's threads (Ray's included, started by ray.init) inherit its core
             os.sched_setaffinity(0, {DRIVER_CORE})

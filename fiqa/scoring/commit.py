@@ -8,9 +8,9 @@ node died, it finds the shard committed (the staged fragments may be gone) and r
 granularity.
 
 The driver holds only a count per shard in flight (`ShardLedger`); the rows themselves were
-staged where they were scored (`fiqa.scoring.fragments`) and are merged by `commit_shard`, in
-an actor (`ShardCommitter`) on a node that staged them. Keys repeated across shards are settled once
-all shards are committed (`fiqa.scoring.unique_keys`).
+staged where they were scored (`fiqa.scoring.fragments`) and are merged by `commit_shard`,
+in an actor (`ShardCommitter`) on a node that staged them. Keys repeated across shards are
+settled once all shards are committed (`fiqa.scoring.unique_keys`).
 """
 
 from __future__ import annotations

@@ -168,7 +168,7 @@ class Committers:
 
     Actors, not tasks: Ray keeps no more idle task workers on a node than it has CPUs and
     kills the rest after a second, so commit tasks beside the decode tasks had Ray start a
-    new worker process (1 to 2 s of CPU) every few shards (benchmarks/writer_scaling.py).
+    new worker process every few shards (benchmarks/writer_scaling.py).
     They ask for no CPU: a commit is mostly storage I/O, and one that waited for the
     stream's tasks and actors to free a CPU would hold its shard back for nothing. Pinned to
     their node (Ray's soft affinity placed CPU-less actors on the head, which on KubeRay has
@@ -193,22 +193,22 @@ class Committers:
         self.lost: Counter[str] = Counter()  # shard URL -> committers lost under it
         # Started with the stream, not at its first complete shard: an actor's worker takes
         # a second or two to start, while the shards it should commit pile up.
-        for n in ray.nodes():
-            if n["Alive"] and n["Resources"].get("CPU"):
-                self._committer(n["NodeID"])
+        for node in self._nodes_with_cpus():
+            self._committer(node)
 
     def submit(self, shard: Complete) -> None:
         node = shard.node or ""
         self.waiting[self._fallback() if node in self.gone else node].append(shard)
         self._start()
 
+    def _nodes_with_cpus(self) -> list[str]:
+        return [n["NodeID"] for n in self.ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+
     def _fallback(self) -> str:
         """A node whose committer is alive, else a live node with CPUs, else "" (anywhere)."""
         alive = next((n for n in self.actors if n), None)
         if alive is None:
-            nodes = self.ray.nodes()
-            ok = (n["NodeID"] for n in nodes if n["Alive"] and n["Resources"].get("CPU"))
-            alive = next((n for n in ok if n not in self.gone), "")
+            alive = next((n for n in self._nodes_with_cpus() if n not in self.gone), "")
         return alive
 
     def _committer(self, node: str):
@@ -240,8 +240,10 @@ class Committers:
             if node:  # "" is no node: its next committer goes wherever Ray places it
                 self.gone.add(node)
             log.warning("the shard committer of node %s is gone: %s", node or "(any)", error)
-        queue = [shard, *self.waiting.pop(node, ())] if node in self.gone else [shard]
-        self.waiting[self._fallback() if node in self.gone else node].extend(queue)
+        if node in self.gone:
+            self.waiting[self._fallback()].extend([shard, *self.waiting.pop(node, ())])
+        else:
+            self.waiting[node].append(shard)
 
     def finished(self, wait: bool = False) -> list[tuple[str, dict]]:
         """The commits done since the last call; with ``wait``, all of them."""

@@ -3,10 +3,10 @@
 The scoring actors (or, when no model runs, the decode tasks) write every batch they finish
 as one staged fragment per shard it holds, ``<out_dir>/_staging/<part>/<first row>-<n>``,
 and pass on only a line per fragment (shard, rows, ``shard_total``, the writer's node). The
-driver counts those
-lines (`fiqa.scoring.commit.ShardLedger`) and, once a shard's rows are all staged, has a
-task merge its fragments into the shard's parts (`fiqa.scoring.commit.commit_shard`), on a
-node that staged them. No image byte goes through the driver or its node.
+driver counts those lines (`fiqa.scoring.commit.ShardLedger`) and, once a shard's rows are
+all staged, has the committer of a node that staged them merge its fragments into the
+shard's parts (`fiqa.scoring.commit.commit_shard`). No image byte goes through the driver
+or its node.
 
 A fragment is written whole (`fiqa.data.tables.write_part`) before its line leaves, so a
 counted row is a staged row. A batch retried after its actor died may stage its rows

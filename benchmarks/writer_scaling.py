@@ -6,12 +6,15 @@ task that reads the tar and decodes nothing) on a real Ray cluster on 127.0.0.1
 (`tests/ray_cluster.py`): a head with no CPUs of its own, as on KubeRay, and N worker nodes,
 each a raylet of its own pinned to one core of this machine, as a machine brings its own
 CPU. The driver and the head run on core 0, which a second node shares on a 2-core machine.
-The actors stage their rows and each node's committer merges them, so rows/s should grow
-with the nodes wherever the cores do not run short; the processes seen per node show
-whether Ray kept starting workers (1 to 2 s of CPU each).
+With ``--node-share F`` each node is instead held to F of a core (a CPU cgroup) on the cores
+the driver does not use, so that N nodes have N times one node's CPU and none of the
+driver's even on 2 cores. The actors stage their rows and each node's committer merges
+them, so rows/s should grow with the nodes wherever the nodes are the limit; the processes
+seen per node show whether Ray kept starting workers (1 to 2 s of CPU each).
 
     python benchmarks/writer_scaling.py                          # 112 px, 1 then 2 nodes
     python benchmarks/writer_scaling.py --sources 112 512 --repeat 2 --scale 2
+    python benchmarks/writer_scaling.py --node-share 0.45 --repeat 2   # root: cgroups
 
 Each configuration gets a fresh cluster; ``--repeat`` alternates them (1, 2, 1, 2 nodes).
 Rows/s are counted from the first commit to the last; "CPU by node" is the CPU time of each
@@ -38,14 +41,17 @@ from fiqa.config import ScoringConfig
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))  # the test bed's cluster
 
-from ray_cluster import LocalCluster  # noqa: E402
+from ray_cluster import CpuCap, LocalCluster  # noqa: E402
 
 DRIVER_CORE = 0
 
 
-def node_cores(nodes: int) -> list[set[int]]:
-    """One core per node: cores 1, 2, ... then round to core 0 (the driver's) and on."""
+def node_cores(nodes: int, share: float | None = None) -> list[set[int]]:
+    """Without a share, one core per node: cores 1, 2, ... then round to core 0 (the
+    driver's) and on. With one, every node on all the cores but the driver's."""
     n = os.cpu_count() or 1
+    if share:
+        return [set(range(n)) - {DRIVER_CORE}] * nodes
     return [{(1 + i) % n} for i in range(nodes)]
 
 
@@ -129,8 +135,8 @@ def run_on(nodes: int, shards: list[str], rows: int, ckpt: str, work: Path, args
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
     cluster = LocalCluster(env, object_store_mb=args.object_store_mb, head_cores={DRIVER_CORE})
     try:
-        for i, cores in enumerate(node_cores(nodes)):
-            cluster.add_node(f"n{i}", cpus=args.node_cpus, cores=cores)
+        for i, cores in enumerate(node_cores(nodes, args.node_share)):
+            cluster.add_node(f"n{i}", cpus=args.node_cpus, cores=cores, cpu_share=args.node_share)
         cfg = ScoringConfig(
             batch_size=args.batch_size, concurrency=nodes, num_cpus=0.5, num_gpus=0.0
         )
@@ -139,6 +145,7 @@ def run_on(nodes: int, shards: list[str], rows: int, ckpt: str, work: Path, args
                 ckpt, shards, work / "out", cfg, scorer=InstantScorer, decode=read_only,
                 address=cluster.gcs_address,
             )  # fmt: skip
+        throttled = {name: cap.throttled() for name, cap in cluster.caps.items()}
     finally:
         cluster.stop()
     if run.stats["shards"] != len(shards) or run.images != rows:
@@ -154,24 +161,29 @@ def run_on(nodes: int, shards: list[str], rows: int, ckpt: str, work: Path, args
     return {"nodes": nodes, "rows_s": rate, "mib_s": mib, "driver_busy": busy,
             "driver_ms_per_1000": 1e6 * busy / rate, "seconds": run.seconds, "rows": run.images,
             "cpu_by_node": cpu.by_node(), "by_title": cpu.spent,
-            "processes": {k: len(v) for k, v in cpu.pids.items()},
+            "processes": {k: len(v) for k, v in cpu.pids.items()}, "throttled": throttled,
             "actors_on": nodes_running(cpu.ran, "ray::MapWorker("),
             "committers_on": nodes_running(cpu.ran, "ray::ShardCommitter")}  # fmt: skip
 
 
-def describe(source: int, r: dict) -> str:
+def describe(source: int, r: dict, share: float | None) -> str:
     """A run's lines: rows/s, the driver's CPU, each node's CPU and processes, the top users."""
-    cores = ", ".join(str(min(c)) for c in node_cores(r["nodes"]))
+    cores = ", ".join(",".join(map(str, sorted(c))) for c in node_cores(r["nodes"], share))
+    held = f", each held to {share:g} of a core" if share else ""
     by_node = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(r["cpu_by_node"].items()))
     procs = ", ".join(f"{k} {v}" for k, v in sorted(r["processes"].items()))
+    throttled = "".join(
+        f"; {k} out of its share in {100 * v:.0f} % of periods"
+        for k, v in sorted(r["throttled"].items())
+    )
     top = sorted(r["by_title"].items(), key=lambda kv: -kv[1])[:6]
     return (
-        f"{source} px, {r['nodes']} node(s) on core(s) {cores}: {r['rows']:,} rows, "
+        f"{source} px, {r['nodes']} node(s) on core(s) {cores}{held}: {r['rows']:,} rows, "
         f"{r['rows_s']:,.0f} rows/s, {r['mib_s']:.1f} MiB/s after the first commit; driver "
         f"{r['driver_ms_per_1000']:.1f} ms CPU per 1,000 rows (busy {100 * r['driver_busy']:.0f} %)\n"
         f"    scoring actors on {', '.join(r['actors_on'])}; shard committers on "
         f"{', '.join(r['committers_on']) or 'none seen'}\n"
-        f"    CPU by node: {by_node}; processes seen: {procs}\n"
+        f"    CPU by node: {by_node}; processes seen: {procs}{throttled}\n"
         f"    most CPU: " + ", ".join(f"{n} {t} {v:.1f} s" for (n, t), v in top)
     )
 
@@ -185,9 +197,21 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--node-cpus", type=int, default=2, help="logical CPUs each node declares")
     p.add_argument("--object-store-mb", type=int, default=1024, help="each node's")
+    p.add_argument(
+        "--node-share", type=float, help="hold each node to this share of a core (cgroups)"
+    )
     args = p.parse_args()
-    if (os.cpu_count() or 1) < 2:
+    cores = os.cpu_count() or 1
+    if cores < 2:
         sys.exit("writer_scaling.py needs 2 cores or more: one node per core")
+    if args.node_share is not None:
+        if not CpuCap.available():
+            sys.exit("--node-share needs a writable cgroup CPU controller (run as root)")
+        if not 0 < args.node_share * max(args.nodes) <= cores - 1:
+            sys.exit(
+                f"--node-share {args.node_share} x {max(args.nodes)} nodes must fit the "
+                f"{cores - 1} core(s) beside the driver's"
+            )
     os.environ.pop("RAY_ADDRESS", None)
     os.environ["RAY_AUTH_MODE"] = "disabled"  # as the cluster's nodes run (tests/ray_cluster.py)
     print(f"# {cpu_model()}, {os.cpu_count()} CPUs; driver and head on core {DRIVER_CORE}")
@@ -204,7 +228,7 @@ def main() -> None:
                     for nodes in args.nodes:
                         r = run_on(nodes, shards, rows, ckpt, work, args)
                         runs.setdefault(nodes, []).append(r)
-                        print(describe(source, r), flush=True)
+                        print(describe(source, r, args.node_share), flush=True)
             finally:
                 os.sched_setaffinity(0, range(os.cpu_count() or 1))
             base = min(args.nodes)

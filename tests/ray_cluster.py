@@ -6,8 +6,10 @@ store, its own logical CPUs and a custom resource ``node:<name>``-like marker
 (``fiqa_node_<name>: 1``) so that placement can be asserted and steered. Each
 `ray start --block` runs in a session of its own: `kill_node` SIGKILLs one node's
 whole process tree (its raylet, agents and workers) without grace, as a spot
-instance vanishes; `add_node` brings a replacement. Teardown stops exactly the
-processes the cluster started (never `ray stop`, which stops every Ray of the user).
+instance vanishes; `add_node` brings a replacement. A node can be held to some cores of
+this machine, and to a share of a core (`CpuCap`, a CPU cgroup), as a machine of its own
+brings only its own CPU. Teardown stops exactly the processes the cluster started (never
+`ray stop`, which stops every Ray of the user).
 
 The ``ray_cluster`` fixture is a head with no CPUs of its own (as on KubeRay, the
 driver's node runs no tasks) and two 2-CPU worker nodes.
@@ -42,6 +44,72 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+class CpuCap:
+    """A CPU cgroup that holds the processes started in it, and their children, to ``share``
+    of one core (cgroup v1 ``cpu.cfs_quota_us`` or v2 ``cpu.max``, over 100 ms periods).
+
+    Needs a writable cgroup file system (root, or a delegated subtree): `CpuCap.available`
+    says whether this machine has one.
+    """
+
+    PERIOD_US = 100_000
+    V1, V2 = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")
+
+    def __init__(self, name: str, share: float):
+        if share <= 0:
+            raise ValueError(f"a CPU share must be above 0, got {share}")
+        root, version = self._root()
+        self.path = root / name
+        self.path.mkdir()
+        quota = max(1000, round(share * self.PERIOD_US))
+        if version == 1:
+            (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+        else:
+            (self.path / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+
+    @classmethod
+    def _root(cls) -> tuple[Path, int]:
+        if (cls.V1 / "cpu.cfs_quota_us").exists():
+            return cls.V1, 1
+        controllers = cls.V2 / "cgroup.subtree_control"
+        if controllers.exists() and "cpu" in controllers.read_text().split():
+            return cls.V2, 2
+        raise OSError("no cgroup CPU controller (v1 cpu, or v2 with cpu enabled) found")
+
+    @classmethod
+    def available(cls) -> bool:
+        try:
+            root, _ = cls._root()
+        except OSError:
+            return False
+        return os.access(root, os.W_OK)
+
+    def join(self) -> None:
+        """Move the calling process into the cgroup (from a child's ``preexec_fn``)."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def throttled(self) -> float:
+        """The share of the cgroup's 100 ms periods so far in which it ran out of quota: near 1
+        when its processes wanted more CPU than the cap, as a node short of cores."""
+        stat = dict(line.split() for line in (self.path / "cpu.stat").read_text().splitlines())
+        return int(stat["nr_throttled"]) / max(1, int(stat["nr_periods"]))
+
+    def remove(self, timeout: float = 10) -> None:
+        """Remove the cgroup once its processes are gone (the kernel refuses it before)."""
+        deadline = time.time() + timeout
+        while True:
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
 
 
 def node_resource(name: str) -> str:
@@ -80,6 +148,7 @@ class LocalCluster:
         self.address = f"http://127.0.0.1:{self.dashboard_port}"  # the Jobs API
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"
         self.nodes: dict[str, subprocess.Popen] = {}
+        self.caps: dict[str, CpuCap] = {}
         self.killed: list[str] = []
         # node id -> name of every node seen: the state API lists a dead node without the
         # resources that name it
@@ -107,9 +176,16 @@ class LocalCluster:
 
     # -- nodes --------------------------------------------------------------------------------
 
-    def _start(self, name: str, args: list[str], cores: set[int] | None = None) -> None:
+    def _start(
+        self,
+        name: str,
+        args: list[str],
+        cores: set[int] | None = None,
+        cpu_share: float | None = None,
+    ) -> None:
         """``cores``: the machine's cores this node's processes may run on (all by default),
-        as a node of its own would have its own."""
+        as a node of its own would have its own; ``cpu_share``: the share of one core they
+        may use together (a `CpuCap`; none by default)."""
         names = [
             "dashboard-agent-listen-port",
             "dashboard-agent-grpc-port",
@@ -130,19 +206,35 @@ class LocalCluster:
             *args,
             *(f"--{k}={v}" for k, v in ports.items()),
         ]
+        cap = None
+        if name in self.caps:  # a node started again under a killed one's name
+            self.caps.pop(name).remove()
+        if cpu_share is not None:
+            cap = self.caps[name] = CpuCap(f"{os.path.basename(self.tmp)}-{name}", cpu_share)
+
+        def confine() -> None:  # in the child, before `ray start` runs
+            if cores:
+                os.sched_setaffinity(0, cores)
+            if cap:
+                cap.join()
+
         log = open(os.path.join(self.tmp, f"ray-start-{name}.log"), "w")
         self.nodes[name] = subprocess.Popen(
             cmd, env=self.env, cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
+            start_new_session=True, preexec_fn=confine if cores or cap else None,
         )  # fmt: skip
         log.close()
 
     def add_node(
-        self, name: str, cpus: int = 2, timeout: float = 120, cores: set[int] | None = None
+        self,
+        name: str,
+        cpus: int = 2,
+        timeout: float = 120,
+        cores: set[int] | None = None,
+        cpu_share: float | None = None,
     ) -> None:
-        """Start worker node ``name`` (on ``cores`` of this machine, default all) and wait
-        until the head counts it alive."""
+        """Start worker node ``name`` (on ``cores`` of this machine, default all; held to
+        ``cpu_share`` of a core, default no cap) and wait until the head counts it alive."""
         # Its own temp dir, as each machine has its own disk: nodes sharing one would share
         # runtime_resources/, and one node's runtime-env agent would delete what another's
         # job driver runs in.
@@ -152,6 +244,7 @@ class LocalCluster:
             name,
             [f"--address={self.gcs_address}", f"--num-cpus={cpus}", f"--temp-dir={temp}"],
             cores,
+            cpu_share,
         )
         deadline = time.time() + timeout
         while name not in self.alive().values():
@@ -296,6 +389,9 @@ class LocalCluster:
         for proc in self.nodes.values():
             proc.wait(timeout=10)
         left = self.own_pids()
+        for cap in self.caps.values():
+            with contextlib.suppress(OSError):  # held by a process left: asserted below
+                cap.remove()
         shutil.rmtree(self.tmp, ignore_errors=True)
         assert not left, f"processes of the test's Ray cluster still alive: {left}"
 

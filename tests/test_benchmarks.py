@@ -202,14 +202,14 @@ def test_decode_admission_counts_the_decode_tasks_of_each_buffer(tmp_path):
     assert (int(n), int(rejected)) == (1024, 0)
 
 
-def test_commit_ceiling_commits_every_row_of_both_pools():
-    out = run_benchmark("commit_ceiling.py", "--scale", "0.1")
-    for source in (112, 512):
-        head = rf"{source} px sources, up to 8 shard.s. a decode task, 32 MB blocks: 256 rows"
-        line = re.search(rf"{head}, .*: ([0-9,]+) rows/s, {RATE} MiB/s", out)
-        assert line and int(line[1].replace(",", "")) > 0, out
+def test_commit_ceiling_commits_every_row_and_profiles_the_driver():
+    # 112 px only: the 512 px pool takes 30 s to draw here, and runs the same code
+    out = run_benchmark("commit_ceiling.py", "--scale", "0.1", "--sources", "112")
+    head = r"112 px sources, up to 8 shard.s. a decode task, 32 MB blocks: 256 rows"
+    line = re.search(rf"{head}, .*: ([0-9,]+) rows/s, {RATE} MiB/s", out)
+    assert line and int(line[1].replace(",", "")) > 0, out
     shares = [float(s) for s in re.findall(r"([0-9.]+) % of the driver's time", out)]
-    assert len(shares) == 6 and all(0 <= s <= 100 for s in shares), out
+    assert len(shares) == 3 and all(0 <= s <= 100 for s in shares), out
 
 
 def test_commit_ceiling_fits_the_driver_cost_over_paced_runs():

@@ -64,11 +64,15 @@ class CpuCap:
         self.path = root / name
         self.path.mkdir()
         quota = max(1000, round(share * self.PERIOD_US))
-        if version == 1:
-            (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
-            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
-        else:
-            (self.path / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+        try:
+            if version == 1:
+                (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+                (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+            else:
+                (self.path / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+        except OSError:
+            self.path.rmdir()
+            raise
 
     @classmethod
     def _root(cls) -> tuple[Path, int]:
@@ -81,11 +85,13 @@ class CpuCap:
 
     @classmethod
     def available(cls) -> bool:
+        """Whether a cap can be made here: tried, as permissions alone do not tell (a
+        read-only mount, a user namespace)."""
         try:
-            root, _ = cls._root()
+            cls(f"fiqa-probe-{os.getpid()}", 1.0).remove()
         except OSError:
             return False
-        return os.access(root, os.W_OK)
+        return True
 
     def join(self) -> None:
         """Move the calling process into the cgroup (from a child's ``preexec_fn``)."""

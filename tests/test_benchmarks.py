@@ -203,7 +203,7 @@ def test_decode_admission_counts_the_decode_tasks_of_each_buffer(tmp_path):
 
 
 def test_commit_ceiling_commits_every_row_and_profiles_the_driver():
-    # 112 px only: the 512 px pool takes 30 s to draw here, and runs the same code
+    # 112 px only: the 512 px pool is slow to draw and runs the same code
     out = run_benchmark("commit_ceiling.py", "--scale", "0.1", "--sources", "112")
     head = r"112 px sources, up to 8 shard.s. a decode task, 32 MB blocks: 256 rows"
     line = re.search(rf"{head}, .*: ([0-9,]+) rows/s, {RATE} MiB/s", out)

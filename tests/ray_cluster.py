@@ -155,6 +155,7 @@ class LocalCluster:
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"
         self.nodes: dict[str, subprocess.Popen] = {}
         self.caps: dict[str, CpuCap] = {}
+        self.metrics_ports: dict[str, int] = {}  # each node's Prometheus endpoint
         self.killed: list[str] = []
         # node id -> name of every node seen: the state API lists a dead node without the
         # resources that name it
@@ -201,6 +202,7 @@ class LocalCluster:
             "object-manager-port",
         ]
         ports = dict(zip(names, free_ports(len(names)), strict=True))
+        self.metrics_ports[name] = ports["metrics-export-port"]
         cmd = [
             self._ray,
             "start",
@@ -343,6 +345,30 @@ class LocalCluster:
         raise TimeoutError(
             f"the head's Jobs API did not come up in {timeout} s (last answer: {last!r})\n"
             + self.logs_tail("head")
+        )
+
+    def wait_for_metrics(self, name: str, timeout: float = 120) -> str:
+        """Wait until node ``name``'s metrics agent serves Ray's own metrics; their text.
+
+        A process connects its metrics exporter to the agent once, at start, and gives up
+        (exporting nothing) if the agent is not up within a few retries: a driver that
+        must be seen in Prometheus connects after this."""
+        deadline, last = time.time() + timeout, None
+        url = f"http://127.0.0.1:{self.metrics_ports[name]}/metrics"
+        while time.time() < deadline:
+            self._check_running(name)
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    text = r.read().decode()
+                if "\nray_" in text:
+                    return text
+                last = "no ray_ metric yet"
+            except (urllib.error.URLError, OSError) as e:
+                last = e
+            time.sleep(1)
+        raise TimeoutError(
+            f"node {name}'s metrics agent did not serve in {timeout} s (last: {last!r})\n"
+            + self.logs_tail(name)
         )
 
     def logs_tail(self, name: str, chars: int = 3000) -> str:

@@ -193,15 +193,20 @@ def run_stages(
     only: str | None = None,
     force: bool = False,
     on_start: Callable[[], None] | None = None,
+    until: str | None = None,
 ) -> dict[str, str]:
-    """Run ``stages`` in order (or just ``only``); returns each stage's outcome."""
+    """Run ``stages`` in order (just ``only``, or those up to and including ``until``);
+    returns each stage's outcome."""
     if "://" not in cfg.run_dir:  # Ray workers run elsewhere than the driver's working directory
         cfg = dataclasses.replace(cfg, run_dir=os.path.abspath(cfg.run_dir))
     else:
         cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir.rstrip("/"))
     names = [s.name for s in stages]
-    if only is not None and only not in names:
-        raise ValueError(f"unknown stage {only!r}; stages are: {', '.join(names)}")
+    for name in (only, until):
+        if name is not None and name not in names:
+            raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(names)}")
+    if until is not None:
+        stages = stages[: names.index(until) + 1]
     storage.configure(cfg.storage)
     # Fail fast, before Ray starts: wrong credentials or a missing bucket are an
     # error in seconds, not after the first stage.

@@ -139,6 +139,17 @@ def test_the_job_survives_two_node_losses(multinode_run):
     assert {"teacher", "teacher_plus", "student"} <= set(report)
 
 
+def test_the_report_and_models_are_in_the_bucket(multinode_run):
+    fs, bucket = multinode_run["fs"], multinode_run["bucket"]
+    report = json.loads(fs.cat(f"{bucket}/run/evaluate/report.json"))
+    assert report["pseudo_label"]["unlabeled_1"]["labeled"] == U1_SHARDS * U1_SHARD_SIZE
+    assert "agreement" in report["pseudo_label"]["unlabeled_2"]  # truth CSV read from the bucket
+    for png in ("pred_vs_mos.png", "pseudo_label_hist.png", "training_curves.png"):
+        assert fs.size(f"{bucket}/run/evaluate/plots/{png}") > 5000
+    for sub in ("train_teacher", "train_teacher_plus", "distill_student/student"):
+        assert fs.exists(f"{bucket}/run/{sub}/model/model.json")
+
+
 def test_work_ran_on_several_nodes(multinode_run):
     from ray.util.state import list_actors, list_tasks
 

@@ -69,6 +69,20 @@ def test_a_stage_alone_needs_its_upstream(setup):
     assert run_stages(from_dict(raw), stages, only="b", force=True) == {"b": "ran"}
 
 
+def test_a_run_until_a_stage_stops_there_and_the_next_goes_on(setup):
+    raw, stages, calls = setup
+    assert run_stages(from_dict(raw), stages, until="b") == {"a": "ran", "b": "ran"}
+    assert [r["state"] for r in stage_states(from_dict(raw), stages)] == [
+        "done",
+        "done",
+        "pending",
+    ]
+    assert run_stages(from_dict(raw), stages) == {"a": "skipped", "b": "skipped", "c": "ran"}
+    assert calls == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="unknown stage 'z'"):
+        run_stages(from_dict(raw), stages, until="z")
+
+
 def test_a_stage_reads_the_shards_listed_and_fingerprinted_at_the_start(setup, tmp_path):
     """A run lists each shard spec once, when it starts; its stages read and fingerprint
     exactly those shards, and one that lands in the pool meanwhile waits for the next run."""

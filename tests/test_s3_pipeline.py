@@ -1,5 +1,5 @@
-"""The whole recipe with its inputs and its run directory in a bucket (moto's S3 server on
-127.0.0.1), interrupted three ways and resumed from the bucket alone:
+"""The recipe up to ``pseudo_label_2`` with its inputs and its run directory in a bucket
+(moto's S3 server on 127.0.0.1), interrupted three ways and resumed from the bucket alone:
 
 1. SIGKILL of the driver during ``pseudo_label_1``, after some shards were committed;
    the rerun scores only the other shards;
@@ -8,8 +8,9 @@
 3. the storage server stopped for several seconds as ``pseudo_label_2`` starts, then
    started again; the stage completes.
 
-Then: every key exactly once, ``fiqa status s3://...`` all done, a rerun does nothing,
-nothing on local disk, and the secret key in no output, object or log.
+Then: every key exactly once, ``fiqa status s3://...`` done up to there, a rerun does
+nothing, nothing on local disk, and the secret key in no output, object or log. The
+stages after it, in a bucket, run in `test_multinode`.
 """
 
 import io
@@ -35,6 +36,7 @@ from conftest import fiqa_cmd, reshard, tiny_config
 pytestmark = pytest.mark.slow
 
 STAGES = STAGE_NAMES
+UNTIL = "pseudo_label_2"  # the last stage interrupted here
 U1_SHARDS, U1_SHARD_SIZE = 12, 16  # small shards: a kill lands between shard commits
 OUTAGE_S = 8.0
 
@@ -46,7 +48,7 @@ class Run:
         self.log = workdir / f"{name}.log"
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(
-                [*fiqa_cmd(), *flags, "run", str(cfg_path)],
+                [*fiqa_cmd(), *flags, "run", str(cfg_path), "--until", UNTIL],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -177,7 +179,8 @@ def s3_pipeline(s3_server, tiny_data, tmp_path_factory):
     seen["status"] = [states[s] for s in STAGES]
     seen["logs"].append(out)
     seen["ray_tmp"] = ray_tmp
-    seen["manifests"] = {s: json.loads(fs.cat(key(f"{s}/manifest.json"))) for s in STAGES}
+    ran = STAGES[: STAGES.index(UNTIL) + 1]
+    seen["manifests"] = {s: json.loads(fs.cat(key(f"{s}/manifest.json"))) for s in ran}
     seen["fs"] = fs
     yield seen
     shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -228,16 +231,13 @@ def test_storage_outage_during_a_stage(s3_pipeline):
 
 
 def test_finished_run_in_the_bucket(s3_pipeline):
-    assert s3_pipeline["status"] == ["done"] * 6
+    done = STAGES.index(UNTIL) + 1
+    assert s3_pipeline["status"] == ["done"] * done + ["pending"] * (len(STAGES) - done)
     assert "ran 0 stage(s)" in s3_pipeline["run4"]
     fs, bucket = s3_pipeline["fs"], s3_pipeline["bucket"]
-    report = json.loads(fs.cat(f"{bucket}/run/evaluate/report.json"))
-    assert report["pseudo_label"]["unlabeled_1"]["labeled"] == U1_SHARDS * U1_SHARD_SIZE
-    assert "agreement" in report["pseudo_label"]["unlabeled_2"]  # truth CSV read from the bucket
-    for png in ("pred_vs_mos.png", "pseudo_label_hist.png", "training_curves.png"):
-        assert fs.size(f"{bucket}/run/evaluate/plots/{png}") > 5000
-    for sub in ("train_teacher", "train_teacher_plus", "distill_student/student"):
+    for sub in ("train_teacher", "train_teacher_plus"):
         assert fs.exists(f"{bucket}/run/{sub}/model/model.json")
+    assert not fs.exists(f"{bucket}/run/distill_student")  # the run stopped where it was told
     assert list((s3_pipeline["work"] / "cwd").iterdir()) == []  # nothing written locally
 
 

@@ -81,6 +81,7 @@ def _run(args: argparse.Namespace, only: str | None) -> int:
         only=only,
         force=getattr(args, "force", False),
         on_start=lambda: ensure_ray(cfg.ray, shared=shared_paths(cfg)),
+        until=getattr(args, "until", None),
     )
     ran = [k for k, v in outcome.items() if v == "ran"]
     print(
@@ -219,6 +220,13 @@ def add_run(sub: Any) -> None:
     s = sub.add_parser("run", help="run all stages (skipping finished ones)")
     s.add_argument("config", metavar="CONFIG", help="the run's YAML config")
     add_set(s, "train_teacher.epochs=3")
+    s.add_argument(
+        "--until",
+        choices=STAGE_NAMES,
+        metavar="STAGE",
+        help="stop after this stage (a later `fiqa run` goes on from there): "
+        + ", ".join(STAGE_NAMES),
+    )
     s.set_defaults(func=cmd_run)
 
 

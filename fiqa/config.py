@@ -74,6 +74,10 @@ class TrainConfig:
     # labels U1 again and a new teacher-plus learns from those labels.
     rounds: int = 1
     source_weights: dict[str, float] = field(default_factory=dict)  # per-source loss weights
+    # distill_student only: also train the student on the labeled table alone (as many
+    # optimizer steps), the baseline the report judges distillation against. False halves
+    # the stage's cost and the report then has no distillation comparison.
+    labeled_only_baseline: bool = True
     shuffle_buffer: int = 512  # rows; training starts once the buffer is full
     # Rows per worker per forward/backward; None: batch_size / num_workers. The global
     # batch stays batch_size: accumulation steps = batch_size / (num_workers * micro_batch_size).
@@ -327,6 +331,8 @@ def _validate(cfg: RunConfig) -> None:
                 f"{name}.source_weights: sources are labeled, pseudo_u1, pseudo_u2 with weights "
                 f">= 0; got {t.source_weights}"
             )
+        if name != "distill_student" and not t.labeled_only_baseline:
+            raise ConfigError(f"{name}.labeled_only_baseline: applies to distill_student only")
         if t.init_from not in ("scratch", "teacher"):
             raise ConfigError(
                 f"{name}.init_from: expected 'scratch' or 'teacher', got {t.init_from!r}"

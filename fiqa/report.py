@@ -171,6 +171,11 @@ def findings(report: dict) -> list[str]:
         elif model in report and baseline in report:  # a report written before intervals
             diff = report[model]["srcc"] - report[baseline]["srcc"]
             out.append(f"{title}: {model} - {baseline}: SRCC {diff:+.4f} (no interval).")
+        elif key == "distillation" and model in report:
+            out.append(
+                f"{title}: not judged, this run trained no labeled-only student "
+                "(distill_student.labeled_only_baseline: false)."
+            )
     if "student_teacher_gflops_ratio" in report:
         out.append(
             f"Cost: the student needs {100 * report['student_teacher_gflops_ratio']:.1f}% "

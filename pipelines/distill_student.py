@@ -33,13 +33,12 @@ def run(ctx: StageContext) -> dict:
         u1_table(ctx.run_dir, cfg.train_teacher_plus.rounds) + "/labels",
         f"{ctx.dir('pseudo_label_2')}/labels",
     ]
-    # equal optimizer steps: as many labeled rows an epoch as the distilled student reads
-    distilled_rows = table_rows([labeled, *pseudo])
+    students = [("student", [labeled, *pseudo], None)]
+    if t.labeled_only_baseline:
+        # equal optimizer steps: as many labeled rows an epoch as the distilled student reads
+        students.append(("student_labeled_only", [labeled], table_rows([labeled, *pseudo])))
     out = {}
-    for name, train_tables, epoch_rows in (
-        ("student", [labeled, *pseudo], None),
-        ("student_labeled_only", [labeled], distilled_rows),
-    ):
+    for name, train_tables, epoch_rows in students:
         job = TrainJob(
             name=name,
             arch=m.arch,

@@ -73,6 +73,8 @@ def test_semantic_checks():
         from_dict(minimal(train_teacher={"batch_size": 10, "num_workers": 3}))
     with pytest.raises(ConfigError, match="init_from"):
         from_dict(minimal(train_teacher_plus={"init_from": "nowhere"}))
+    with pytest.raises(ConfigError, match="train_teacher.labeled_only_baseline: applies to"):
+        from_dict(minimal(train_teacher={"labeled_only_baseline": False}))
     with pytest.raises(ConfigError, match=r"train_teacher_plus\.rounds"):
         from_dict(minimal(train_teacher_plus={"rounds": 0}))
     with pytest.raises(ConfigError, match=r"distill_student\.rounds.*belong"):

@@ -76,7 +76,12 @@ def multinode_run(ray_cluster, s3_server, tiny_data, tmp_path_factory):
     for p in reshard(tiny_data / "unlabeled_1", work / "u1", U1_SHARD_SIZE):
         fs.put_file(str(p), f"{bucket}/data/unlabeled_1/{p.name}")
 
-    cfg = tiny_config(tiny_data, f"s3://{bucket}/run", train_teacher_plus={"epochs": TP_EPOCHS})
+    cfg = tiny_config(
+        tiny_data,
+        f"s3://{bucket}/run",
+        train_teacher_plus={"epochs": TP_EPOCHS},
+        distill_student={"labeled_only_baseline": False},  # the ablation runs in test_pipeline_e2e
+    )
     for k in ("labeled_train", "labeled_val", "test", "unlabeled_1", "unlabeled_2"):
         cfg["data"][k] = f"{data}/{k}"
     cfg["data"]["unlabeled_1_truth"] = f"{data}/ground_truth/unlabeled_1.csv"
@@ -148,6 +153,9 @@ def test_the_report_and_models_are_in_the_bucket(multinode_run):
         assert fs.size(f"{bucket}/run/evaluate/plots/{png}") > 5000
     for sub in ("train_teacher", "train_teacher_plus", "distill_student/student"):
         assert fs.exists(f"{bucket}/run/{sub}/model/model.json")
+    # distill_student.labeled_only_baseline: false: no ablation student, trained or scored
+    assert "student_labeled_only" not in report
+    assert not fs.exists(f"{bucket}/run/distill_student/student_labeled_only")
 
 
 def test_work_ran_on_several_nodes(multinode_run):

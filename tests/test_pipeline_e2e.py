@@ -182,10 +182,18 @@ def test_status(finished_run):
 
 def test_changed_config_reruns_that_stage_and_those_after_it(finished_run):
     """A second self-training round: the teacher and PL(U1) are reused, round 2 relabels U1
-    with round 1's teacher-plus, and the student and the report follow round 2."""
+    with round 1's teacher-plus, and the student and the report follow round 2; without the
+    labeled-only student this time, which the report then does not judge against."""
     run_dir = finished_run["run_dir"]
     before = {s: manifest(run_dir, s)["output_id"] for s in STAGES}
-    proc = fiqa("run", str(finished_run["cfg"]), "--set", "train_teacher_plus.rounds=2")
+    proc = fiqa(
+        "run",
+        str(finished_run["cfg"]),
+        "--set",
+        "train_teacher_plus.rounds=2",
+        "--set",
+        "distill_student.labeled_only_baseline=false",
+    )
     assert "ran 4 stage(s) (train_teacher_plus, pseudo_label_2, distill_student, evaluate)" in (
         proc.stdout
     )
@@ -212,6 +220,7 @@ def test_changed_config_reruns_that_stage_and_those_after_it(finished_run):
     assert all("srcc" in r["pseudo_u1_agreement"] and "srcc" in r["val"] for r in rounds)
     md = (run_dir / "evaluate" / "report.md").read_text()
     assert "Self-training round 2: U1 labeled by train_teacher_plus/round_1:" in md
+    assert "student_labeled_only" not in report and "Distillation: not judged" in md
 
 
 def test_single_stage_alone(finished_run):

@@ -1,6 +1,6 @@
 """The report's headline table and findings: the last screen of a run and report.md."""
 
-from fiqa.report import _markdown, findings, headline_text
+from fiqa.report import _markdown, findings, headline_rows, headline_text
 
 MODELS = ("teacher", "teacher_plus", "student", "student_labeled_only")
 
@@ -197,3 +197,14 @@ def test_write_report_with_metrics_in_the_plot_titles(tmp_path):
     teacher = report["intervals"]["models"]["teacher"]["srcc"]
     assert teacher["low"] < teacher["value"] < teacher["high"] and teacher["value"] > 0.9
     assert "| teacher |" in (tmp_path / "report.md").read_text() and paths["plots"]
+
+
+def test_a_run_without_the_labeled_only_student_says_distillation_is_not_judged():
+    report = a_report()
+    del report["student_labeled_only"]
+    del report["intervals"]["models"]["student_labeled_only"]
+    del report["intervals"]["deltas"]["distillation"]
+    (note,) = notes_about(report, "Distillation")
+    assert "not judged" in note and "labeled_only_baseline: false" in note
+    assert [r[0] for r in headline_rows(report)[1:]] == ["teacher", "teacher_plus", "student"]
+    assert "student_labeled_only" not in _markdown(report, []).replace(note, "")

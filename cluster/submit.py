@@ -188,22 +188,31 @@ def config_fingerprint(shipped: dict[str, Any]) -> str:
     return hashlib.sha256(yaml.safe_dump(shipped, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def submission_base_id(run_dir: str, stage: str | None) -> str:
-    """``fiqa-<run name>-<stage or all>-<8 hex of run_dir>``: the same run, the same id."""
+def selection(stage: str | None, until: str | None = None) -> str:
+    """What a job runs: ``all``, one stage's name, or ``until <stage>``."""
+    return stage or (f"until {until}" if until else "all")
+
+
+def submission_base_id(run_dir: str, stage: str | None, until: str | None = None) -> str:
+    """``fiqa-<run name>-<stage, all or until-stage>-<8 hex of run_dir>``: the same run and
+    selection, the same id."""
     run_dir = run_dir.rstrip("/")
     digest = hashlib.sha256(run_dir.encode()).hexdigest()[:8]
     name = _slug(run_dir.rsplit("/", 1)[-1])
-    return f"fiqa-{name}-{(stage or 'all').replace('_', '-')}-{digest}"
+    what = selection(stage, until).replace("_", "-").replace(" ", "-")
+    return f"fiqa-{name}-{what}-{digest}"
 
 
 # The job's launcher, as shipped in its working_dir (see fiqa.cluster.job_launcher).
 LAUNCHER = "fiqa_job.py"
 
 
-def entrypoint(stage: str | None, config_name: str = "config.yaml") -> str:
+def entrypoint(
+    stage: str | None, config_name: str = "config.yaml", until: str | None = None
+) -> str:
     if stage:
         return f"python3 {LAUNCHER} stage {stage} {config_name}"
-    return f"python3 {LAUNCHER} run {config_name}"
+    return f"python3 {LAUNCHER} run {config_name}" + (f" --until {until}" if until else "")
 
 
 def package_code(dest: str | Path) -> Path:
@@ -260,16 +269,19 @@ def submit_run(
     cfg: RunConfig,
     stage: str | None = None,
     ship_code: bool = True,
+    until: str | None = None,
 ) -> tuple[str, bool]:
-    """Submit ``cfg`` (one ``stage``, or all) as a job; returns (submission id,
-    attached), attached being True when the same job was already active."""
+    """Submit ``cfg`` (one ``stage``, the stages ``until`` one, or all) as a job; returns
+    (submission id, attached), attached being True when the same job was already active."""
+    if stage and until:
+        raise ValueError("a job runs one stage or the stages until one, not both")
     shipped = job_config(cfg)
     run_dir = shipped["run_dir"]
     fingerprint = config_fingerprint(shipped)
-    base = submission_base_id(run_dir, stage)
+    base = submission_base_id(run_dir, stage, until)
     metadata = {
         "fiqa_run_dir": run_dir,
-        "fiqa_stage": stage or "all",
+        "fiqa_stage": selection(stage, until),
         "fiqa_config": fingerprint,
     }
     for _ in range(3):  # another submitter may take the id between listing and submitting
@@ -293,7 +305,7 @@ def submit_run(
             try:
                 return (
                     client.submit_job(
-                        entrypoint=entrypoint(stage),
+                        entrypoint=entrypoint(stage, until=until),
                         submission_id=submission_id,
                         runtime_env=runtime_env,
                         metadata=metadata,

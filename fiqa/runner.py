@@ -205,6 +205,7 @@ def run_stages(
     for name in (only, until):
         if name is not None and name not in names:
             raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(names)}")
+    total = len(stages)  # "[i/total]": a stage's place in the whole recipe
     if until is not None:
         stages = stages[: names.index(until) + 1]
     storage.configure(cfg.storage)
@@ -224,13 +225,13 @@ def run_stages(
         fp, inputs = stage_fingerprint(cfg, stage, manifests, shards)
         current = manifests.get(stage.name)
         if current and current.get("fingerprint") == fp and not (force and only):
-            log.info("[%d/%d] %s: up to date, skipped", i + 1, len(stages), stage.name)
+            log.info("[%d/%d] %s: up to date, skipped", i + 1, total, stage.name)
             outcome[stage.name] = "skipped"
             continue
         if not started and on_start:
             on_start()
             started = True
-        log.info("[%d/%d] %s: %s", i + 1, len(stages), stage.name, stage.description)
+        log.info("[%d/%d] %s: %s", i + 1, total, stage.name, stage.description)
         path = storage.join(cfg.run_dir, stage.name)
         finished = bool(current) and current.get("fingerprint") == fp
         _prepare_stage_dir(path, fp, fresh=finished)  # (only a forced rerun gets here finished)
@@ -252,7 +253,7 @@ def run_stages(
         storage.write_json(storage.join(path, "manifest.json"), manifest)  # the commit
         manifests[stage.name] = manifest
         outcome[stage.name] = "ran"
-        done = f"[{i + 1}/{len(stages)}] {stage.name}: done in {seconds:.1f} s"
+        done = f"[{i + 1}/{total}] {stage.name}: done in {seconds:.1f} s"
         log.info(done + (f": {manifest['headline']}" if manifest["headline"] else ""))
     return outcome
 

@@ -256,6 +256,12 @@ def test_the_launcher_runs_fiqa_or_names_what_is_missing(tmp_path, monkeypatch, 
     runtime_env = submit.build_runtime_env({"run_dir": "x"}, tmp_path)
     launcher = Path(runtime_env["working_dir"]) / submit.LAUNCHER
     assert submit.entrypoint(None) == f"python3 {submit.LAUNCHER} run config.yaml"
+    assert submit.entrypoint(None, until="pseudo_label_1").endswith(
+        "run config.yaml --until pseudo_label_1"
+    )
+    assert submit.submission_base_id("s3://b/run", None, "pseudo_label_1").startswith(
+        "fiqa-run-until-pseudo-label-1-"
+    )
     proc = subprocess.run(
         [sys.executable, str(launcher), "--version"], capture_output=True, text=True
     )

@@ -429,13 +429,14 @@ def test_attach_conflict_and_stop(head, tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_stage_runs_as_a_job_and_resubmitting_resumes(head, tiny_data, tmp_path):
-    # One stage (the whole recipe runs as a job in test_multinode, on a 3-node cluster)
+def test_a_run_until_a_stage_runs_as_a_job_and_resubmitting_resumes(head, tiny_data, tmp_path):
+    # The recipe up to its first stage (the whole recipe runs as a job in test_multinode, on
+    # a 3-node cluster; a single stage's job in test_failed_job_exits_nonzero_with_its_error)
     run_dir = tmp_path / "run"
     cfg = write_config(
         tmp_path / "c.yaml", tiny_config(tiny_data, run_dir, train_teacher={"epochs": 1})
     )
-    stage = ["--stage", "train_teacher"]
+    stage = ["--until", "train_teacher"]
     t0 = time.time()
     proc = fiqa(
         "submit", str(cfg), *stage, "--address", head.address, "--follow", env=head.env(),
@@ -445,7 +446,7 @@ def test_a_stage_runs_as_a_job_and_resubmitting_resumes(head, tiny_data, tmp_pat
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     sid = lines[0]
-    assert sid == submit.submission_base_id(str(run_dir), "train_teacher")
+    assert sid == submit.submission_base_id(str(run_dir), None, until="train_teacher")
     assert "[1/6] train_teacher: done in" in proc.stdout  # the job's logs, streamed
     assert "ran 1 stage(s) (train_teacher)" in proc.stdout
     assert f"job {sid} succeeded" in proc.stderr

@@ -38,7 +38,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)  # fails here, before any network call
     address = resolve_address(args.address, cfg.ray.address)
     client = connect(address)
-    submission_id, attached = submit_run(client, cfg, args.stage, ship_code=args.ship_code)
+    submission_id, attached = submit_run(
+        client, cfg, args.stage, ship_code=args.ship_code, until=args.until
+    )
     print(submission_id, flush=True)
     if attached:
         print(
@@ -48,7 +50,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         )
     else:
         print(
-            f"submitted {submission_id} to {address} ({args.stage or 'all stages'}); "
+            f"submitted {submission_id} to {address} "
+            f"({args.stage or (f'until {args.until}' if args.until else 'all stages')}); "
             f"logs: fiqa submit ... --follow, or ray job logs -f {submission_id}",
             file=sys.stderr,
         )
@@ -117,11 +120,15 @@ def add_submit(sub: Any) -> None:
     s.add_argument("config", metavar="CONFIG", help="the run's YAML config (checked here first)")
     s.add_argument("--address", help=ADDRESS_HELP)
     add_set(s, "train_teacher.epochs=3")
-    s.add_argument(
+    which = s.add_mutually_exclusive_group()
+    which.add_argument(
         "--stage",
         choices=STAGE_NAMES,
         metavar="STAGE",
         help="run only this stage: " + ", ".join(STAGE_NAMES),
+    )
+    which.add_argument(
+        "--until", choices=STAGE_NAMES, metavar="STAGE", help="stop after this stage"
     )
     s.add_argument("--wait", action="store_true", help="wait for the job; exit 1 if it fails")
     s.add_argument(

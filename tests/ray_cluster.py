@@ -347,8 +347,8 @@ class LocalCluster:
             + self.logs_tail("head")
         )
 
-    def wait_for_metrics(self, name: str, timeout: float = 120) -> str:
-        """Wait until node ``name``'s metrics agent serves Ray's own metrics; their text.
+    def wait_for_metrics(self, name: str, timeout: float = 120) -> None:
+        """Wait until node ``name``'s metrics agent serves Ray's own metrics.
 
         A process connects its metrics exporter to the agent once, at start, and gives up
         (exporting nothing) if the agent is not up within a few retries: a driver that
@@ -361,7 +361,7 @@ class LocalCluster:
                 with urllib.request.urlopen(url, timeout=5) as r:
                     text = r.read().decode()
                 if "\nray_" in text:
-                    return text
+                    return
                 last = "no ray_ metric yet"
             except (urllib.error.URLError, OSError) as e:
                 last = e

@@ -15,6 +15,7 @@ from fiqa.cluster.submit import (
     connect,
     follow,
     resolve_address,
+    selection,
     status_name,
     submit_run,
     wait_for,
@@ -49,9 +50,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     else:
+        what = selection(args.stage, args.until)
         print(
             f"submitted {submission_id} to {address} "
-            f"({args.stage or (f'until {args.until}' if args.until else 'all stages')}); "
+            f"({'all stages' if what == 'all' else what}); "
             f"logs: fiqa submit ... --follow, or ray job logs -f {submission_id}",
             file=sys.stderr,
         )

@@ -134,3 +134,22 @@ def worker_threads(t: TrainConfig) -> int:
     if t.use_gpu or cluster_may_grow():
         return reserved
     return max(reserved, int(_cluster()[0] or 1) // t.num_workers)
+
+
+def wait_for_free_cpu(timeout_s: float = 10.0, poll_s: float = 0.02) -> bool:
+    """Wait until the cluster's view of its resources shows a free CPU; return whether it did.
+
+    The view lags a finished job's release by tens of milliseconds, and Ray Data checks it
+    once before an eager execution (``materialize``), warning that the job "will hang" when
+    it sees none: that is the only reason to wait here.
+    """
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0.0) <= 0:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+    return True

@@ -3,7 +3,12 @@
 import pytest
 import ray
 
-from fiqa.cluster.resources import check_training, decode_task_slots, plan_scoring
+from fiqa.cluster.resources import (
+    check_training,
+    decode_task_slots,
+    plan_scoring,
+    wait_for_free_cpu,
+)
 from fiqa.config import ConfigError, ScoringConfig
 
 
@@ -13,6 +18,21 @@ def two_cpu_ray():
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)
     yield
     ray.shutdown()
+
+
+def test_waiting_for_a_free_cpu_ends_when_one_is_released(two_cpu_ray):
+    """What an eager Ray Data execution waits for after a job that held every CPU."""
+
+    @ray.remote(num_cpus=2)
+    class Holder:
+        def ready(self):
+            return True
+
+    holder = Holder.remote()
+    ray.get(holder.ready.remote())
+    assert not wait_for_free_cpu(timeout_s=0.3)  # both CPUs held: it gives up, saying so
+    ray.kill(holder)
+    assert wait_for_free_cpu(timeout_s=30)  # released: the view shows it within the wait
 
 
 def test_a_pool_that_would_starve_decoding_is_refused(two_cpu_ray):

@@ -11,6 +11,7 @@ Ray Data tasks import this module: it imports neither torch nor timm.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -127,6 +128,8 @@ def train_dataset(
 
 def val_slices(job: TrainJob, parts: list[str]) -> list[Any]:
     """The validation set decoded once, in one fixed slice per worker (whole rows, none dropped)."""
+    from fiqa.cluster.resources import wait_for_free_cpu
+
     val_ds = (
         read_parts(parts)
         .select_columns(["image", "score"])
@@ -137,6 +140,12 @@ def val_slices(job: TrainJob, parts: list[str]) -> list[Any]:
         )
     )
     val_ds.context.execution_options.preserve_order = job.train.deterministic
+    # (a job that just ended may still look as if it held every CPU; see the helper)
+    if not wait_for_free_cpu():
+        logging.getLogger(__name__).warning(
+            "no CPU of the cluster has been free for 10 s: decoding the validation set "
+            "waits for one"
+        )
     val_ds = val_ds.materialize()  # small and the same every epoch
     workers, n = job.train.num_workers, val_ds.count()
     cuts = [round(n * i / workers) for i in range(1, workers)]

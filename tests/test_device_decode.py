@@ -88,7 +88,8 @@ def test_which_images_go_to_the_gpu_decoder():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("resize,crop", [(72, 64), (128, 112), (384, 352), (512, 448)])
 def test_device_pixels_match_the_cpu_path(device, resize, crop):
-    images = faces(64) + [jpeg_bytes((300, 200), color=(30, 60, 200)), jpeg_bytes((90, 160))]
+    # more faces of one size than one resampling chunk (RESAMPLE_CHUNK), and two other sizes
+    images = faces(70) + [jpeg_bytes((300, 200), color=(30, 60, 200)), jpeg_bytes((90, 160))]
     got, reasons = decode_batch(images, resize, crop, torch.device(device))
     assert reasons == [None] * len(images) and got.shape == (len(images), crop, crop, 3)
     want = np.stack([decode_image(d, resize, crop=crop) for d in images]).astype(int)
@@ -187,6 +188,21 @@ def test_a_batch_with_one_bad_jpeg_is_decoded_image_by_image(device):
         assert reasons[1] is None  # libjpeg decodes what it can of a cut JPEG: so may the GPU
     except RejectedSample as e:
         assert reasons[1] == e.reason
+
+
+def test_a_refused_batch_is_said_once_loudly(monkeypatch, caplog):
+    """A decoder that fails every batch must not leave the actor decoding on its CPU unseen."""
+    from fiqa.scoring import device_decode
+
+    monkeypatch.setattr(device_decode, "_batch_failures", [])
+    good = faces(2)
+    batch = [good[0], b"\xff\xd8 not a JPEG after all \xff\xd9", good[1]]
+    with caplog.at_level("DEBUG", logger="fiqa.scoring.device_decode"):
+        for _ in range(2):
+            got, reasons = decode_batch(batch, 72, 64, torch.device("cpu"))
+            assert reasons[0] is None and reasons[2] is None and reasons[1] == "not_an_image"
+    refused = [r.levelname for r in caplog.records if "refused a batch" in r.message]
+    assert refused == ["WARNING", "DEBUG"], refused
 
 
 @pytest.mark.slow

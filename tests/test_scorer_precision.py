@@ -42,20 +42,20 @@ def mos_error(scores: np.ndarray, reference: np.ndarray) -> float:
 def test_a_cpu_scores_in_fp32_whatever_the_precision(tmp_path):
     ck = checkpoint(tmp_path, "resnet10t", 64)
     x = pixels(8, 64)
-    want = Scorer(ck, precision="32-true").score(x)
+    want = Scorer(ck, precision="32-true", device="cpu").score(x)
     for precision in ("16-mixed", "bf16-true"):
-        scorer = Scorer(ck, precision=precision)
+        scorer = Scorer(ck, precision=precision, device="cpu")
         assert scorer.precision == "32-true" and scorer.autocast is None
         np.testing.assert_allclose(scorer.score(x), want, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="precision"):
-        Scorer(ck, precision="fp8")
+        Scorer(ck, precision="fp8", device="cpu")
 
 
 def test_a_short_batch_is_padded_to_the_compiled_shape(tmp_path):
     ck = checkpoint(tmp_path, "resnet10t", 64)
     x = pixels(5, 64)
-    want = Scorer(ck).score(x)
-    padded = Scorer(ck)
+    want = Scorer(ck, device="cpu").score(x)
+    padded = Scorer(ck, device="cpu")  # the CPU path, on a GPU machine too
     padded.pad_to = 8  # what compile=True sets, without compiling (the shapes are the point)
     calls = []
     padded.model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))

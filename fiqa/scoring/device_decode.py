@@ -24,6 +24,10 @@ from fiqa.data.decode import RejectedSample, decode_image, square_crop_geometry
 
 log = logging.getLogger(__name__)
 
+RESAMPLE_CHUNK = 64  # images resampled at once
+
+_batch_failures: list[int] = []  # batches the device decoder refused in this process
+
 
 def decode_batch(
     encoded: list,
@@ -50,10 +54,12 @@ def decode_batch(
                 reasons[i] = e.reason
         else:
             by_size[tuple(img.shape[1:])].append(i)
-    for idx in by_size.values():
-        # Faces of a pool often share one size: one resampling call per size, not per image.
-        batch = torch.stack([images[i] for i in idx])
-        out[idx] = resize_crop(batch, resize, crop)
+    for same_size in by_size.values():
+        # Faces of a pool often share one size: one resampling call per size, not per image,
+        # in chunks: in float32, 1,024 large photos would take tens of GB of GPU memory.
+        for c in range(0, len(same_size), RESAMPLE_CHUNK):
+            idx = same_size[c : c + RESAMPLE_CHUNK]
+            out[idx] = resize_crop(torch.stack([images[i] for i in idx]), resize, crop)
     return out, reasons
 
 
@@ -85,7 +91,11 @@ def _decode_jpegs(encoded: list, device: torch.device) -> list[torch.Tensor | No
         try:
             return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
         except RuntimeError as e:
-            log.debug("batch decode failed (%s); decoding image by image", e)
+            # Once per process, loud: a decoder that fails every batch (nvJPEG's start-up,
+            # GPU memory) would otherwise leave the actor decoding on its one CPU, silently.
+            level = logging.DEBUG if _batch_failures else logging.WARNING
+            _batch_failures.append(1)
+            log.log(level, "%s refused a batch (%s); decoding it image by image", device, e)
         out: list[torch.Tensor | None] = []
         for d in data:
             try:

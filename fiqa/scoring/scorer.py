@@ -34,7 +34,7 @@ class Scorer:
     batch that overflows fp16 is scored again in fp32. ``compile``: torch.compile for one batch
     shape, every batch padded to ``batch_size`` (a shard's last is shorter): it compiles once.
     ``views`` (`views_of`): a row's ``raw_score`` is the mean over its views, ``raw_spread``
-    their standard deviation (NaN from one view).
+    their standard deviation (NaN from one view). ``device``: None is the GPU where there is one.
     """
 
     def __init__(
@@ -47,6 +47,7 @@ class Scorer:
         precision: str = "16-mixed",
         batch_size: int | None = None,
         views: str = "center",
+        device: str | None = None,
     ):
         import torch
 
@@ -58,7 +59,7 @@ class Scorer:
         if threads:
             torch.set_num_threads(threads)
         retain_freed_memory()  # batch after batch reuses the same activation memory
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cores = None
         if self.device.type == "cpu" and pin_cores is not False:
             self.cores = claim_cores(threads or torch.get_num_threads(), pin_cores is True)

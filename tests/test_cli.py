@@ -218,6 +218,70 @@ def test_a_checkpoint_named_by_its_weights_file_is_its_directory(checkpoint, tmp
         read_meta(str(other))
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["make-demo-data"], ["shard", "--images", "imgs", "--labels", "s.csv"]],
+    ids=["make-demo-data", "shard"],
+)
+def test_a_bucket_as_output_is_refused_not_made_a_local_folder(
+    command, tmp_path, monkeypatch, capsys
+):
+    """Both write local shards; `-o s3://b/x` once made ./s3:/b/x and failed in webdataset."""
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "-o", "s3://bucket/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fiqa: error: -o 's3://bucket/x': shards are written to a local ")
+    assert err.endswith("e.g. `aws s3 sync DIR s3://bucket/x`\n") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_os_error_a_path_causes_is_one_line_naming_it(tmp_path, capsys):
+    """A NotADirectoryError from deep in `fiqa shard` (-o under a file), without a traceback."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "s.csv").write_text("a.jpg,3.2\n")
+    out = tmp_path / "s.csv" / "shards"
+    argv = ["shard", "--images", str(tmp_path / "imgs"), "--labels", str(tmp_path / "s.csv")]
+    assert main([*argv, "-o", str(out)]) == 2
+    assert capsys.readouterr().err == f"fiqa: error: {out}: not a directory\n"
+
+
+def test_a_bad_calibration_file_names_the_flag_and_the_file(checkpoint, tmp_path, capsys):
+    from fiqa.calibration import Logistic4
+    from fiqa.cli.label import read_calibration
+
+    shard = tmp_path / "a.tar"
+    shard.write_bytes(b"")
+
+    def label(calibration) -> str:
+        argv = ["label", str(checkpoint), str(shard), "-o", str(tmp_path / "out")]
+        assert main([*argv, "--calibration", str(calibration)]) == 2
+        return capsys.readouterr().err
+
+    missing = tmp_path / "none.json"
+    assert label(missing) == f"fiqa: error: --calibration {missing}: not found\n"
+    assert "a directory; give a JSON file" in label(tmp_path)
+    bad = tmp_path / "cal.json"
+    for text in ("b1=1", '{"b1": 1, "b2": 2}', "[1, 2, 3, 4]", '{"calibration": null}'):
+        bad.write_text(text)
+        assert label(bad).startswith(f"fiqa: error: --calibration {bad}: not JSON with b1..b4")
+    assert not (tmp_path / "out").exists()
+    bad.write_text('{"b1": 5, "b2": 0.5, "b3": 1, "b4": 2}')
+    assert read_calibration(str(bad)) == Logistic4(5.0, 0.5, 1.0, 2.0)
+    bad.write_text('{"arch": "x", "calibration": {"b1": 5, "b2": 0.5, "b3": 1, "b4": 2}}')
+    assert read_calibration(str(bad)) == Logistic4(5.0, 0.5, 1.0, 2.0)
+
+
+def test_a_missing_relative_input_says_where_it_was_looked_for(
+    checkpoint, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    assert main(["label", str(checkpoint), "shards/a.tar", "-o", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (
+        f"fiqa: error: INPUT: shard 'shards/a.tar' does not exist (looked for "
+        f"{os.getcwd()}/shards/a.tar: a relative path resolves from the working directory)\n"
+    )
+
+
 # ---------------------------------------------------------------------------
 # `fiqa submit`'s job launcher: the cluster's interpreter, or what it lacks
 

@@ -56,3 +56,26 @@ def test_cli(tmp_path):
     assert out.returncode == 0 and "wrote 1 samples" in out.stdout
     bad = run_shard_cli(tmp_path / "nope", tmp_path / "s.csv", tmp_path / "o")
     assert bad.returncode == 2 and "is not a directory" in bad.stderr
+
+
+def test_a_bucket_as_out_is_refused_not_made_a_local_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(jpeg_bytes())
+    (tmp_path / "s.csv").write_text("a.jpg,3.2\n")
+    with pytest.raises(ValueError, match="aws s3 sync DIR s3://bucket/x"):
+        shard_folder("imgs", "s.csv", "s3://bucket/x")
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_cli_an_existing_file_as_output_is_one_error_line(tmp_path):
+    """It was a FileExistsError traceback, exit 1."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(jpeg_bytes())
+    (tmp_path / "s.csv").write_text("a.jpg,3.2\n")
+    out = run_shard_cli(tmp_path / "imgs", tmp_path / "s.csv", tmp_path / "s.csv")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip() == (
+        f"fiqa: error: -o '{tmp_path}/s.csv' is a file; give a directory to write the shards to"
+    )
+    assert (tmp_path / "s.csv").read_text() == "a.jpg,3.2\n"

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from fiqa.data.shards import ShardSpecError, expand_shard_spec
@@ -36,3 +38,28 @@ def test_missing_and_empty_specs_fail_loudly(shard_dir, tmp_path):
         expand_shard_spec("")
     with pytest.raises(ShardSpecError):
         expand_shard_spec([])
+
+
+def test_a_missing_spec_names_its_key_and_where_a_relative_one_was_looked_for(
+    shard_dir, tmp_path, monkeypatch
+):
+    """The config's data.* paths resolve from where `fiqa` runs, not from the config's folder."""
+    monkeypatch.chdir(tmp_path)
+    cwd = os.getcwd()
+    with pytest.raises(ShardSpecError) as e:
+        expand_shard_spec("data/demo/labeled_train", what="data.labeled_train")
+    assert str(e.value) == (
+        "data.labeled_train: shard 'data/demo/labeled_train' does not exist (looked for "
+        f"{cwd}/data/demo/labeled_train: a relative path resolves from the working directory)"
+    )
+    with pytest.raises(ShardSpecError) as e:
+        expand_shard_spec(["shards/*.tar", "data/*.tar"], what="data.test")
+    assert str(e.value) == (
+        "data.test: 'data/*.tar' matches no .tar shard (looked for "
+        f"{cwd}/data/*.tar: a relative path resolves from the working directory)"
+    )
+    absent = str(tmp_path / "absent")
+    with pytest.raises(ShardSpecError) as e:
+        expand_shard_spec(absent)
+    assert str(e.value) == f"shard {absent!r} does not exist"  # absolute: nothing to add
+    assert len(expand_shard_spec("shards", what="data.test")) == 3

@@ -4,6 +4,7 @@ import json
 import tarfile
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from fiqa.data.synthetic import DISTORTION_WEIGHTS, make_demo_data, make_sample, mos_formula
@@ -58,3 +59,19 @@ def test_same_bytes_whatever_the_number_of_workers(tmp_path):
         q = tmp_path / "b" / p.relative_to(tmp_path / "a")
         with tarfile.open(p) as ta, tarfile.open(q) as tb:
             assert [ta.extractfile(m).read() for m in ta] == [tb.extractfile(m).read() for m in tb]
+
+
+def test_a_bucket_or_a_file_as_out_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """pathlib once turned s3://b/x into a local ./s3:/b/x, and webdataset then failed in it."""
+    monkeypatch.chdir(tmp_path)
+    sizes = {"labeled_train": 1, "labeled_val": 1, "test": 1, "unlabeled_1": 1, "unlabeled_2": 1}
+    with pytest.raises(ValueError, match=r"'s3://bucket/x': shards are written to a local dir"):
+        make_demo_data("s3://bucket/x", sizes=sizes, workers=1)
+    with pytest.raises(ValueError, match="'gs://b/x'.*aws s3 sync DIR s3://BUCKET/PREFIX"):
+        make_demo_data("gs://b/x", sizes=sizes, workers=1)
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(ValueError, match="'taken' is a file; give a directory"):
+        make_demo_data("taken", sizes=sizes, workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    summary = make_demo_data(f"file://{tmp_path}/demo", sizes=sizes, shard_size=1, workers=1)
+    assert summary["sizes"] == sizes and (tmp_path / "demo" / "dataset.json").is_file()

@@ -30,6 +30,14 @@ COMMANDS = (
 
 # The commands that start or join Ray in this process: their console filters Ray's noise.
 RAY_COMMANDS = {"run", "stage", "label"}
+# What a user's paths cause: one line, exit 2 (other OSErrors, a full disk..., keep a traceback).
+USER_OS_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     console.configure(args.verbose, starts_ray=args.command in RAY_COMMANDS)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, StorageError, ClusterError) as e:
-        print(f"fiqa: error: {e}", file=sys.stderr)
+    except (ConfigError, ValueError, StorageError, ClusterError, *USER_OS_ERRORS) as e:
+        print(f"fiqa: error: {error_text(e)}", file=sys.stderr)
         return 2
+
+
+def error_text(e: Exception) -> str:
+    """``e``'s message; an OS error's as ``PATH: what`` (not ``[Errno 17] File exists: ...``)."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        what = e.strerror[:1].lower() + e.strerror[1:]
+        if e.filename2 is not None:
+            return f"{e.filename} -> {e.filename2}: {what}"
+        return f"{e.filename}: {what}"
+    return str(e)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from typing import Any
 
 from fiqa import storage
-from fiqa.calibration import Logistic4
+from fiqa.calibration import Logistic4, from_meta
 from fiqa.cli.options import add_output, add_set, hidden_alias, option
 from fiqa.cluster.local import ensure_ray
 from fiqa.config import (
@@ -28,7 +29,7 @@ def _shared(model: str, first_input: str, output: str) -> dict[str, str]:
     from fiqa.data.shards import expand_shard_spec
 
     if not storage.is_remote(first_input):
-        first_input = expand_shard_spec(first_input)[0]  # a file, not a glob or a folder
+        first_input = expand_shard_spec(first_input, what="INPUT")[0]  # a file, not a glob
     return {"MODEL": model, "INPUT": first_input, "--output": output}
 
 
@@ -59,7 +60,7 @@ def label_shards(
 
     job = job_for_model(
         model_path,
-        expand_shard_spec(shard_spec),
+        expand_shard_spec(shard_spec, what="INPUT"),
         out_dir,
         source,
         scoring=scoring,
@@ -159,6 +160,28 @@ def _concurrency(text: str) -> int | list[int]:
     return conc[0] if len(conc) == 1 else conc
 
 
+def read_calibration(path: str) -> Logistic4:
+    """``--calibration``: a JSON ``{b1..b4}``, or a model.json holding one (local or s3://)."""
+    if not storage.is_remote(path) and os.path.isdir(path):
+        raise ConfigError(f"--calibration {path}: a directory; give a JSON file (a model.json)")
+    try:
+        raw = storage.read_json(path)
+    except FileNotFoundError:
+        raise ConfigError(f"--calibration {path}: not found") from None
+    except ValueError:  # not JSON, or not text
+        raw = None
+    try:
+        calibration = from_meta(raw) if isinstance(raw, dict) else None
+    except (KeyError, TypeError, ValueError):  # a b1..b4 missing, or not a number
+        calibration = None
+    if calibration is None:
+        raise ConfigError(
+            f"--calibration {path}: not JSON with b1..b4 (numbers), nor a model.json "
+            "with a calibration holding them"
+        )
+    return calibration
+
+
 def cmd_label(args: argparse.Namespace) -> int:
     model = args.model or args.model_flag
     inputs = (args.inputs or []) + (args.input_flag or [])
@@ -168,10 +191,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     storage.configure(cfg["storage"])
     model = checkpoint_dir(model)
     read_meta(model)  # a missing or unreadable checkpoint fails here, before anything heavy
-    calibration = None
-    if args.calibration:
-        raw = storage.read_json(args.calibration)  # local or s3://
-        calibration = Logistic4.from_dict(raw.get("calibration", raw))
+    calibration = read_calibration(args.calibration) if args.calibration else None
     data: DataConfig = cfg["data"]
     stats = label_shards(
         model,

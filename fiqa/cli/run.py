@@ -17,9 +17,11 @@ from fiqa.runner import iso_time, load_run_config, run_stages, stage_states
 
 
 def cmd_make_demo_data(args: argparse.Namespace) -> int:
-    out = args.output_dir or args.output or "data/demo"
+    from fiqa.data.shards import local_output_dir
+
     if args.output_dir:
         print("fiqa make-demo-data: OUTPUT as an argument is deprecated; use -o", file=sys.stderr)
+    out = local_output_dir(args.output_dir or args.output or "data/demo", "-o")
     from tqdm.auto import tqdm
 
     from fiqa.data.synthetic import DEFAULT_SIZES, make_demo_data  # imports torch
@@ -50,7 +52,10 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    if not os.path.isdir(args.images):  # before torch is imported
+    from fiqa.data.shards import local_output_dir
+
+    out = local_output_dir(args.output, "-o")  # like the inputs, before torch is imported
+    if not os.path.isdir(args.images):
         raise FileNotFoundError(f"--images {args.images!r} is not a directory")
     if not os.path.isfile(args.labels):
         raise FileNotFoundError(f"--labels {args.labels!r}: no such file")
@@ -59,7 +64,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
     res = shard_folder(
         args.images,
         args.labels,
-        args.output,
+        out,
         shard_size=args.shard_size,
         label_field=args.label_field,
         prefix=args.prefix,
@@ -103,7 +108,7 @@ def shared_paths(cfg: Any) -> dict[str, str]:
         spec = getattr(cfg.data, split)
         first = spec if isinstance(spec, str) else (spec[0] if spec else "")
         if first and not storage.is_remote(first):
-            paths[f"data.{split}"] = expand_shard_spec(spec)[0]
+            paths[f"data.{split}"] = expand_shard_spec(spec, what=f"data.{split}")[0]
     for model in ("teacher", "student"):
         weights = getattr(cfg, model).pretrained_weights
         if weights:

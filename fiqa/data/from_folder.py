@@ -11,6 +11,7 @@ from pathlib import Path
 import webdataset as wds
 
 from fiqa.data.decode import IMAGE_KEYS
+from fiqa.data.shards import local_output_dir
 
 EXT_ALIASES = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
 
@@ -53,7 +54,7 @@ def shard_folder(
     prefix: str = "labeled",
 ) -> dict:
     """Write ``out/<prefix>-NNNNNN.tar`` shards; returns counts and the names left out."""
-    images, out = Path(images), Path(out)
+    images, out = Path(images), Path(local_output_dir(out))
     if not images.is_dir():
         raise ValueError(f"--images {str(images)!r} is not a directory")
     scores = read_label_csv(labels)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob as globlib
 import os
+import re
 from collections.abc import Sequence
 
 import braceexpand
@@ -23,6 +24,40 @@ ShardSpec = str | Sequence[str]
 
 class ShardSpecError(ValueError):
     """A shard spec names nothing, or names something that is not a shard."""
+
+
+# Any URL scheme: what `pathlib.Path` would silently turn into a local folder ("s3:/bucket").
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_output_dir(path: str | os.PathLike, what: str = "out") -> str:
+    """``path`` as the local directory shards are written to (``file://`` stripped).
+
+    A URL (``s3://``...) is refused: the writers (webdataset's ``TarWriter``) write local
+    files only. So is an existing file. Both messages name ``what`` (the flag or argument).
+    """
+    path = os.fspath(path)
+    if path.startswith("file://"):
+        path = path[len("file://") :]
+    elif _SCHEME.match(path):
+        bucket = path if path.startswith("s3://") else "s3://BUCKET/PREFIX"
+        raise ValueError(
+            f"{what} {path!r}: shards are written to a local directory only; write them to "
+            f"one, then copy it to the bucket, e.g. `aws s3 sync DIR {bucket}`"
+        )
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a file; give a directory to write the shards to")
+    return path
+
+
+def _where(item: str) -> str:
+    """Where a relative local path was looked for: a spec in a config is not relative to it."""
+    if os.path.isabs(item):
+        return ""
+    return (
+        f" (looked for {os.path.abspath(item)}: a relative path resolves from the working "
+        "directory)"
+    )
 
 
 def _expand_remote(item: str, storage_options: dict | None) -> list[str]:
@@ -65,16 +100,32 @@ def _expand_one(pattern: str, storage_options: dict | None) -> list[str]:
             elif os.path.isfile(item):
                 found = [item]
             else:
-                raise ShardSpecError(f"shard {item!r} does not exist")
+                raise ShardSpecError(f"shard {item!r} does not exist{_where(item)}")
             found = [os.path.abspath(p) for p in found]
         if not found:
-            raise ShardSpecError(f"{item!r} matches no .tar shard")
+            where = "" if remote else _where(item)
+            raise ShardSpecError(f"{item!r} matches no .tar shard{where}")
         out.extend(found)
     return out
 
 
-def expand_shard_spec(spec: ShardSpec, storage_options: dict | None = None) -> list[str]:
-    """Expand ``spec`` into a sorted list of unique shard URLs or absolute paths."""
+def expand_shard_spec(
+    spec: ShardSpec, storage_options: dict | None = None, what: str | None = None
+) -> list[str]:
+    """Expand ``spec`` into a sorted list of unique shard URLs or absolute paths.
+
+    ``what`` names where the spec came from (``data.labeled_train``, ``INPUT``); a
+    `ShardSpecError` starts with it.
+    """
+    try:
+        return _expand(spec, storage_options)
+    except ShardSpecError as e:
+        if what is None:
+            raise
+        raise ShardSpecError(f"{what}: {e}") from None
+
+
+def _expand(spec: ShardSpec, storage_options: dict | None) -> list[str]:
     if spec is None or (isinstance(spec, str) and not spec.strip()):
         raise ShardSpecError("empty shard spec")
     patterns = [spec] if isinstance(spec, str) else list(spec)

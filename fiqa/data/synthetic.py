@@ -53,6 +53,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw, ImageFilter
 
+from fiqa.data.shards import local_output_dir
+
 SPLITS = ("labeled_train", "labeled_val", "test", "unlabeled_1", "unlabeled_2")
 UNLABELED = ("unlabeled_1", "unlabeled_2")
 DEFAULT_SIZES = {
@@ -404,7 +406,7 @@ def make_demo_data(
         raise ValueError(f"unknown split(s) {sorted(unknown)}; expected some of {list(SPLITS)}")
     if shard_size < 1 or image_size < 32:
         raise ValueError("shard_size must be >= 1 and image_size >= 32")
-    out = Path(out)
+    out = Path(local_output_dir(out))
     jobs = []
     for split in SPLITS:
         (out / split).mkdir(parents=True, exist_ok=True)

@@ -204,11 +204,36 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self, *sections: str) -> str:
-        """A stable hash of the named top-level sections (all when none is named)."""
+        """A stable hash of the named top-level sections (all when none is named), with the
+        `UNFINGERPRINTED` keys at their defaults: changing one of those resumes a stage."""
         d = self.to_dict()
+        for section, keys in UNFINGERPRINTED.items():
+            # (at their defaults rather than left out: runs fingerprinted before keep theirs)
+            defaults = dataclasses.asdict(type(getattr(self, section))())
+            d[section].update({k: defaults[k] for k in keys})
         picked = {k: d[k] for k in (sections or sorted(d))}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
+
+# Keys that say how the work runs or what the report reads, not what a stage computes: after
+# an out-of-memory error, say, a run with fewer actors or a smaller buffer resumes each stage
+# from what it committed instead of redoing it. (Batch size and compile move scores by float
+# rounding only; evaluate fingerprints the truth files' contents itself.)
+UNFINGERPRINTED = {
+    "scoring": (
+        "batch_size",
+        "concurrency",
+        "num_gpus",
+        "num_cpus",
+        "torch_threads",
+        "decode_cpus",
+        "decode_memory_mb",
+        "compile",
+        "pin_cores",
+        "buffer_mb",
+    ),
+    "data": ("unlabeled_1_truth", "unlabeled_2_truth"),
+}
 
 REQUIRED = (
     "run_dir",

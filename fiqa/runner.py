@@ -77,7 +77,8 @@ class StageContext:
     def shards(self, data_key: str) -> list[str]:
         """The shards of ``data.<data_key>``, as listed when the run started (and fingerprinted)."""
         if data_key not in self._shards:
-            self._shards[data_key] = expand_shard_spec(getattr(self.cfg.data, data_key))
+            spec = getattr(self.cfg.data, data_key)
+            self._shards[data_key] = expand_shard_spec(spec, what=f"data.{data_key}")
         return self._shards[data_key]
 
 
@@ -124,7 +125,7 @@ def list_stage_shards(cfg: RunConfig, stages: list[Stage]) -> dict[str, list[str
     a stage reads exactly the shards its fingerprint covers (a shard written to the bucket
     meanwhile waits for the next run instead of being labeled unfingerprinted)."""
     keys = dict.fromkeys(k for stage in stages for k in stage.data)
-    return {k: expand_shard_spec(getattr(cfg.data, k)) for k in keys}
+    return {k: expand_shard_spec(getattr(cfg.data, k), what=f"data.{k}") for k in keys}
 
 
 def stage_fingerprint(
@@ -212,10 +213,10 @@ def run_stages(
     # Fail fast, before Ray starts: wrong credentials or a missing bucket are an
     # error in seconds, not after the first stage.
     storage.check_writable(cfg.run_dir)
-    save_run_config(cfg)
     # Fail fast: every shard spec a selected stage reads must name shards now,
     # not after an hour of training.
     shards = list_stage_shards(cfg, [s for s in stages if only is None or s.name == only])
+    save_run_config(cfg)  # (after the checks: a run refused keeps the run's config as it was)
     manifests = {s.name: m for s in stages if (m := read_manifest(cfg.run_dir, s.name))}
     outcome: dict[str, str] = {}
     started = False
@@ -262,13 +263,16 @@ def stage_states(cfg: RunConfig, stages: list[Stage]) -> list[dict]:
     """For each stage: done, stale (its config or inputs changed), partial, or pending."""
     manifests = {s.name: m for s in stages if (m := read_manifest(cfg.run_dir, s.name))}
     rows = []
+    states: dict[str, str] = {}
     for stage in stages:
         m = manifests.get(stage.name)
         try:
             fp, _ = stage_fingerprint(cfg, stage, manifests)
         except Exception:
             fp = None
-        if m and m.get("fingerprint") == fp:
+        # An upstream stage a run would redo gives this one new inputs: it is redone too.
+        upstream_done = all(states.get(up, "done") == "done" for up in stage.after)
+        if m and m.get("fingerprint") == fp and upstream_done:
             state = "done"
         elif m:
             state = "stale"
@@ -276,6 +280,7 @@ def stage_states(cfg: RunConfig, stages: list[Stage]) -> list[dict]:
             state = "partial"
         else:
             state = "pending"
+        states[stage.name] = state
         summary = (m.get("summary", m.get("counts")) if m else None) or None
         rows.append(
             {

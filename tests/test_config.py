@@ -1,9 +1,17 @@
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import yaml
 
-from fiqa.config import ConfigError, batch_plan, effective_lr, from_dict, load_config
+from fiqa.config import (
+    ConfigError,
+    ScoringConfig,
+    batch_plan,
+    effective_lr,
+    from_dict,
+    load_config,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -143,6 +151,27 @@ def test_fingerprint_tracks_sections():
     a, b = from_dict(minimal()), from_dict(minimal(), ["distill_student.epochs=99"])
     assert a.fingerprint("train_teacher") == b.fingerprint("train_teacher")
     assert a.fingerprint("distill_student") != b.fingerprint("distill_student")
+
+
+def test_fingerprint_tracks_what_a_stage_computes_not_how_it_runs():
+    import hashlib
+    import json
+
+    from fiqa.config import UNFINGERPRINTED
+
+    a = from_dict(minimal())
+    for key in ("scoring.concurrency=[1, 4]", "scoring.num_gpus=0.5", "scoring.buffer_mb=900"):
+        assert from_dict(minimal(), [key]).fingerprint("scoring") == a.fingerprint("scoring"), key
+    truth = from_dict(minimal(), ["data.unlabeled_2_truth=truth.csv"])
+    assert truth.fingerprint("data") == a.fingerprint("data")
+    for key in ("scoring.precision=32-true", "scoring.views=crops", "data.min_image_side=32"):
+        section = key.split(".")[0]
+        assert from_dict(minimal(), [key]).fingerprint(section) != a.fingerprint(section), key
+    assert set(UNFINGERPRINTED["scoring"]) < {f.name for f in fields(ScoringConfig)}
+    # A config at the defaults hashes as before the keys were set apart: no run is redone.
+    d = a.to_dict()
+    old = hashlib.sha256(json.dumps({"scoring": d["scoring"]}, sort_keys=True).encode())
+    assert a.fingerprint("scoring") == old.hexdigest()[:16]
 
 
 def test_load_config_errors(tmp_path):

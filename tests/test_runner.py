@@ -39,11 +39,36 @@ def test_reruns_skip_and_cascade(setup):
     assert run_stages(from_dict(raw), stages) == {"a": "ran", "b": "ran", "c": "ran"}
     assert run_stages(from_dict(raw), stages) == {"a": "skipped", "b": "skipped", "c": "skipped"}
     # a change in b's section reruns b and, through b's new output id, c
-    out = run_stages(from_dict(raw, ["scoring.batch_size=7"]), stages)
+    out = run_stages(from_dict(raw, ["scoring.views=flip"]), stages)
     assert out == {"a": "skipped", "b": "ran", "c": "ran"}
     assert calls == ["a", "b", "c", "b", "c"]
-    cfg = from_dict(raw, ["scoring.batch_size=7", "distill_student.epochs=2"])
+    cfg = from_dict(raw, ["scoring.views=flip", "distill_student.epochs=2"])
     assert [r["state"] for r in stage_states(cfg, stages)] == ["done", "done", "stale"]
+    # a's change: a run would redo a, then b and c with a's new output; status says so
+    cfg = from_dict(raw, ["scoring.views=flip", "train_teacher.epochs=2"])
+    assert [r["state"] for r in stage_states(cfg, stages)] == ["stale", "stale", "stale"]
+
+
+def test_how_the_work_runs_is_not_what_it_computes(setup):
+    """Fewer actors or a smaller buffer after an out-of-memory error: nothing is redone."""
+    raw, stages, calls = setup
+    run_stages(from_dict(raw), stages)
+    resources = ["scoring.concurrency=3", "scoring.buffer_mb=500", "scoring.batch_size=7"]
+    cfg = from_dict(raw, [*resources, "data.unlabeled_1_truth=/elsewhere/truth.csv"])
+    assert [r["state"] for r in stage_states(cfg, stages)] == ["done"] * 3
+    assert run_stages(cfg, stages) == {"a": "skipped", "b": "skipped", "c": "skipped"}
+    assert calls == ["a", "b", "c"]
+
+
+def test_a_refused_run_keeps_the_runs_config(setup, tmp_path):
+    raw, stages, calls = setup
+    run_stages(from_dict(raw), stages)
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    bad = from_dict({**raw, "data": {**raw["data"], "unlabeled_1": "/nonexistent/shard.tar"}})
+    with pytest.raises(ShardSpecError, match=r"^data\.unlabeled_1: "):
+        run_stages(bad, stages)
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved
+    assert [r["state"] for r in stage_states(from_dict(raw), stages)] == ["done"] * 3
 
 
 def test_changed_input_shard_reruns(setup, tmp_path):

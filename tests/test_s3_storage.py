@@ -317,7 +317,7 @@ def test_a_run_in_a_bucket_resumes_at_stage_level(s3_run, s3_server):
     assert storage.exists(f"{run_dir}/{b}/leftover.txt")
     # another fingerprint: the earlier attempt's outputs are removed before b runs again
     storage.rm(f"{run_dir}/{b}/manifest.json")
-    changed = from_dict(s3_run, ["scoring.batch_size=7"])
+    changed = from_dict(s3_run, ["scoring.views=flip"])
     assert run_stages(changed, stages) == {a: "skipped", b: "ran"}
     assert not storage.exists(f"{run_dir}/{b}/leftover.txt")
     assert storage.read_text(f"{run_dir}/{b}/out.txt") == b

@@ -305,6 +305,7 @@ def load_run_config(run_dir: str, overrides: list[str] | None = None) -> RunConf
 
     boot = apply_overrides({}, [o for o in overrides or [] if o.startswith("storage.")])
     storage.configure(_build(StorageConfig, boot.get("storage", {}), "storage"))
+    storage.check_reachable(run_dir)
     try:
         text = storage.read_text(storage.join(run_dir, "config.yaml"))
     except FileNotFoundError:

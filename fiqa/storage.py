@@ -453,6 +453,50 @@ def ray_storage(url: str) -> tuple[str, Any]:
     return path, PyFileSystem(FSSpecHandler(fs))
 
 
+def check_reachable(url: str, what: str = "run_dir") -> None:
+    """Fail, naming the endpoint, if the store holding ``url`` does not answer within
+    ``storage.retry_seconds``; one quick request at a time, so that bound holds (each of a
+    run's requests gets ``storage.max_attempts`` tries with backoff, which a wrong endpoint
+    would otherwise multiply into minutes)."""
+    if not is_remote(url):
+        return
+    protocol, path = url.split("://", 1)
+    quick = json.loads(json.dumps(_options)) if protocol in ("s3", "s3a") else {}
+    if protocol in ("s3", "s3a"):
+        quick["config_kwargs"] = {
+            **quick.get("config_kwargs", {}),
+            "retries": {"max_attempts": 1, "mode": "standard"},
+            "connect_timeout": 3,
+        }
+    fs = fsspec.filesystem(protocol, skip_instance_cache=True, **quick)
+    endpoint = _config.endpoint_url or os.environ.get(
+        "AWS_ENDPOINT_URL_S3", os.environ.get("AWS_ENDPOINT_URL", "AWS's default endpoint")
+    )
+    start, delay = time.monotonic(), 0.5
+    while True:
+        try:
+            fs.exists(path.rstrip("/") + "/.fiqa-reach-check")
+            return
+        except Exception as e:
+            connection = any(
+                "Connect" in type(c).__name__ or isinstance(c, (ConnectionError, TimeoutError))
+                for c in _chain(e)
+            )
+            if not connection:
+                return  # it answered (denied, say): the checks after this one say what is wrong
+            elapsed = time.monotonic() - start
+            said = f"{what} {url}: the object store at {endpoint} does not answer ({_cause(e)})"
+            if elapsed + delay > _config.retry_seconds:
+                raise StorageError(
+                    f"{said}; check storage.endpoint_url (or AWS_ENDPOINT_URL_S3) and that "
+                    f"the store is up (tried for {elapsed:.0f} s: storage.retry_seconds)"
+                ) from e
+            if delay == 0.5:  # the first failure: said once, then the wait
+                log.warning("%s; trying for up to %g s", said, _config.retry_seconds)
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+
+
 def check_writable(url: str, what: str = "run_dir") -> None:
     """Fail fast, with a clear message, if ``url`` cannot be written and deleted."""
     if not is_remote(url):
@@ -461,6 +505,7 @@ def check_writable(url: str, what: str = "run_dir") -> None:
         except OSError as e:
             raise StorageError(f"{what} {url}: cannot create it: {e}") from None
         return
+    check_reachable(url, what)
     bucket = url.split("://", 1)[1].split("/", 1)[0]
     probe = join(url, f".fiqa-write-check-{uuid.uuid4().hex[:12]}")
     try:

@@ -359,12 +359,12 @@ def _cli(argv):
     return code, err.getvalue(), time.monotonic() - t0
 
 
-def _config_file(tmp_path, run_dir, endpoint, data=None):
+def _config_file(tmp_path, run_dir, endpoint, data=None, **storage_settings):
     shard = write_tar(tmp_path / "one.tar", labeled_members(2))
     cfg = {
         "run_dir": run_dir,
         "data": data or {k: shard for k in SPLITS},
-        "storage": {"endpoint_url": endpoint, "addressing_style": "path"},
+        "storage": {"endpoint_url": endpoint, "addressing_style": "path", **storage_settings},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -377,6 +377,23 @@ def test_missing_bucket_is_a_clear_error_within_seconds(s3_server, tmp_path):
     assert code == 2 and seconds < 15, (code, seconds, err)
     assert "bucket 'no-such-bucket-fiqa' does not exist" in err
     assert SECRET_KEY not in err
+
+
+def test_an_endpoint_that_does_not_answer_is_a_clear_error_within_its_bound(s3_server, tmp_path):
+    """A wrong storage.endpoint_url: said once storage.retry_seconds is up, not minutes later
+    (each request's own retries would multiply it)."""
+    import socket
+
+    with socket.socket() as sock:  # a port of 127.0.0.1 nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    cfg = _config_file(tmp_path, "s3://any-bucket/run", endpoint, retry_seconds=3)
+    status = ["status", "s3://any-bucket/run", "--set", f"storage.endpoint_url={endpoint}"]
+    for argv in (["run", cfg], [*status, "--set", "storage.retry_seconds=3"]):
+        code, err, seconds = _cli(argv)
+        assert code == 2 and seconds < 15, (argv, code, seconds, err)
+        assert f"the object store at {endpoint} does not answer" in err, err
+        assert SECRET_KEY not in err
 
 
 def test_unreadable_input_bucket_is_a_clear_error(s3, s3_server, tmp_path):

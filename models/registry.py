@@ -93,6 +93,18 @@ def resolve_spec(name: str, image_size: int | None = None, resize: int | None = 
     return spec
 
 
+def check_archs(cfg) -> None:
+    """``teacher.arch`` and ``student.arch`` of a run config name models: a typo fails when
+    the run is started or submitted, not hours later when its stage begins."""
+    from fiqa.config import ConfigError
+
+    for role in ("teacher", "student"):
+        try:
+            resolve_spec(getattr(cfg, role).arch)
+        except ValueError as e:
+            raise ConfigError(f"{role}.arch: {e}") from None
+
+
 def create_model(
     name: str, image_size: int | None = None, pretrained: str | None = None
 ) -> nn.Module:

@@ -200,6 +200,15 @@ def test_unreachable_address_fails_fast(tmp_path, monkeypatch, capsys):
     assert main(["submit", str(cfg), "--address", f"http://127.0.0.1:{closed}", *bad]) == 2
     err = capsys.readouterr().err
     assert "train_teacher.epochs: must be >= 1" in err and "dashboard" not in err
+    # so does a model name that is neither in the registry nor timm's (found by the student
+    # stage, hours into the run, before)
+    typo = ["--set", "student.arch=edgenext_xxsmall"]
+    assert main(["submit", str(cfg), "--address", f"http://127.0.0.1:{closed}", *typo]) == 2
+    err = capsys.readouterr().err
+    assert "student.arch: unknown model 'edgenext_xxsmall'" in err and "dashboard" not in err
+    assert main(["run", str(cfg), "--set", "teacher.arch=resnet10"]) == 2
+    assert "teacher.arch: unknown model 'resnet10'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything of the run was written
     assert main(["jobs"]) == 2
     assert "no Ray address" in capsys.readouterr().err
 

@@ -36,7 +36,10 @@ def _finish(client, submission_id: str, status: str, brief: bool) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from fiqa.models.registry import check_archs
+
     cfg = load_config(args.config, args.set)  # fails here, before any network call
+    check_archs(cfg)
     address = resolve_address(args.address, cfg.ray.address)
     client = connect(address)
     submission_id, attached = submit_run(

@@ -79,7 +79,10 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, only: str | None) -> int:
+    from fiqa.models.registry import check_archs  # (torch and timm: a run needs them anyway)
+
     cfg = load_config(args.config, args.set)
+    check_archs(cfg)
     outcome = run_stages(
         cfg,
         STAGES,

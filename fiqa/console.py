@@ -39,6 +39,8 @@ RAY_NOISE = (
     # Ray Train, once per epoch: the whole report, and the checkpoint's path
     r"Reporting training result \d+: TrainingReport\(",
     r"Checkpoint successfully created at: ",
+    # A local Ray's default since 2.5x, said by every command that starts one
+    r"Token authentication is enabled for this Ray cluster\. Set RAY_AUTH_MODE",
 )
 NOISE = re.compile("|".join(f"(?:{p})" for p in RAY_NOISE))
 
@@ -101,6 +103,8 @@ def configure(verbose: bool, starts_ray: bool = False) -> None:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.getLogger("fiqa").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # botocore says at INFO where it found credentials, on every command that reads a bucket
+    logging.getLogger("botocore").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def skip_streamed_noise() -> None:
@@ -130,6 +134,11 @@ def quiet_ray_in_driver() -> None:
     if _verbose:
         return
     logging.getLogger("ray").setLevel(logging.WARNING)
+    # Said while ray.init leaves Ray's loggers without handlers (Python's last resort prints
+    # it), so filtered where it is logged.
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, NoiseFilter) for f in auth.filters):
+        auth.addFilter(NoiseFilter())
     for h in logging.getLogger("ray.data").handlers:
         # The console handler; the file handlers (ray-data*.log) keep their level.
         if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):

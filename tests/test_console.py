@@ -24,6 +24,8 @@ RAY_LINES = [
     "max_restarts > 0. If the arguments in the object store go out of scope or are lost, ...",
     "Progress bars disabled. To enable, set `ray.data.DataContext.get_current()."
     "enable_progress_bars = True`.",
+    "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt "
+    "out. For more information, see https://docs.ray.io/en/latest/ray-security/token-auth.html",
 ]
 OWN_LINES = [
     "teacher epoch 3/10: loss 0.7725, val SRCC 0.7107 PLCC 0.7271 (18 steps, 171 img/s, 7s)",
@@ -45,6 +47,19 @@ def test_the_log_filter_on_rays_console_handlers():
 
     assert not f.filter(record(RAY_LINES[-1]))
     assert f.filter(record("Warning: The Ray cluster currently does not have any available CPUs."))
+
+
+def test_the_token_auth_notice_of_a_local_ray_is_dropped_where_it_is_logged(monkeypatch):
+    monkeypatch.setattr(console, "_verbose", False)
+    console.quiet_ray_in_driver()
+    name = "ray._private.authentication.authentication_token_setup"
+    auth = logging.getLogger(name)
+
+    def record(msg):
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, None, None)
+
+    assert not auth.filter(record(RAY_LINES[-1]))
+    assert auth.filter(record("Token authentication is enabled but no token was found."))
 
 
 def test_rays_deduplicator_drops_streamed_noise_with_our_pattern():

@@ -128,6 +128,8 @@ def train_dataset(
 
 def val_slices(job: TrainJob, parts: list[str]) -> list[Any]:
     """The validation set decoded once, in one fixed slice per worker (whole rows, none dropped)."""
+    import ray
+
     from fiqa.cluster.resources import wait_for_free_cpu
 
     val_ds = (
@@ -140,8 +142,9 @@ def val_slices(job: TrainJob, parts: list[str]) -> list[Any]:
         )
     )
     val_ds.context.execution_options.preserve_order = job.train.deterministic
-    # (a job that just ended may still look as if it held every CPU; see the helper)
-    if not wait_for_free_cpu():
+    # (a job that just ended may still look as if it held every CPU; see the helper. A
+    # cluster with no CPU yet, scaling from zero, gets them from Ray's autoscaler instead.)
+    if ray.cluster_resources().get("CPU") and not wait_for_free_cpu():
         logging.getLogger(__name__).warning(
             "no CPU of the cluster has been free for 10 s: decoding the validation set "
             "waits for one"

@@ -12,6 +12,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-/tmp/gpu-check}; mkdir -p "$out"
 # Not from the checkout: Ray puts the driver's working directory first on its workers' path,
 # where the checkout's fiqa/ (without fiqa.cluster, fiqa.models, ...) would shadow the package.
+[ -n "${FIQA_REAL_FACES:-}" ] && FIQA_REAL_FACES=$(realpath "$FIQA_REAL_FACES") && export FIQA_REAL_FACES
 cd "$out" || exit 1
 nvidia-smi --query-gpu=name,driver_version,compute_mode,memory.total --format=csv | tee gpu.txt
 # -P: the installed package, not the checkout (its folders map onto fiqa.* only when installed).

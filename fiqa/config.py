@@ -203,14 +203,17 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def fingerprint(self, *sections: str) -> str:
+    def fingerprint(self, *sections: str, legacy: bool = False) -> str:
         """A stable hash of the named top-level sections (all when none is named), with the
-        `UNFINGERPRINTED` keys at their defaults: changing one of those resumes a stage."""
+        `UNFINGERPRINTED` keys at their defaults: changing one of those resumes a stage.
+        ``legacy``: the hash of every key, as runs before 2026-12-07 were fingerprinted."""
         d = self.to_dict()
-        for section, keys in UNFINGERPRINTED.items():
-            # (at their defaults rather than left out: runs fingerprinted before keep theirs)
+        for section, keys in () if legacy else UNFINGERPRINTED.items():
             defaults = dataclasses.asdict(type(getattr(self, section))())
             d[section].update({k: defaults[k] for k in keys})
+        if not legacy and self.scoring.num_gpus == 0:
+            # scoring on CPUs: decoded by PIL and computed in fp32, where GPUs use nvJPEG and fp16
+            d["scoring"]["num_gpus"] = 0
         picked = {k: d[k] for k in (sections or sorted(d))}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 

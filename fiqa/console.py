@@ -103,8 +103,10 @@ def configure(verbose: bool, starts_ray: bool = False) -> None:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.getLogger("fiqa").setLevel(logging.DEBUG if verbose else logging.INFO)
-    # botocore says at INFO where it found credentials, on every command that reads a bucket
-    logging.getLogger("botocore").setLevel(logging.INFO if verbose else logging.WARNING)
+    # botocore (aiobotocore under s3fs) says at INFO where it found credentials, on every
+    # command that reads a bucket
+    for name in ("botocore", "aiobotocore"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def skip_streamed_noise() -> None:

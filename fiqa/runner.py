@@ -139,18 +139,32 @@ def stage_fingerprint(
         shards = list_stage_shards(cfg, [stage])
     inputs = {f"data.{k}": _shard_fingerprint(shards[k]) for k in stage.data}
     inputs.update({f"data.{k}": _file_fingerprint(getattr(cfg.data, k)) for k in stage.files})
+    check_upstream(stage, manifests)
+    inputs.update({up: manifests[up]["output_id"] for up in stage.after})
+    return _digest(cfg, stage, inputs), inputs
+
+
+def check_upstream(stage: Stage, manifests: dict[str, dict]) -> None:
     for up in stage.after:
         if up not in manifests:
             raise ValueError(f"stage {stage.name} needs stage {up} to have completed first")
-        inputs[up] = manifests[up]["output_id"]
+
+
+def _digest(cfg: RunConfig, stage: Stage, inputs: dict, legacy: bool = False) -> str:
     payload = {
         "stage": stage.name,
-        "config": cfg.fingerprint(*stage.sections),
+        "config": cfg.fingerprint(*stage.sections, legacy=legacy),
         "inputs": inputs,
         "tables": TABLES_VERSION,
     }
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-    return digest, inputs
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _same_stage(recorded: str | None, fp: str, cfg: RunConfig, stage: Stage, inputs: dict) -> bool:
+    """Whether a manifest's or an attempt's ``recorded`` fingerprint is this stage's: ``fp``,
+    or the hash of the same config and inputs as runs before 2026-12-07 made it (those hashed
+    the resource keys too), so that no finished or half-done stage is redone for the change."""
+    return recorded is not None and recorded in (fp, _digest(cfg, stage, inputs, legacy=True))
 
 
 def read_manifest(run_dir: str, stage: str) -> dict | None:
@@ -160,8 +174,11 @@ def read_manifest(run_dir: str, stage: str) -> dict | None:
         return None
 
 
-def _prepare_stage_dir(path: str, fingerprint: str, fresh: bool = False) -> None:
-    """Keep a previous attempt's partial outputs only if it had the same fingerprint.
+def _prepare_stage_dir(
+    path: str, fingerprint: str, fresh: bool = False, legacy: str | None = None
+) -> None:
+    """Keep a previous attempt's partial outputs only if it had the same fingerprint (or the
+    ``legacy`` one, as an earlier version hashed the same stage).
 
     The manifest of a previous run of the stage is removed first: from here on
     the stage is uncommitted until `run_stages` writes a new one. ``fresh``
@@ -169,11 +186,11 @@ def _prepare_stage_dir(path: str, fingerprint: str, fresh: bool = False) -> None
     """
     storage.rm(storage.join(path, "manifest.json"), recursive=False)
     try:
-        same = storage.read_json(storage.join(path, "attempt.json")).get("fingerprint")
-        same = same == fingerprint
+        recorded = storage.read_json(storage.join(path, "attempt.json")).get("fingerprint")
+        kept = recorded is not None and recorded in (fingerprint, legacy)
     except (FileNotFoundError, ValueError):
-        same = False
-    if (fresh or not same) and storage.exists(path):
+        kept = False
+    if (fresh or not kept) and storage.exists(path):
         why = "forced rerun" if fresh else "an earlier attempt with another fingerprint"
         log.info("removing the outputs of %s: %s", why, path)
         storage.rm(path)
@@ -216,8 +233,10 @@ def run_stages(
     # Fail fast: every shard spec a selected stage reads must name shards now,
     # not after an hour of training.
     shards = list_stage_shards(cfg, [s for s in stages if only is None or s.name == only])
-    save_run_config(cfg)  # (after the checks: a run refused keeps the run's config as it was)
     manifests = {s.name: m for s in stages if (m := read_manifest(cfg.run_dir, s.name))}
+    if only is not None:
+        check_upstream(next(s for s in stages if s.name == only), manifests)
+    save_run_config(cfg)  # (after the checks: a run refused keeps the run's config as it was)
     outcome: dict[str, str] = {}
     started = False
     for i, stage in enumerate(stages):
@@ -225,6 +244,11 @@ def run_stages(
             continue
         fp, inputs = stage_fingerprint(cfg, stage, manifests, shards)
         current = manifests.get(stage.name)
+        if current and current.get("fingerprint") != fp:
+            if _same_stage(current.get("fingerprint"), fp, cfg, stage, inputs):
+                current = {**current, "fingerprint": fp}  # recorded as this version hashes it
+                storage.write_json(storage.join(cfg.run_dir, stage.name, "manifest.json"), current)
+                manifests[stage.name] = current
         if current and current.get("fingerprint") == fp and not (force and only):
             log.info("[%d/%d] %s: up to date, skipped", i + 1, total, stage.name)
             outcome[stage.name] = "skipped"
@@ -235,7 +259,8 @@ def run_stages(
         log.info("[%d/%d] %s: %s", i + 1, total, stage.name, stage.description)
         path = storage.join(cfg.run_dir, stage.name)
         finished = bool(current) and current.get("fingerprint") == fp
-        _prepare_stage_dir(path, fp, fresh=finished)  # (only a forced rerun gets here finished)
+        legacy = _digest(cfg, stage, inputs, legacy=True)
+        _prepare_stage_dir(path, fp, fresh=finished, legacy=legacy)  # (fresh: a forced rerun)
         t0 = time.time()
         summary = stage.run(StageContext(cfg, stage, manifests, shards))
         seconds = time.time() - t0
@@ -267,12 +292,13 @@ def stage_states(cfg: RunConfig, stages: list[Stage]) -> list[dict]:
     for stage in stages:
         m = manifests.get(stage.name)
         try:
-            fp, _ = stage_fingerprint(cfg, stage, manifests)
+            fp, inputs = stage_fingerprint(cfg, stage, manifests)
+            same = bool(m) and _same_stage(m.get("fingerprint"), fp, cfg, stage, inputs)
         except Exception:
-            fp = None
+            same = False
         # An upstream stage a run would redo gives this one new inputs: it is redone too.
         upstream_done = all(states.get(up, "done") == "done" for up in stage.after)
-        if m and m.get("fingerprint") == fp and upstream_done:
+        if m and same and upstream_done:
             state = "done"
         elif m:
             state = "stale"

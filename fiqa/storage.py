@@ -467,8 +467,11 @@ def check_reachable(url: str, what: str = "run_dir") -> None:
             **quick.get("config_kwargs", {}),
             "retries": {"max_attempts": 1, "mode": "standard"},
             "connect_timeout": 3,
+            "read_timeout": 5,  # a port that accepts and never answers (a port-forward, say)
         }
     fs = fsspec.filesystem(protocol, skip_instance_cache=True, **quick)
+    if hasattr(fs, "retries"):
+        fs.retries = 1  # s3fs's own retries of a timed-out read (this instance only)
     endpoint = _config.endpoint_url or os.environ.get(
         "AWS_ENDPOINT_URL_S3", os.environ.get("AWS_ENDPOINT_URL", "AWS's default endpoint")
     )
@@ -489,7 +492,8 @@ def check_reachable(url: str, what: str = "run_dir") -> None:
             if elapsed + delay > _config.retry_seconds:
                 raise StorageError(
                     f"{said}; check storage.endpoint_url (or AWS_ENDPOINT_URL_S3) and that "
-                    f"the store is up (tried for {elapsed:.0f} s: storage.retry_seconds)"
+                    f"the store is up (tried for {elapsed:.0f} s; storage.retry_seconds="
+                    f"{_config.retry_seconds:g})"
                 ) from e
             if delay == 0.5:  # the first failure: said once, then the wait
                 log.warning("%s; trying for up to %g s", said, _config.retry_seconds)

@@ -168,10 +168,18 @@ def test_fingerprint_tracks_what_a_stage_computes_not_how_it_runs():
         section = key.split(".")[0]
         assert from_dict(minimal(), [key]).fingerprint(section) != a.fingerprint(section), key
     assert set(UNFINGERPRINTED["scoring"]) < {f.name for f in fields(ScoringConfig)}
-    # A config at the defaults hashes as before the keys were set apart: no run is redone.
-    d = a.to_dict()
-    old = hashlib.sha256(json.dumps({"scoring": d["scoring"]}, sort_keys=True).encode())
-    assert a.fingerprint("scoring") == old.hexdigest()[:16]
+    # CPU scoring decodes and computes otherwise than GPU scoring
+    cpu = from_dict(minimal(), ["scoring.num_gpus=0"])
+    assert cpu.fingerprint("scoring") != a.fingerprint("scoring")
+    # legacy: every key hashed, as runs were fingerprinted before (the runner accepts those);
+    # a config at the defaults hashes the same either way
+    b = from_dict(minimal(), ["scoring.concurrency=[1, 4]"])
+    for cfg in (a, b):
+        d = cfg.to_dict()
+        old = hashlib.sha256(json.dumps({"scoring": d["scoring"]}, sort_keys=True).encode())
+        assert cfg.fingerprint("scoring", legacy=True) == old.hexdigest()[:16]
+    assert a.fingerprint("scoring") == a.fingerprint("scoring", legacy=True)
+    assert b.fingerprint("scoring") != b.fingerprint("scoring", legacy=True)
 
 
 def test_load_config_errors(tmp_path):

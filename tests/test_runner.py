@@ -62,6 +62,10 @@ def test_how_the_work_runs_is_not_what_it_computes(setup):
 
 def test_a_refused_run_keeps_the_runs_config(setup, tmp_path):
     raw, stages, calls = setup
+    fresh = {**raw, "run_dir": str(tmp_path / "fresh")}
+    with pytest.raises(ValueError, match="needs stage a"):  # one stage, its upstream not run
+        run_stages(from_dict(fresh, ["distill_student.epochs=3"]), stages, only="b")
+    assert not (tmp_path / "fresh" / "config.yaml").exists()
     run_stages(from_dict(raw), stages)
     saved = (tmp_path / "run" / "config.yaml").read_text()
     bad = from_dict({**raw, "data": {**raw["data"], "unlabeled_1": "/nonexistent/shard.tar"}})
@@ -69,6 +73,43 @@ def test_a_refused_run_keeps_the_runs_config(setup, tmp_path):
         run_stages(bad, stages)
     assert (tmp_path / "run" / "config.yaml").read_text() == saved
     assert [r["state"] for r in stage_states(from_dict(raw), stages)] == ["done"] * 3
+
+
+def test_a_run_fingerprinted_by_an_earlier_version_is_not_redone(setup, tmp_path):
+    """Manifests and attempts hashed with every key (before the resource keys were set apart)
+    still match the same config: finished stages are kept, and their manifests migrate."""
+    import json
+
+    from fiqa.runner import _digest
+
+    raw, stages, calls = setup
+    cfg = from_dict(raw, ["scoring.concurrency=3"])  # not at its default: the hashes differ
+    run_stages(cfg, stages)
+    manifests = {}
+    for stage in stages:
+        path = tmp_path / "run" / stage.name / "manifest.json"
+        m = json.loads(path.read_text())
+        m["fingerprint"] = _digest(cfg, stage, m["inputs"], legacy=True)
+        path.write_text(json.dumps(m))
+        manifests[stage.name] = m
+    assert [r["state"] for r in stage_states(cfg, stages)] == ["done"] * 3
+    assert run_stages(cfg, stages) == {"a": "skipped", "b": "skipped", "c": "skipped"}
+    assert calls == ["a", "b", "c"]
+    for stage in stages:  # b's (the scoring stage's) rewritten as this version hashes it
+        m = json.loads((tmp_path / "run" / stage.name / "manifest.json").read_text())
+        changed = m["fingerprint"] != manifests[stage.name]["fingerprint"]
+        assert (
+            changed == (stage.name == "b") and m["output_id"] == manifests[stage.name]["output_id"]
+        )
+    # a half-done attempt of b from the earlier version keeps what it wrote
+    b = tmp_path / "run" / "b"
+    (b / "manifest.json").unlink()
+    attempt = json.loads((b / "attempt.json").read_text())
+    attempt["fingerprint"] = _digest(cfg, stages[1], manifests["b"]["inputs"], legacy=True)
+    (b / "attempt.json").write_text(json.dumps(attempt))
+    (b / "committed-part").write_text("kept")
+    assert run_stages(cfg, stages) == {"a": "skipped", "b": "ran", "c": "ran"}
+    assert (b / "committed-part").read_text() == "kept"
 
 
 def test_changed_input_shard_reruns(setup, tmp_path):

@@ -394,6 +394,15 @@ def test_an_endpoint_that_does_not_answer_is_a_clear_error_within_its_bound(s3_s
         assert code == 2 and seconds < 15, (argv, code, seconds, err)
         assert f"the object store at {endpoint} does not answer" in err, err
         assert SECRET_KEY not in err
+    # one that takes connections and never replies (a port-forward with nothing behind it)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        cfg = _config_file(tmp_path, "s3://any-bucket/run", endpoint, retry_seconds=3)
+        code, err, seconds = _cli(["run", cfg])
+    assert code == 2 and seconds < 20, (code, seconds, err)
+    assert f"the object store at {endpoint} does not answer" in err, err
 
 
 def test_unreadable_input_bucket_is_a_clear_error(s3, s3_server, tmp_path):

@@ -206,7 +206,7 @@ class RunConfig:
     def fingerprint(self, *sections: str, legacy: bool = False) -> str:
         """A stable hash of the named top-level sections (all when none is named), with the
         `UNFINGERPRINTED` keys at their defaults: changing one of those resumes a stage.
-        ``legacy``: the hash of every key, as runs before 2026-12-07 were fingerprinted."""
+        ``legacy``: the hash of every key, as earlier versions fingerprinted runs."""
         d = self.to_dict()
         for section, keys in () if legacy else UNFINGERPRINTED.items():
             defaults = dataclasses.asdict(type(getattr(self, section))())

@@ -151,6 +151,8 @@ def check_upstream(stage: Stage, manifests: dict[str, dict]) -> None:
 
 
 def _digest(cfg: RunConfig, stage: Stage, inputs: dict, legacy: bool = False) -> str:
+    """The stage's fingerprint; ``legacy``: as earlier versions hashed it (every config key),
+    which a manifest or attempt they wrote still carries: accepted too, so none is redone."""
     payload = {
         "stage": stage.name,
         "config": cfg.fingerprint(*stage.sections, legacy=legacy),
@@ -158,13 +160,6 @@ def _digest(cfg: RunConfig, stage: Stage, inputs: dict, legacy: bool = False) ->
         "tables": TABLES_VERSION,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _same_stage(recorded: str | None, fp: str, cfg: RunConfig, stage: Stage, inputs: dict) -> bool:
-    """Whether a manifest's or an attempt's ``recorded`` fingerprint is this stage's: ``fp``,
-    or the hash of the same config and inputs as runs before 2026-12-07 made it (those hashed
-    the resource keys too), so that no finished or half-done stage is redone for the change."""
-    return recorded is not None and recorded in (fp, _digest(cfg, stage, inputs, legacy=True))
 
 
 def read_manifest(run_dir: str, stage: str) -> dict | None:
@@ -177,8 +172,8 @@ def read_manifest(run_dir: str, stage: str) -> dict | None:
 def _prepare_stage_dir(
     path: str, fingerprint: str, fresh: bool = False, legacy: str | None = None
 ) -> None:
-    """Keep a previous attempt's partial outputs only if it had the same fingerprint (or the
-    ``legacy`` one, as an earlier version hashed the same stage).
+    """Keep a previous attempt's partial outputs only if it had the same fingerprint (or its
+    ``legacy`` one, `_digest`).
 
     The manifest of a previous run of the stage is removed first: from here on
     the stage is uncommitted until `run_stages` writes a new one. ``fresh``
@@ -243,12 +238,12 @@ def run_stages(
         if only is not None and stage.name != only:
             continue
         fp, inputs = stage_fingerprint(cfg, stage, manifests, shards)
+        legacy = _digest(cfg, stage, inputs, legacy=True)
         current = manifests.get(stage.name)
-        if current and current.get("fingerprint") != fp:
-            if _same_stage(current.get("fingerprint"), fp, cfg, stage, inputs):
-                current = {**current, "fingerprint": fp}  # recorded as this version hashes it
-                storage.write_json(storage.join(cfg.run_dir, stage.name, "manifest.json"), current)
-                manifests[stage.name] = current
+        if current and current.get("fingerprint") == legacy != fp:
+            current = {**current, "fingerprint": fp}  # recorded as this version hashes it
+            storage.write_json(storage.join(cfg.run_dir, stage.name, "manifest.json"), current)
+            manifests[stage.name] = current
         if current and current.get("fingerprint") == fp and not (force and only):
             log.info("[%d/%d] %s: up to date, skipped", i + 1, total, stage.name)
             outcome[stage.name] = "skipped"
@@ -259,7 +254,6 @@ def run_stages(
         log.info("[%d/%d] %s: %s", i + 1, total, stage.name, stage.description)
         path = storage.join(cfg.run_dir, stage.name)
         finished = bool(current) and current.get("fingerprint") == fp
-        legacy = _digest(cfg, stage, inputs, legacy=True)
         _prepare_stage_dir(path, fp, fresh=finished, legacy=legacy)  # (fresh: a forced rerun)
         t0 = time.time()
         summary = stage.run(StageContext(cfg, stage, manifests, shards))
@@ -293,7 +287,7 @@ def stage_states(cfg: RunConfig, stages: list[Stage]) -> list[dict]:
         m = manifests.get(stage.name)
         try:
             fp, inputs = stage_fingerprint(cfg, stage, manifests)
-            same = bool(m) and _same_stage(m.get("fingerprint"), fp, cfg, stage, inputs)
+            same = bool(m) and m.get("fingerprint") in (fp, _digest(cfg, stage, inputs, True))
         except Exception:
             same = False
         # An upstream stage a run would redo gives this one new inputs: it is redone too.

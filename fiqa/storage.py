@@ -461,7 +461,7 @@ def check_reachable(url: str, what: str = "run_dir") -> None:
     if not is_remote(url):
         return
     protocol, path = url.split("://", 1)
-    quick = json.loads(json.dumps(_options)) if protocol in ("s3", "s3a") else {}
+    quick = options() if protocol in ("s3", "s3a") else {}
     if protocol in ("s3", "s3a"):
         quick["config_kwargs"] = {
             **quick.get("config_kwargs", {}),

@@ -650,6 +650,36 @@ def table_text(summary: dict, per_seed: dict[int, dict]) -> str:
     return "\n".join(lines)
 
 
+def read_run(run_dir: str, wall_s: float | None = None) -> dict:
+    """A finished run's figures from its ``evaluate/report.json``: each model's test SRCC,
+    PLCC and GFLOPs, and the report's paired intervals of the differences."""
+    from fiqa import storage
+
+    report = storage.read_json(f"{run_dir}/evaluate/report.json")
+    return {
+        "run_dir": run_dir,
+        "wall_s": None if wall_s is None else round(wall_s, 1),
+        "models": {
+            m: {k: report[m][k] for k in ("srcc", "plcc", "gflops")} for m in MODELS if m in report
+        },
+        # the report's paired bootstrap intervals over the test images, per difference
+        "intervals": report.get("intervals", {}).get("deltas", {}),
+    }
+
+
+def run_seed(data: Path, seed: int, config: str, run_dir: str, sets: list[str]) -> dict:
+    """`fiqa run` once (it resumes a run_dir it finished part of), then ``read_run``."""
+    cmd = run_command(config, data, seed, run_dir, sets)
+    print(f"seed {seed}: python {' '.join(cmd[1:])}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"seed {seed}: fiqa run failed ({proc.returncode}); rerun resumes")
+    print(f"seed {seed}: done in {wall:.0f} s", flush=True)
+    return read_run(run_dir, wall)
+
+
 def run_seeds(
     data: str | Path,
     seeds: list[int],
@@ -658,34 +688,12 @@ def run_seeds(
     sets: list[str],
     json_path: str | None = None,
 ) -> dict:
-    from fiqa import storage
-
     data = Path(data).resolve()
     if not (data / "dataset.json").is_file():
         raise FileNotFoundError(f"--data {str(data)!r}: no dataset.json (build it first)")
     per_seed: dict[int, dict] = {}
     for seed in seeds:
-        run_dir = f"{runs.rstrip('/')}/seed-{seed}"
-        cmd = run_command(config, data, seed, run_dir, sets)
-        print(f"seed {seed}: python {' '.join(cmd[1:])}", flush=True)
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise SystemExit(f"seed {seed}: fiqa run failed ({proc.returncode}); rerun resumes")
-        report = storage.read_json(f"{run_dir}/evaluate/report.json")
-        per_seed[seed] = {
-            "run_dir": run_dir,
-            "wall_s": round(wall, 1),
-            "models": {
-                m: {k: report[m][k] for k in ("srcc", "plcc", "gflops")}
-                for m in MODELS
-                if m in report
-            },
-            # the report's paired bootstrap intervals over the test images, per difference
-            "intervals": report.get("intervals", {}).get("deltas", {}),
-        }
-        print(f"seed {seed}: done in {wall:.0f} s", flush=True)
+        per_seed[seed] = run_seed(data, seed, config, f"{runs.rstrip('/')}/seed-{seed}", sets)
     summary = summarise(per_seed)
     print("\n" + table_text(summary, per_seed))
     result = {

@@ -51,6 +51,9 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 8
+    # An epoch reads at least this many rows: a smaller table is read over again (and cut),
+    # so a few hundred labels still get enough optimizer steps to learn from. None: once.
+    min_epoch_rows: int | None = None
     batch_size: int = 64  # global batch, over all workers
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -214,6 +217,10 @@ class RunConfig:
         if not legacy and self.scoring.num_gpus == 0:
             # scoring on CPUs: decoded by PIL and computed in fp32, where GPUs use nvJPEG and fp16
             d["scoring"]["num_gpus"] = 0
+        for section in ("train_teacher", "train_teacher_plus", "distill_student"):
+            for key, default in ADDED_TRAIN_KEYS.items():
+                if d[section].get(key, default) == default:
+                    d[section].pop(key, None)
         picked = {k: d[k] for k in (sections or sorted(d))}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -237,6 +244,10 @@ UNFINGERPRINTED = {
     ),
     "data": ("unlabeled_1_truth", "unlabeled_2_truth"),
 }
+
+# Training keys added after runs were fingerprinted: at these values they are left out of the
+# hash, so a run from before they existed keeps its fingerprint (and its finished stages).
+ADDED_TRAIN_KEYS = {"min_epoch_rows": None}
 
 REQUIRED = (
     "run_dir",
@@ -367,6 +378,11 @@ def _validate(cfg: RunConfig) -> None:
             )
         if t.lr <= 0:
             raise ConfigError(f"{name}.lr: must be > 0")
+        if t.min_epoch_rows is not None and t.min_epoch_rows < t.batch_size:
+            raise ConfigError(
+                f"{name}.min_epoch_rows: at least one global batch ({t.batch_size}) or null, "
+                f"got {t.min_epoch_rows}"
+            )
         if t.rounds < 1 or (t.rounds > 1 and name != "train_teacher_plus"):
             raise ConfigError(
                 f"{name}.rounds: self-training rounds belong to train_teacher_plus (>= 1); "

@@ -154,7 +154,7 @@ def _verdict(d: dict, model: str, baseline: str) -> str:
 def findings(report: dict) -> list[str]:
     """The findings, one sentence each: the paired differences with their 95 % intervals
     ("within noise" when one contains 0), the cost, and compressed pseudo-labels."""
-    out = []
+    out = regime_notes(report)
     deltas = report.get("intervals", {}).get("deltas", {})
     names = {
         "self_training": ("Self-training", "teacher-plus", "the teacher"),
@@ -181,8 +181,64 @@ def findings(report: dict) -> list[str]:
             f"Cost: the student needs {100 * report['student_teacher_gflops_ratio']:.1f}% "
             "of the teacher's GFLOPs."
         )
+    out += advice_notes(report)
     out += steps_notes(report) + provenance_notes(report) + rounds_notes(report)
     out += compression_notes(report)
+    return out
+
+
+# Below this many unlabeled faces per label, pseudo-labels add little the labels do not
+# already say (benchmarks/RESULTS.md, "When pseudo-labels pay").
+FEW_POOL_PER_LABEL = 4
+
+
+def regime_notes(report: dict) -> list[str]:
+    """The regime the run is in: labeled faces, pseudo-labeled pool, their ratio."""
+    r = report.get("regime")
+    if not r:
+        return []
+    return [
+        f"Regime: {r['labeled']:,} labeled faces, {r['pool']:,} pseudo-labeled "
+        f"({r['pool_per_label']:g} per label)."
+    ]
+
+
+def advice_notes(report: dict) -> list[str]:
+    """What to change when a gain the recipe is run for is not there, from what bounds it."""
+    deltas = report.get("intervals", {}).get("deltas", {})
+    out = []
+    few = report.get("regime", {}).get("pool_per_label", FEW_POOL_PER_LABEL) < FEW_POOL_PER_LABEL
+    d = deltas.get("distillation", {}).get("srcc")
+    if d and d["low"] <= 0.0:
+        teacher = max(
+            (report[m]["srcc"] for m in ("teacher", "teacher_plus") if m in report), default=None
+        )
+        base = report.get("student_labeled_only", {}).get("srcc")
+        if few:
+            why = (
+                "the pool is small next to the labels: pseudo-labeling pays where unlabeled "
+                "faces outnumber labels many times over; add unlabeled faces"
+            )
+        elif teacher is not None and base is not None and teacher <= base + 0.01:
+            why = (
+                f"the teachers ({teacher:.4f}) are no better than the labeled-only student "
+                f"({base:.4f}), and a student learns no more than its labels know: give the "
+                "teacher more optimizer steps (train_teacher.epochs, min_epoch_rows), more "
+                "pixels (teacher.image_size) or pretrained weights (teacher.pretrained_weights)"
+            )
+        else:
+            why = (
+                "the teacher is better than the labeled-only student, but the student did not "
+                "learn it: give the distillation more steps (distill_student.epochs)"
+            )
+        out.append(f"Distillation did not pay in this run: {why}.")
+    d = deltas.get("self_training", {}).get("srcc")
+    if d and d["high"] < 0.0:
+        out.append(
+            "Self-training lowered the teacher: its pseudo-labels are worse than its labels "
+            "teach; lower train_teacher_plus.lr or epochs, or weigh pseudo_u1 less "
+            "(train_teacher_plus.source_weights)."
+        )
     return out
 
 

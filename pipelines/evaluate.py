@@ -207,6 +207,12 @@ def run(ctx: StageContext) -> dict:
     if rounds:
         report["self_training"] = self_training(ctx, rounds, pools["unlabeled_1"])
     report["pseudo_label"] = pools
+    pool_rows = sum(p["labeled"] for p in pools.values())
+    report["regime"] = {
+        "labeled": len(labeled),
+        "pool": pool_rows,
+        "pool_per_label": round(pool_rows / max(len(labeled), 1), 2),
+    }
     if "teacher" in report and "student" in report and report["teacher"]["gflops"]:
         report["student_teacher_gflops_ratio"] = (
             report["student"]["gflops"] / report["teacher"]["gflops"]

@@ -199,3 +199,27 @@ def test_a_renamed_section_names_its_new_key():
         from_dict(minimal(pseudo_label={"batch_size": 8}))
     with pytest.raises(ConfigError, match=r"pseudo_label: renamed to scoring"):
         from_dict(minimal(), ["pseudo_label.batch_size=8"])
+
+
+def test_min_epoch_rows_below_one_batch_is_refused():
+    with pytest.raises(ConfigError, match=r"distill_student\.min_epoch_rows"):
+        from_dict(minimal(distill_student={"min_epoch_rows": 10, "batch_size": 64}))
+
+
+def test_an_unset_added_key_leaves_the_fingerprint_of_earlier_runs():
+    """`min_epoch_rows` came after runs were fingerprinted: unset, a run keeps its hash (and
+    its finished stages); set, the stage it belongs to is another computation."""
+    base = from_dict(minimal())
+    raw = dict(base.to_dict())
+    for section in ("train_teacher", "train_teacher_plus", "distill_student"):
+        del raw[section]["min_epoch_rows"]  # the config as earlier versions hashed it
+    import hashlib
+    import json
+
+    old = hashlib.sha256(
+        json.dumps({"train_teacher": raw["train_teacher"]}, sort_keys=True).encode()
+    )
+    assert base.fingerprint("train_teacher") == old.hexdigest()[:16]
+    changed = from_dict(minimal(train_teacher={"min_epoch_rows": 2048}))
+    assert changed.fingerprint("train_teacher") != base.fingerprint("train_teacher")
+    assert changed.fingerprint("distill_student") == base.fingerprint("distill_student")

@@ -208,3 +208,40 @@ def test_a_run_without_the_labeled_only_student_says_distillation_is_not_judged(
     assert "not judged" in note and "labeled_only_baseline: false" in note
     assert [r[0] for r in headline_rows(report)[1:]] == ["teacher", "teacher_plus", "student"]
     assert "student_labeled_only" not in _markdown(report, []).replace(note, "")
+
+
+def test_the_regime_is_named_first():
+    report = a_report()
+    report["regime"] = {"labeled": 400, "pool": 8000, "pool_per_label": 20.0}
+    assert findings(report)[0] == "Regime: 400 labeled faces, 8,000 pseudo-labeled (20 per label)."
+
+
+def _no_distillation_gain(report, teacher, labeled_only, pool_per_label=20.0):
+    report["intervals"]["deltas"]["distillation"]["srcc"] = ci(-0.01, -0.03, 0.01)
+    report["teacher"]["srcc"], report["teacher_plus"]["srcc"] = teacher, teacher
+    report["student_labeled_only"]["srcc"] = labeled_only
+    report["regime"] = {
+        "labeled": 400,
+        "pool": int(400 * pool_per_label),
+        "pool_per_label": pool_per_label,
+    }
+    return notes_about(report, "Distillation did not pay")
+
+
+def test_no_distillation_gain_says_what_bounds_it_and_what_to_change():
+    (weak_teacher,) = _no_distillation_gain(a_report(), teacher=0.70, labeled_only=0.70)
+    assert "no better than the labeled-only student" in weak_teacher
+    assert "train_teacher.epochs" in weak_teacher and "teacher.image_size" in weak_teacher
+    (unlearned,) = _no_distillation_gain(a_report(), teacher=0.80, labeled_only=0.70)
+    assert "distill_student.epochs" in unlearned
+    (small_pool,) = _no_distillation_gain(a_report(), 0.8, 0.7, pool_per_label=1.0)
+    assert "add unlabeled faces" in small_pool
+    assert notes_about(a_report(), "Distillation did not pay") == []  # a gain: no advice
+
+
+def test_self_training_below_zero_beyond_noise_gets_advice():
+    report = a_report()
+    assert notes_about(report, "Self-training lowered") == []  # within noise: no advice
+    report["intervals"]["deltas"]["self_training"]["srcc"] = ci(-0.05, -0.08, -0.02)
+    (advice,) = notes_about(report, "Self-training lowered")
+    assert "train_teacher_plus.source_weights" in advice

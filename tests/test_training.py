@@ -624,14 +624,15 @@ def test_a_rerun_continues_from_the_last_checkpoint(parity_runs):
 
 
 @pytest.mark.slow
-def test_epoch_rows_reads_a_table_over_again_and_cuts_it(tables, tmp_path, two_cpu_ray):
-    """`TrainJob.epoch_rows`, the labeled-only ablation's equal steps, under a cosine warm-up:
-    300 rows an epoch from a 160-row table, 9 whole batches of 32."""
+def test_min_epoch_rows_reads_a_small_table_over_again_and_cuts_it(tables, tmp_path, two_cpu_ray):
+    """`train.min_epoch_rows` (through `TrainJob.epoch_rows`, the labeled-only ablation's equal
+    steps too), under a cosine warm-up: 300 rows an epoch from a 160-row table, 9 whole
+    batches of 32."""
     job = dataclasses.replace(
         job_for(tables, tmp_path, epochs=1, schedule="cosine", warmup_epochs=0.5),
         train_tables=[tables["labeled"]],
-        epoch_rows=300,
     )
+    job.train.min_epoch_rows = 300
     with deadline(300):
         result = fit(job)
     (h,) = json.loads((tmp_path / "history.json").read_text())

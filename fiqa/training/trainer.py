@@ -60,6 +60,8 @@ def fit(job: TrainJob) -> dict:
     sources = sorted(stats.rows_by_source)
     mean, std = target_scale(job, stats.target_mean, stats.target_std)
     rows = sum(stats.rows_by_source.values())
+    if t.min_epoch_rows and (job.epoch_rows or rows) < t.min_epoch_rows:
+        job = dataclasses.replace(job, epoch_rows=t.min_epoch_rows)
     log.info(
         "%s: %d rows %s%s; global batch %d = %d worker(s) x %d rows x %d step(s); lr %.3g",
         job.name,

@@ -18,22 +18,34 @@ Where it lives in a run, end to end:
 
 from __future__ import annotations
 
+import logging
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # scipy is imported where it is used: importing scipy.optimize costs seconds, and data
 # workers import this module.
 
 
+PARAMS = ("b1", "b2", "b3", "b4")
+
+
 @dataclass(frozen=True)
 class Logistic4:
+    """The map's four parameters; ``converged`` False (with its ``reason``) marks
+    `fit_logistic`'s fallback, its initial guess, where the least-squares fit failed."""
+
     b1: float
     b2: float
     b3: float
     b4: float
+    # compare=False: two maps with the same parameters are the same map, however obtained.
+    converged: bool = field(default=True, compare=False)
+    reason: str | None = field(default=None, compare=False)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.b2 + (self.b1 - self.b2) * self._sigmoid(x)
@@ -48,18 +60,25 @@ class Logistic4:
         return (self.b1 - self.b2) * s * (1.0 - s) / abs(self.b4)
 
     def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+        # The parameters only: model.json's calibration (and model ids hashed from it) keeps
+        # its format.
+        return {k: getattr(self, k) for k in PARAMS}
 
     @classmethod
     def from_dict(cls, d: dict) -> Logistic4:
-        return cls(**{k: float(d[k]) for k in ("b1", "b2", "b3", "b4")})
+        return cls(**{k: float(d[k]) for k in PARAMS})
 
 
 IDENTITY_PARAMS = Logistic4(1.0, 0.0, 0.0, 1.0)  # placeholder where a graph needs parameters
 
 
 def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> Logistic4:
-    """Least-squares fit of the 4-parameter logistic mapping ``pred`` onto ``mos``."""
+    """Least-squares fit of the 4-parameter logistic mapping ``pred`` onto ``mos``.
+
+    Where the fit fails (curve_fit raises, e.g. at ``maxfev``, or gives non-finite
+    parameters or values) the result is the initial guess, a monotone map with the right
+    range, with ``converged=False`` and the ``reason``; a warning is logged.
+    """
     from scipy import optimize
 
     pred = np.asarray(pred, dtype=np.float64)
@@ -77,13 +96,21 @@ def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> Logistic4:
             warnings.simplefilter("ignore")
             params, _ = optimize.curve_fit(f, pred, mos, p0=p0, maxfev=20000)
         fitted = Logistic4(*map(float, params))
-        if np.all(np.isfinite(fitted(pred))):
+        if not np.all(np.isfinite(params)):
+            reason = f"non-finite parameters {fitted.to_dict()}"
+        elif not np.all(np.isfinite(fitted(pred))):
+            reason = "non-finite values on the input"
+        else:
             return fitted
-    except (RuntimeError, ValueError):
-        pass
-    # Degenerate inputs (constant predictions) defeat the fit; the initial guess is a
-    # monotone map with the right range.
-    return Logistic4(*p0)
+    except (RuntimeError, ValueError) as e:  # RuntimeError: maxfev reached, or no progress
+        reason = f"curve_fit: {e}"
+    log.warning(
+        "4-parameter logistic fit on %d pairs did not converge (%s); using the initial "
+        "guess: PLCC and RMSE after it are not those of a fitted map",
+        pred.size,
+        reason,
+    )
+    return Logistic4(*p0, converged=False, reason=reason)
 
 
 def fit_calibration(pred: np.ndarray, mos: np.ndarray) -> Logistic4 | None:

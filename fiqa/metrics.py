@@ -8,15 +8,25 @@ project implements)::
 PLCC and RMSE are computed between ``f(prediction)`` and the MOS, with ``f``
 fitted on the same pairs; SRCC and KRCC are rank statistics, unchanged by it.
 The logistic itself, and its use as a model's calibration, is `fiqa.calibration`.
+
+`quality_metrics` says when its figures are not what they claim: ``logistic_fit`` is
+``"converged"``, or ``"failed: <reason>"`` where PLCC and RMSE are those of the fit's
+initial guess; on degenerate input (fewer than 4 pairs, NaN or infinite values, constant
+predictions or targets) every figure is NaN and ``degenerate`` names why.
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Any
 
 import numpy as np
 
 from fiqa.calibration import fit_logistic
 
 # scipy is imported where it is used: importing scipy.stats costs seconds.
+
+log = logging.getLogger(__name__)
 
 
 def srcc(pred: np.ndarray, mos: np.ndarray) -> float:
@@ -47,25 +57,51 @@ def rmse(pred: np.ndarray, mos: np.ndarray, fit: bool = True) -> float:
     return float(np.sqrt(np.mean((pred - np.asarray(mos, dtype=np.float64)) ** 2)))
 
 
-def quality_metrics(pred: np.ndarray, mos: np.ndarray) -> dict[str, float]:
-    """SRCC, PLCC, KRCC and RMSE (PLCC and RMSE after the logistic fit), plus n."""
+def degenerate(pred: np.ndarray, mos: np.ndarray) -> str | None:
+    """Why (``pred``, ``mos``) has no SRCC, PLCC, KRCC or RMSE after the fit; None if it has."""
+    if pred.size < 4:
+        return f"fewer than 4 pairs ({pred.size})"
+    for name, v in (("predictions", pred), ("targets", mos)):
+        if not np.all(np.isfinite(v)):
+            return f"non-finite {name} ({int(np.sum(~np.isfinite(v)))} of {v.size})"
+    for name, v in (("predictions", pred), ("targets", mos)):
+        if np.all(v == v[0]):
+            return f"constant {name}"
+    return None
+
+
+def quality_metrics(pred: np.ndarray, mos: np.ndarray) -> dict[str, Any]:
+    """SRCC, PLCC, KRCC and RMSE (PLCC and RMSE after the logistic fit), plus n;
+    ``logistic_fit``: ``"converged"`` or ``"failed: <reason>"`` (PLCC and RMSE then come
+    from the unfitted initial guess); ``degenerate``: None, or why every figure is NaN."""
     from scipy import stats
 
     pred = np.asarray(pred, dtype=np.float64)
     mos = np.asarray(mos, dtype=np.float64)
-    if pred.size < 4 or np.std(pred) == 0 or np.std(mos) == 0:
+    if pred.shape != mos.shape:
+        raise ValueError(f"predictions {pred.shape} and targets {mos.shape} differ in shape")
+    why = degenerate(pred, mos)
+    if why is not None:
+        # NaN, not 0.0: a zero would read as a measured "no correlation" and could be ranked.
+        log.warning("quality metrics on %d pairs are undefined: %s", pred.size, why)
+        nan = float("nan")
         return {
-            "srcc": 0.0,
-            "plcc": 0.0,
-            "krcc": 0.0,
-            "rmse": float(np.std(mos)) if mos.size else 0.0,
+            "srcc": nan,
+            "plcc": nan,
+            "krcc": nan,
+            "rmse": nan,
             "n": int(pred.size),
+            "logistic_fit": f"failed: {why}",
+            "degenerate": why,
         }
-    mapped = fit_logistic(pred, mos)(pred)
+    logistic = fit_logistic(pred, mos)
+    mapped = logistic(pred)
     return {
         "srcc": srcc(pred, mos),
         "plcc": float(stats.pearsonr(mapped, mos).statistic),
         "krcc": krcc(pred, mos),
         "rmse": float(np.sqrt(np.mean((mapped - mos) ** 2))),
         "n": int(pred.size),
+        "logistic_fit": "converged" if logistic.converged else f"failed: {logistic.reason}",
+        "degenerate": None,
     }

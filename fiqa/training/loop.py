@@ -4,7 +4,8 @@ Per epoch: `train_one_epoch` (micro-batches, one optimizer step per global batch
 `validate` (each worker scores its slice, then all gather), `record_epoch` (the history
 row; rank 0 logs it and writes TensorBoard) and `save_and_report` (rank 0 fits the
 calibration and writes the checkpoint; every worker reports). Ray Train keeps the best
-checkpoint by (SRCC + PLCC) / 2 and restarts a failed worker group from the latest.
+checkpoint by (SRCC + PLCC) / 2 (`epoch_score`: -inf where validation gives NaN) and
+restarts a failed worker group from the latest.
 """
 
 from __future__ import annotations
@@ -263,7 +264,7 @@ def validate(w: Worker) -> tuple[np.ndarray, np.ndarray]:
 def record_epoch(w: Worker, epoch: int, train: dict, val: dict) -> dict:
     """The epoch's history row, appended to `progress`; rank 0 logs it and writes TensorBoard."""
     p = w.progress
-    score = (val["srcc"] + val["plcc"]) / 2
+    score = epoch_score(val)
     p.best = max(p.best, score)
     row = {
         "epoch": epoch + 1,
@@ -301,6 +302,14 @@ def record_epoch(w: Worker, epoch: int, train: dict, val: dict) -> dict:
         w.tb.scalars(epoch_scalars(row), epoch + 1)
         w.tb.flush()
     return row
+
+
+def epoch_score(val: dict) -> float:
+    """The epoch's checkpoint score, (SRCC + PLCC) / 2; -inf where a metric is NaN
+    (degenerate validation): NaN compares False both ways, so ``max`` over the
+    checkpoints (`export_best`) could keep it as the best, and -inf ranks last."""
+    score = (val["srcc"] + val["plcc"]) / 2
+    return float(score) if np.isfinite(score) else float("-inf")
 
 
 def save_and_report(

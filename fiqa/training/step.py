@@ -17,9 +17,13 @@ class GradAccumulator:
 
     Each micro-batch loss is divided by the accumulation steps and DDP averages
     over workers, so a global batch's gradient is the mean of its micro-batch
-    gradients however they are split: 2 workers x 1 step and 1 worker x 2 steps
-    give the same update. Per-source squared errors and row counts accumulate
-    on the device (no host sync per step) for the epoch's metrics.
+    gradients: the same micro-batches give the same update on 2 workers x 1 step
+    as on 1 worker x 2 steps. Another split of the global batch (another
+    ``micro_batch_size``) keeps the MSE part's gradient where every micro-batch
+    has the same weight sum (uniform weights), but not the PLCC part's: that is
+    a per-micro-batch estimate of the batch's correlation (`fiqa.losses`).
+    Per-source squared errors and row counts accumulate on the device (no host
+    sync per step) for the epoch's metrics.
     """
 
     def __init__(

@@ -133,16 +133,34 @@ def headline_rows(report: dict) -> list[list[str]]:
         if name not in report:
             continue
         r, ci = report[name], intervals.get(name, {})
-        rows.append(
-            [
-                name,
-                _ci(ci.get("srcc")) if ci else f"{r['srcc']:.4f}",
-                _ci(ci.get("plcc")) if ci else f"{r['plcc']:.4f}",
-                f"{r['gflops']:.3f}",
-                f"{r['params_m']:.2f}",
-            ]
-        )
+        srcc = _ci(ci.get("srcc")) if ci else f"{r['srcc']:.4f}"
+        plcc = (_ci(ci.get("plcc")) if ci else f"{r['plcc']:.4f}") + _fit_mark(r)
+        if r.get("degenerate"):
+            srcc = plcc = "n/a"
+        rows.append([name, srcc, plcc, f"{r['gflops']:.3f}", f"{r['params_m']:.2f}"])
     return rows
+
+
+def _fit_mark(r: dict) -> str:
+    """``†`` where the logistic fit failed: PLCC and RMSE are of the unfitted initial map."""
+    fit = r.get("logistic_fit", "converged")
+    return "" if fit == "converged" or r.get("degenerate") else "†"
+
+
+def metric_notes(report: dict) -> list[str]:
+    """A sentence per model whose figures could not be computed as intended."""
+    out = []
+    for name in MODEL_ORDER:
+        r = report.get(name, {})
+        if r.get("degenerate"):
+            out.append(f"{name}: no figures (n/a): {r['degenerate']}.")
+        elif _fit_mark(r):
+            reason = r["logistic_fit"].removeprefix("failed: ")
+            out.append(
+                f"{name}: † the logistic fit failed ({reason}): its PLCC and RMSE are of the "
+                "unfitted initial map."
+            )
+    return out
 
 
 def _verdict(d: dict, model: str, baseline: str) -> str:
@@ -181,7 +199,7 @@ def findings(report: dict) -> list[str]:
             f"Cost: the student needs {100 * report['student_teacher_gflops_ratio']:.1f}% "
             "of the teacher's GFLOPs."
         )
-    out += advice_notes(report)
+    out += metric_notes(report) + advice_notes(report)
     out += steps_notes(report) + provenance_notes(report) + rounds_notes(report)
     out += compression_notes(report)
     return out
@@ -346,7 +364,12 @@ def _markdown(report: dict, plots: list[str]) -> str:
     for row in rows[1:]:
         r = report[row[0]]
         cells = [row[0], r["arch"], str(r["image_size"]), row[1], row[2]]
-        cells += [f"{r['krcc']:.4f}", f"{r['rmse']:.4f}", row[3], row[4]]
+        krcc, rmse = (
+            ("n/a", "n/a")
+            if r.get("degenerate")
+            else (f"{r['krcc']:.4f}", f"{r['rmse']:.4f}{_fit_mark(r)}")
+        )
+        cells += [krcc, rmse, row[3], row[4]]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Findings", ""] + [f"- {f}" for f in findings(report)]
     lines += [

@@ -245,3 +245,17 @@ def test_self_training_below_zero_beyond_noise_gets_advice():
     report["intervals"]["deltas"]["self_training"]["srcc"] = ci(-0.05, -0.08, -0.02)
     (advice,) = notes_about(report, "Self-training lowered")
     assert "train_teacher_plus.source_weights" in advice
+
+
+def test_a_failed_fit_marks_plcc_and_rmse_and_degenerate_figures_are_na():
+    report = a_report()
+    report["teacher"]["logistic_fit"] = "failed: maxfev reached"
+    report["student"]["degenerate"] = "constant predictions"
+    rows = {r[0]: r for r in headline_rows(report)}
+    assert rows["teacher"][2].endswith("†") and "†" not in rows["teacher"][1]
+    assert rows["student"][1:3] == ["n/a", "n/a"]
+    (fit,) = notes_about(report, "teacher:")
+    assert "maxfev reached" in fit and "unfitted" in fit
+    assert notes_about(report, "student:") == ["student: no figures (n/a): constant predictions."]
+    md = _markdown(report, [])
+    assert "| n/a | n/a |" in md and "0.5000†" in md

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements.lock
 install: $(STAMP)
 
 $(DEMO_DATA)/dataset.json: | $(STAMP)
-	$(BIN)/fiqa make-demo-data -o $(DEMO_DATA)
+	$(BIN)/fiqa make-demo-data -o $(DEMO_DATA) --image-size 72  # the demo's models see 72 px
 
 demo-data: $(DEMO_DATA)/dataset.json
 

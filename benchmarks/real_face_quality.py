@@ -87,12 +87,13 @@ from PIL import Image, ImageFilter
 from fiqa.data.synthetic import SPLITS, UNLABELED  # the dataset layout `fiqa run` reads
 from fiqa.models.allocator import retain_freed_memory
 
+# The regime pseudo-labeling is for: few labels, a pool 20 times larger.
 DEFAULT_SIZES = {
-    "labeled_train": 1500,
-    "labeled_val": 300,
+    "labeled_train": 400,
+    "labeled_val": 150,
     "test": 1000,
-    "unlabeled_1": 3000,
-    "unlabeled_2": 3000,
+    "unlabeled_1": 4000,
+    "unlabeled_2": 4000,
 }
 KEY_PREFIX = {
     "labeled_train": "rf-ltr",

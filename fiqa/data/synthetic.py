@@ -57,12 +57,13 @@ from fiqa.data.shards import local_output_dir
 
 SPLITS = ("labeled_train", "labeled_val", "test", "unlabeled_1", "unlabeled_2")
 UNLABELED = ("unlabeled_1", "unlabeled_2")
+# The regime the system is for: few labels, a pool 20 times larger.
 DEFAULT_SIZES = {
-    "labeled_train": 1200,
-    "labeled_val": 300,
-    "test": 600,
-    "unlabeled_1": 1600,
-    "unlabeled_2": 1600,
+    "labeled_train": 400,
+    "labeled_val": 200,
+    "test": 1000,
+    "unlabeled_1": 4000,
+    "unlabeled_2": 4000,
 }
 
 DISTORTION_WEIGHTS = {

@@ -38,6 +38,15 @@ class DataConfig:
     unlabeled_2_truth: str | None = None
     max_image_pixels: int = 40_000_000
     min_image_side: int = 16
+    # A tar member larger than this is a reject (member_too_large), skipped unread: a
+    # hostile shard's claimed sizes cost a decode task no memory.
+    max_member_bytes: int = 64 * 2**20
+
+
+# PIL's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS, its default):
+# a data.max_image_pixels above it would let PIL refuse images the limit allows.
+MAX_IMAGE_PIXELS_LIMIT = 2 * 89_478_485
+MIN_MEMBER_BYTES = 2**20  # below 1 MiB, ordinary photos would be rejected: a unit slip
 
 
 @dataclass
@@ -217,8 +226,11 @@ class RunConfig:
         if not legacy and self.scoring.num_gpus == 0:
             # scoring on CPUs: decoded by PIL and computed in fp32, where GPUs use nvJPEG and fp16
             d["scoring"]["num_gpus"] = 0
-        for section in ("train_teacher", "train_teacher_plus", "distill_student"):
-            for key, default in ADDED_TRAIN_KEYS.items():
+        added = {
+            s: ADDED_TRAIN_KEYS for s in ("train_teacher", "train_teacher_plus", "distill_student")
+        }
+        for section, keys in {**added, "data": ADDED_DATA_KEYS}.items():
+            for key, default in keys.items():
                 if d[section].get(key, default) == default:
                     d[section].pop(key, None)
         picked = {k: d[k] for k in (sections or sorted(d))}
@@ -248,6 +260,7 @@ UNFINGERPRINTED = {
 # Training keys added after runs were fingerprinted: at these values they are left out of the
 # hash, so a run from before they existed keeps its fingerprint (and its finished stages).
 ADDED_TRAIN_KEYS = {"min_epoch_rows": None}
+ADDED_DATA_KEYS = {"max_member_bytes": DataConfig.max_member_bytes}
 
 REQUIRED = (
     "run_dir",
@@ -388,8 +401,24 @@ def _validate(cfg: RunConfig) -> None:
                 f"{name}.rounds: self-training rounds belong to train_teacher_plus (>= 1); "
                 f"got {t.rounds}"
             )
+    check_data_config(cfg.data)
     check_scoring_config(cfg.scoring, "scoring")
     check_storage_config(cfg.storage)
+
+
+def check_data_config(d: DataConfig) -> None:
+    """The data limits (a run's config and `fiqa label`'s)."""
+    if not 1 <= d.max_image_pixels <= MAX_IMAGE_PIXELS_LIMIT:
+        raise ConfigError(
+            f"data.max_image_pixels: between 1 and {MAX_IMAGE_PIXELS_LIMIT} (PIL's own "
+            f"decompression-bomb limit), got {d.max_image_pixels}"
+        )
+    if d.min_image_side < 1:
+        raise ConfigError(f"data.min_image_side: must be >= 1, got {d.min_image_side}")
+    if d.max_member_bytes < MIN_MEMBER_BYTES:
+        raise ConfigError(
+            f"data.max_member_bytes: at least {MIN_MEMBER_BYTES} (1 MiB), got {d.max_member_bytes}"
+        )
 
 
 def check_storage_config(sc: StorageConfig) -> None:

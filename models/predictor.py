@@ -108,14 +108,26 @@ def _torch_device(device: str) -> str:
     return device
 
 
-def open_predictor(path: str, device: str = "auto") -> Predictor:
-    """Load a checkpoint directory, an ONNX or a TorchScript export for scoring."""
+TRUST_FLAG = "--trust-model-code"
+
+
+def open_predictor(path: str, device: str = "auto", trust_model_code: bool = False) -> Predictor:
+    """Load a checkpoint directory, an ONNX or a TorchScript export for scoring.
+
+    A TorchScript file is a program (loading it can run code the file carries), so it is
+    loaded only with ``trust_model_code`` (`TRUST_FLAG` on the command line); a checkpoint
+    (safetensors) and an ONNX model are data and need nothing."""
     if device not in DEVICES and not device.startswith("cuda:"):
         raise ValueError(f"--device {device!r}: expected one of {DEVICES} (or cuda:N)")
     kind = model_kind(path)
     if kind == "onnx":
         return _open_onnx(path, device)
     if kind == "torchscript":
+        if not trust_model_code:
+            raise ValueError(
+                f"{path}: a TorchScript file, which can run code when loaded; pass "
+                f"{TRUST_FLAG} if you trust where it came from (or use its ONNX export)"
+            )
         return _open_torchscript(path, device)
     return _open_checkpoint(path, device)
 

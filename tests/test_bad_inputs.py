@@ -252,10 +252,13 @@ def test_truncated_and_unreadable_shards(tmp_path):
     for r in labels:
         by_shard.setdefault(r["shard"], []).append(r["key"])
     assert 10 < len(by_shard[str(cut)]) < 30  # the readable samples are labeled ...
-    (cut_rej,) = [r for r in rejects if r["shard"] == str(cut)]
+    member_rej, cut_rej = [r for r in rejects if r["shard"] == str(cut)]
+    # ... the sample the cut went through is rejected by its key, naming the member ...
+    assert member_rej["key"] not in by_shard[str(cut)]
+    assert member_rej["reason"].startswith(f"truncated_member: {member_rej['key']}.")
     assert cut_rej["key"] == "" and cut_rej["reason"].startswith(
         "truncated_shard"
-    )  # ... the rest reported
+    )  # ... and the rest reported
     (junk_rej,) = [r for r in rejects if r["shard"] == str(junk)]
     assert junk_rej["reason"].startswith("unreadable_shard")
     assert len(by_shard[good]) == 5  # the others go on

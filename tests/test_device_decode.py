@@ -196,13 +196,36 @@ def test_a_refused_batch_is_said_once_loudly(monkeypatch, caplog):
 
     monkeypatch.setattr(device_decode, "_batch_failures", [])
     good = faces(2)
-    batch = [good[0], b"\xff\xd8 not a JPEG after all \xff\xd9", good[1]]
+    batch = [good[0], b"\xff\xd8\xff not a JPEG after all \xff\xd9", good[1]]  # JPEG-like
     with caplog.at_level("DEBUG", logger="fiqa.scoring.device_decode"):
         for _ in range(2):
             got, reasons = decode_batch(batch, 72, 64, torch.device("cpu"))
             assert reasons[0] is None and reasons[2] is None and reasons[1] == "not_an_image"
     refused = [r.levelname for r in caplog.records if "refused a batch" in r.message]
     assert refused == ["WARNING", "DEBUG"], refused
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bytes_that_are_no_jpeg_never_reach_the_device_decoder(device, monkeypatch):
+    """Other formats (named .jpg or not) go to the CPU path, which rejects them."""
+    import torchvision.io
+
+    given: list[bytes] = []
+    real = torchvision.io.decode_jpeg
+
+    def spy(data, *args, **kwargs):
+        given.extend(bytes(d.numpy()) for d in (data if isinstance(data, list) else [data]))
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", spy)
+    from PIL import Image
+
+    tiff = encode(Image.new("RGB", (40, 40), (10, 20, 30)), "TIFF")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 40 40\nshowpage\n"
+    jpeg = jpeg_bytes((40, 40))
+    _, reasons = decode_batch([tiff, jpeg, eps, b""], 32, 32, torch.device(device))
+    assert reasons == ["unsupported_format", None, "unsupported_format", "empty_image"]
+    assert given == [jpeg]
 
 
 @pytest.mark.slow

@@ -122,7 +122,7 @@ def test_scorer_on_arrow_batches_of_several_blocks_with_rejected_rows(models):
 
 @pytest.mark.parametrize("kind", ["checkpoint", "onnx", "torchscript"])
 def test_predict_scores_files_folders_and_shards_like_the_engine(models, inputs, kind):
-    p = open_predictor(models[kind], device="cpu")
+    p = open_predictor(models[kind], device="cpu", trust_model_code=True)  # our own export
     assert p.backend == {"checkpoint": "torch", "onnx": "onnxruntime"}.get(kind, kind)
     items = [inputs["faces"], f"{inputs['shards']}/part-0.tar", f"{inputs['faces']}/tiny.jpg"]
     rows = list(predict(p, resolve_inputs(items), batch_size=3, workers=2))
@@ -158,7 +158,8 @@ def test_backends_agree(models, inputs):
     items = resolve_inputs([inputs["faces"], inputs["shards"]])
     scores = {}
     for kind in ("checkpoint", "onnx", "torchscript"):
-        rows = list(predict(open_predictor(models[kind], "cpu"), items, batch_size=4))
+        p = open_predictor(models[kind], "cpu", trust_model_code=True)  # our own export
+        rows = list(predict(p, items, batch_size=4))
         scores[kind] = np.array([np.nan if r["score"] is None else r["score"] for r in rows])
     for kind in ("onnx", "torchscript"):
         np.testing.assert_allclose(scores[kind], scores["checkpoint"], atol=1e-4)
@@ -176,11 +177,12 @@ def test_shard_specs_and_bad_shards(models, inputs, tmp_path):
     good = tmp_path / "good.tar"
     write_tar(good, [(f"k{i}.jpg", jpeg_bytes(color=COLORS[i])) for i in range(3)])
     cut = tmp_path / "cut.tar"
-    cut.write_bytes(good.read_bytes()[:3000])  # cut inside the second member
+    cut.write_bytes(good.read_bytes()[:3000])  # cut inside the second member's padding
     rows = list(predict(p, resolve_inputs([str(tmp_path / "empty.tar"), str(cut)])))
     assert [(r["key"], (r["reason"] or "").split(":")[0]) for r in rows] == [
         ("", "empty_shard"),
         ("k0", ""),  # what was read before the cut is still scored
+        ("k1", ""),  # its bytes are whole: only the padding after them is cut
         ("", "truncated_shard"),
     ]
 
@@ -195,7 +197,8 @@ def test_predict_command_writes_files(models, inputs, tmp_path, capsys):
     from fiqa.cli import main
 
     src = [inputs["faces"], inputs["shards"]]
-    assert main(["predict", models["torchscript"], *src, "-o", str(tmp_path / "p.parquet")]) == 0
+    out = str(tmp_path / "p.parquet")
+    assert main(["predict", models["torchscript"], *src, "-o", out, "--trust-model-code"]) == 0
     table = pq.read_table(tmp_path / "p.parquet").to_pylist()
     assert len(table) == 7 + 7 and {"path", "key", "raw_score", "score", "reason"} <= set(table[0])
     assert sum(r["reason"] is not None for r in table) == 4

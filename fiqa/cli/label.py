@@ -17,6 +17,7 @@ from fiqa.config import (
     DataConfig,
     ScoringConfig,
     apply_overrides,
+    check_data_config,
     check_scoring_config,
     check_storage_config,
     section_from_dict,
@@ -44,6 +45,7 @@ def label_shards(
     label_field: str = "mos",
     max_pixels: int = 40_000_000,
     min_side: int = 16,
+    max_member_bytes: int = DataConfig.max_member_bytes,
     progress: bool = True,
     on_start: Callable[[], None] | None = None,
     **engine: Any,
@@ -68,6 +70,7 @@ def label_shards(
         label_field=label_field,
         max_pixels=max_pixels,
         min_side=min_side,
+        max_member_bytes=max_member_bytes,
         views=scoring.views,
     )
     record = {
@@ -100,7 +103,7 @@ def label_shards(
 
 # The config sections `fiqa label` reads (--set), and the data keys it uses.
 LABEL_SECTIONS = ("scoring", "data", "ray", "storage")
-DATA_KEYS = ("label_field", "max_image_pixels", "min_image_side")
+DATA_KEYS = ("label_field", "max_image_pixels", "min_image_side", "max_member_bytes")
 # Shortcut flags (their dest) -> the config key each sets; --set is applied after them.
 SHORTCUTS = {
     "batch_size": "scoring.batch_size",
@@ -147,6 +150,7 @@ def label_config(args: argparse.Namespace) -> dict[str, Any]:
             f"data.{{{','.join(DATA_KEYS)}}} (the inputs are its arguments)"
         )
     cfg = {name: section_from_dict(name, raw[name]) for name in LABEL_SECTIONS}
+    check_data_config(cfg["data"])
     check_scoring_config(cfg["scoring"], "scoring")
     check_storage_config(cfg["storage"])
     return cfg
@@ -203,6 +207,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         label_field=data.label_field,
         max_pixels=data.max_image_pixels,
         min_side=data.min_image_side,
+        max_member_bytes=data.max_member_bytes,
         on_start=lambda: ensure_ray(cfg["ray"], shared=_shared(model, inputs[0], args.output)),
     )
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats["reasons"].items())) or "none"
@@ -223,7 +228,8 @@ def add_label(sub: Any) -> None:
         "and OUTPUT/rejects/*.parquet (the pseudo-labeling stages' engine). Rerunning the same "
         "command scores only the shards without committed output. The sizing flags are "
         "shortcuts for the config keys they name; --set sets any scoring.*, ray.*, storage.* "
-        "key, and data.label_field, data.max_image_pixels, data.min_image_side.",
+        "key, and data.label_field, data.max_image_pixels, data.min_image_side, "
+        "data.max_member_bytes. MODEL is a checkpoint (safetensors: loading it runs no code).",
     )
     s.add_argument(
         "model",

@@ -14,7 +14,7 @@ import numpy as np
 
 from fiqa.cli.options import add_output, option
 from fiqa.models.meta import EXPORT_FORMATS, ONNX_EXPORTERS, checkpoint_dir, read_meta
-from fiqa.models.predictor import open_predictor
+from fiqa.models.predictor import TRUST_FLAG, open_predictor
 from fiqa.predict import check_output_path, format_table, predict, resolve_inputs, write_predictions
 
 TABLE_MAX_ROWS = 20  # more rows than this get a summary instead of a table
@@ -29,7 +29,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.output:
         check_output_path(args.output)
     inputs = resolve_inputs(args.inputs)
-    predictor = open_predictor(args.model, args.device)
+    predictor = open_predictor(args.model, args.device, trust_model_code=args.trust_model_code)
     n_files = sum(1 for kind, _ in inputs if kind == "file")
     total = n_files if n_files == len(inputs) else None  # a shard's size is known once read
     rows: list[dict] = []
@@ -148,5 +148,11 @@ def add_predict(sub: Any) -> None:
     )
     s.add_argument(
         "--workers", type=int, default=None, metavar="N", help="decode threads (default: up to 4)"
+    )
+    s.add_argument(
+        TRUST_FLAG,
+        action="store_true",
+        help="load a TorchScript MODEL (loading one can run code it carries; checkpoints and "
+        "ONNX need no flag)",
     )
     s.set_defaults(func=cmd_predict)

@@ -8,22 +8,27 @@ central ``crop`` x ``crop`` of that square is made (the evaluation transform:
 resize, then center crop), in one resampling pass. Anything that cannot be decoded raises
 `RejectedSample` with a short machine-readable reason that ends up in the
 rejects table.
+
+The bytes come from a crawl, so they are hostile: only JPEG, PNG and WebP are decoded,
+recognised by their content (whatever the file is named); any other format PIL knows (EPS,
+TIFF, PSD, GIF, BMP...) is ``unsupported_format`` without its plugin ever parsing it. The
+pixel limit (``max_pixels``) is checked from the header before the image is opened (WebP
+allocates its canvas when opened), and again from what PIL parsed before any pixel is
+decoded; PIL's own decompression-bomb guard stays on (no PIL setting is changed), and where
+it fires the image is ``too_many_pixels`` too.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-
-# Decompression bombs are bounded by our own pixel limit (checked before any
-# pixel is decoded), so PIL's global guard is turned into our check.
-Image.MAX_IMAGE_PIXELS = None
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+FORMATS = ("JPEG", "PNG", "WEBP")  # what is decoded, whatever the file's name says
 
 
 class RejectedSample(Exception):
@@ -69,6 +74,8 @@ def decode_image(
             img = _resize_square(img, resize, crop or resize)
     except RejectedSample:
         raise
+    except Image.DecompressionBombError as e:  # PIL's own guard, on a frame or a crop
+        raise RejectedSample("too_many_pixels", str(e)[:200]) from None
     except Exception as e:
         # PIL says "image file is truncated" (or "broken data stream") for cut-off files.
         msg = str(e)
@@ -81,15 +88,109 @@ def decode_image(
     return np.asarray(img, dtype=np.uint8)
 
 
+def sniff_format(data: bytes) -> str | None:
+    """``JPEG``, ``PNG`` or ``WEBP`` from the first bytes (the signatures PIL's plugins
+    accept), or None."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _other_format(data: bytes) -> str | None:
+    """The other image format PIL would take ``data`` for, from its plugins' signature checks
+    alone (no plugin opens the bytes); None for bytes no signature matches."""
+    Image.init()
+    prefix = data[:16]
+    for name, (_, accept) in Image.OPEN.items():
+        if name in FORMATS or accept is None:  # no signature: PIL would have to try opening
+            continue
+        try:
+            if accept(prefix):
+                return name
+        except Exception:  # a signature check that cannot read so short a prefix
+            continue
+    return None
+
+
+def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
+    """(width, height) as the header of a ``fmt`` image states it, None where it cannot be
+    read; for a JPEG the largest frame header before the first scan."""
+    if fmt == "PNG":
+        if data[12:16] != b"IHDR" or len(data) < 24:
+            return None
+        w, h = struct.unpack(">II", data[16:24])
+        return w, h
+    if fmt == "WEBP":  # as PIL's WebP plugin reads it, before it allocates the canvas
+        chunk = data[12:16]
+        if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+            w, h = struct.unpack("<HH", data[26:30])
+            return w & 0x3FFF, h & 0x3FFF
+        if chunk == b"VP8X" and len(data) >= 30:
+            w = int.from_bytes(data[24:27], "little") + 1
+            return w, int.from_bytes(data[27:30], "little") + 1
+        if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+            bits = int.from_bytes(data[21:25], "little")
+            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        return None
+    return _jpeg_size(data)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """The largest (width, height) of a JPEG's frame headers before its first scan."""
+    i, best = 2, None
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return best
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker in (0xDA, 0xD9):  # start of scan, end of image: no frame header after
+            return best
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and i + 9 <= len(data):
+            h = int.from_bytes(data[i + 5 : i + 7], "big")
+            w = int.from_bytes(data[i + 7 : i + 9], "big")
+            if best is None or w * h > best[0] * best[1]:
+                best = (w, h)
+        if length < 2:
+            return best
+        i += 2 + length
+    return best
+
+
 def open_checked(data: bytes, max_pixels: int, min_side: int) -> Image.Image:
     """The image's header, parsed (no pixel is decoded), or the reason it cannot be used."""
     if not data:
         raise RejectedSample("empty_image")
+    fmt = sniff_format(data)
+    if fmt is None:
+        other = _other_format(data)
+        if other is not None:
+            raise RejectedSample("unsupported_format", f"{other}: only {', '.join(FORMATS)}")
+        raise RejectedSample("not_an_image")
+    size = header_size(data, fmt)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise RejectedSample("too_many_pixels", f"{size[0]}x{size[1]} > {max_pixels}")
+    if size is None and fmt == "WEBP":  # its plugin would allocate a canvas of unchecked size
+        raise RejectedSample("not_an_image", "a WebP without a readable size")
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            # PIL's warning threshold may lie below max_pixels: ours decides, checked above.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=[fmt])
+    except Image.DecompressionBombError as e:  # PIL's guard, above its hard limit
+        raise RejectedSample("too_many_pixels", str(e)[:200]) from None
     except Exception as e:  # PIL raises a variety of errors on garbage
         raise RejectedSample("not_an_image", type(e).__name__) from None
-    w, h = img.size
+    w, h = img.size  # what PIL parsed, which a hostile header may make differ from the sniff
     if w * h > max_pixels:
         raise RejectedSample("too_many_pixels", f"{w}x{h} > {max_pixels}")
     if min(w, h) < min_side:

@@ -9,23 +9,60 @@ Formats: ustar (with its name prefix), POSIX pax (``x`` headers: ``path``,
 ``size``; ``g`` global headers are skipped) and GNU long names (``L``).
 Directories, links and other entries are skipped, as are their data blocks.
 
+A shard is untrusted input, so the reader bounds what it holds: data is read in chunks of
+at most `CHUNK` bytes (a header claiming 200 GB allocates nothing it has not read), a
+member's claimed size is checked against what remains of the shard when its size is
+known, a member over ``max_member_bytes`` is skipped unread, and pax and GNU long-name
+headers are held only up to `MAX_HEADER_BYTES`. With ``skipped=True`` the members whose
+data is not handed out (links, devices, FIFOs, directories, members over the cap) are
+yielded too, as ``(name, Skipped)``, so that a caller can account for each. Member names
+are only returned, never used as paths.
+
 Failures are explicit, never a silent short read:
 
 - `TarFormatError` for a header whose checksum does not match (not a tar,
-  or a damaged one) or whose fields cannot be parsed;
-- `TruncatedShard` when a member's data is shorter than its header says, or
-  when the archive ends without its end-of-archive marker (two zero blocks),
-  which is how a shard cut short at a header boundary shows.
+  or a damaged one) or whose fields cannot be parsed, and for anything but zeros after
+  the first zero block (members after it would otherwise go unread without a trace);
+- `TruncatedShard` when a member's data is shorter than its header says (or claims more
+  bytes than remain in the shard), or when the archive ends without its end-of-archive
+  marker (two zero blocks), which is how a shard cut short at a header boundary shows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import BinaryIO
 
 BLOCK = 512
 _ZERO = bytes(BLOCK)
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
+_META = (b"x", b"g", b"L", b"K")  # pax, pax global, GNU long name, GNU long link name
+# What a skipped member is, in its Skipped.detail; other typeflags are "type X".
+_KINDS = {
+    b"1": "hard link",
+    b"2": "symbolic link",
+    b"3": "character device",
+    b"4": "block device",
+    b"5": "directory",
+    b"6": "FIFO",
+    b"D": "GNU dump directory",
+    b"S": "GNU sparse file",
+    b"V": "volume header",
+}
+CHUNK = 1 << 20  # the most read (and allocated) at once
+# pax and GNU long-name headers: a few hundred bytes in any real shard; more is hostile.
+MAX_HEADER_BYTES = 1 << 20
+DEFAULT_MAX_MEMBER_BYTES = 64 << 20  # DataConfig.max_member_bytes
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A member whose data is not handed out: ``reason`` (``not_a_file``,
+    ``member_too_large``) and what it was."""
+
+    reason: str
+    detail: str
 
 
 class TarFormatError(Exception):
@@ -41,15 +78,44 @@ class TruncatedShard(Exception):
 
 
 def _read_exact(stream: BinaryIO, n: int) -> bytes:
-    """Up to ``n`` bytes; fewer only at the end of the stream."""
+    """Up to ``n`` bytes; fewer only at the end of the stream. Read in chunks of `CHUNK`, so
+    that a size claimed by a header costs only the bytes that are really there."""
     chunks, left = [], n
     while left > 0:
-        chunk = stream.read(left)
+        chunk = stream.read(min(left, CHUNK))
         if not chunk:
             break
         chunks.append(chunk)
         left -= len(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _skip(stream: BinaryIO, n: int) -> int:
+    """Read past ``n`` bytes, holding one chunk at a time; returns how many were there."""
+    done = 0
+    while done < n:
+        chunk = stream.read(min(n - done, CHUNK))
+        if not chunk:
+            break
+        done += len(chunk)
+    return done
+
+
+def _check_only_zeros(stream: BinaryIO, offset: int) -> None:
+    """Raise `TarFormatError` if anything but zeros follows the zero block at ``offset``:
+    members after a lone zero block, or a second archive appended, would go unread unseen."""
+    at = offset + BLOCK
+    while chunk := stream.read(CHUNK):
+        if chunk.count(0) != len(chunk):
+            first = at + len(chunk) - len(chunk.lstrip(b"\0"))
+            raise TarFormatError(
+                f"data at byte {first} after the end-of-archive block at byte {offset}"
+            )
+        at += len(chunk)
+
+
+def _cut_in_padding(what: str) -> TruncatedShard:
+    return TruncatedShard(f"no end-of-archive marker: the archive ends in the padding after {what}")
 
 
 def _number(field: bytes) -> int:
@@ -97,19 +163,30 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return out
 
 
-def iter_tar(stream: BinaryIO, size: int | None = None) -> Iterator[tuple[str, bytes]]:
+def iter_tar(
+    stream: BinaryIO,
+    size: int | None = None,
+    max_member_bytes: int | None = None,
+    skipped: bool = False,
+) -> Iterator[tuple[str, bytes | Skipped]]:
     """Yield ``(name, data)`` for each regular file of the tar read from ``stream``.
 
     ``size``, the archive's length in bytes when known, lets the end-of-archive
-    check tell an archive cut short at a header boundary from a complete one.
+    check tell an archive cut short at a header boundary from a complete one, and a member
+    that claims more bytes than remain raise `TruncatedShard` before anything is read.
+    A member over ``max_member_bytes`` (None: no cap) is read past, not held. With
+    ``skipped``, each member whose data is not handed out is yielded as ``(name, Skipped)``.
     """
     offset = 0
     long_name: str | None = None
     pax: dict[str, str] = {}
     while True:
         header = _read_exact(stream, BLOCK)
-        if len(header) < BLOCK or header == _ZERO:
-            break  # the end-of-archive marker, or the end of the stream (checked below)
+        if len(header) < BLOCK:
+            break  # the end of the stream (checked below)
+        if header == _ZERO:  # the end-of-archive marker: only zeros may follow it
+            _check_only_zeros(stream, offset)
+            break
         _check(header, offset)
         kind = header[156:157]
         name = header[0:100].split(b"\0", 1)[0]
@@ -120,22 +197,37 @@ def iter_tar(stream: BinaryIO, size: int | None = None) -> Iterator[tuple[str, b
             try:
                 member_size = int(pax["size"])
             except ValueError:
-                raise TarFormatError(f"bad pax size {pax['size']!r}") from None
+                raise TarFormatError(f"bad pax size {pax['size'][:40]!r}") from None
         if member_size < 0:
             raise TarFormatError(f"negative member size at byte {offset}")
         offset += BLOCK
-        data = _read_exact(stream, member_size)
-        if len(data) != member_size:
-            cut = long_name or pax.get("path") or name.decode("utf-8", "replace")
-            raise TruncatedShard(f"{cut}: {len(data)} of {member_size} bytes", member=cut)
+        full = long_name or pax.get("path") or name.decode("utf-8", "replace")
+        meta = kind in _META
+        member = None if meta else full  # a meta header's own name is no sample's
+        what = "an extended header" if meta else full
+        if size is not None and member_size > size - offset:
+            raise TruncatedShard(
+                f"{what}: claims {member_size} bytes, {max(size - offset, 0)} remain in the shard",
+                member=member,
+            )
+        if meta and member_size > MAX_HEADER_BYTES:
+            raise TarFormatError(f"a {member_size}-byte extended header at byte {offset - BLOCK}")
+        regular = kind in _REGULAR
+        too_large = regular and max_member_bytes is not None and member_size > max_member_bytes
+        if (meta or regular) and not too_large:
+            data = _read_exact(stream, member_size)
+            got = len(data)
+        else:  # not handed out: read past it, one chunk at a time
+            data, got = b"", _skip(stream, member_size)
+        if got != member_size:
+            raise TruncatedShard(f"{what}: {got} of {member_size} bytes", member=member)
         padding = -member_size % BLOCK
-        if padding and len(_read_exact(stream, padding)) != padding:
-            # The member itself is whole; the archive ends inside its padding, so the
-            # end-of-archive check below reports it.
-            offset += member_size
-            break
+        # The member itself is whole where the archive ends inside its padding: it is handed
+        # out, then the cut is reported (the size of the stream known or not).
+        cut = padding > 0 and len(_read_exact(stream, padding)) != padding
         offset += member_size + padding
-
+        if cut and meta:
+            raise _cut_in_padding(what)  # the member it describes is not there
         if kind == b"x":  # pax header: applies to the next member
             pax = _pax_records(data)
             continue
@@ -146,9 +238,16 @@ def iter_tar(stream: BinaryIO, size: int | None = None) -> Iterator[tuple[str, b
         if kind == b"L":  # GNU long name of the next member
             long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
             continue
-        full = long_name or pax.get("path") or name.decode("utf-8", "replace")
         long_name, pax = None, {}
-        if kind in _REGULAR:
+        if not regular:
+            if skipped:
+                yield full, Skipped("not_a_file", _KINDS.get(kind, f"type {kind!r}"))
+        elif too_large:
+            if skipped:
+                yield full, Skipped("member_too_large", f"{member_size} bytes > {max_member_bytes}")
+        else:
             yield full, data
+        if cut:
+            raise _cut_in_padding(what)
     if size is not None and size < offset + 2 * BLOCK:
         raise TruncatedShard(f"no end-of-archive marker after byte {offset} of {size}")

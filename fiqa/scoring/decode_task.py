@@ -111,7 +111,10 @@ def decode_shards(urls, job: ScoreJob, block_rows: int | None = None) -> Iterato
 def _shard_records(url: str, job: ScoreJob) -> Iterator[dict]:
     """A shard's records; a tar with no members at all, one reject row of its own."""
     empty = True
-    for rec in read_shard(url, job.label_field, job.require_label, job.storage_options):
+    records = read_shard(
+        url, job.label_field, job.require_label, job.storage_options, job.max_member_bytes
+    )
+    for rec in records:
         empty = False
         yield rec
     if empty:
@@ -127,7 +130,7 @@ def probe_sources(url: str, job: ScoreJob, samples: int = 16) -> Sources:
 
     sizes, pixels = [], [0]
     try:
-        records = read_shard(url, job.label_field, False, job.storage_options)
+        records = read_shard(url, job.label_field, False, job.storage_options, job.max_member_bytes)
         for rec in islice(records, samples):
             if rec["image"]:
                 sizes.append(len(rec["image"]))

@@ -7,7 +7,8 @@ which is how the tests check it everywhere. The geometry is `fiqa.data.decode`'s
 side to ``resize``, central ``crop``); the filter is bilinear with antialiasing, as PIL's
 resize is, so the pixels differ from the CPU path's by about a level (JPEG decoders round
 differently too). Whatever this decoder refuses goes to `decode_image`, image by image, with
-the CPU path's reject reasons: a batch never fails as a whole.
+the CPU path's reject reasons: a batch never fails as a whole. Bytes that are not a JPEG by
+their content never reach nvJPEG at all: the CPU path rejects them (``unsupported_format``...).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fiqa.data.decode import RejectedSample, decode_image, square_crop_geometry
+from fiqa.data.decode import RejectedSample, decode_image, sniff_format, square_crop_geometry
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,20 @@ def resize_crop(chw: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
 
 
 def _decode_jpegs(encoded: list, device: torch.device) -> list[torch.Tensor | None]:
-    """Each JPEG as uint8 (3, h, w) on ``device``, None where the decoder refuses it.
+    """Each JPEG as uint8 (3, h, w) on ``device``, None where the decoder refuses it or the
+    bytes are no JPEG (never given to it: one parser fewer for hostile bytes to reach).
 
     torchvision returns nothing from a batch with one bad image in it, so a failed batch is
     retried image by image."""
+    jpeg = [i for i, b in enumerate(encoded) if sniff_format(bytes(b[:16])) == "JPEG"]
+    out: list[torch.Tensor | None] = [None] * len(encoded)
+    if jpeg:
+        for i, img in zip(jpeg, _decode_on_device([encoded[i] for i in jpeg], device), strict=True):
+            out[i] = img
+    return out
+
+
+def _decode_on_device(encoded: list, device: torch.device) -> list[torch.Tensor | None]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     with warnings.catch_warnings():  # read only: decode_jpeg copies the bytes it is given

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from fiqa import storage
 from fiqa.calibration import Logistic4
-from fiqa.config import ScoringConfig
+from fiqa.config import DataConfig, ScoringConfig
 from fiqa.models.meta import ModelMeta, read_meta
 
 
@@ -38,6 +38,7 @@ class ScoreJob:
     crop: int = 112
     max_pixels: int = 40_000_000
     min_side: int = 16
+    max_member_bytes: int = DataConfig.max_member_bytes  # a larger tar member is a reject
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     description: str = ""  # the progress bar's label; "" is "score <source>"
     views: str = "center"  # what a score averages (`fiqa.scoring.scorer.views_of`)
@@ -84,6 +85,7 @@ def job_for_model(
     require_label: bool = False,
     max_pixels: int = 40_000_000,
     min_side: int = 16,
+    max_member_bytes: int = DataConfig.max_member_bytes,
     views: str = "center",
 ) -> ScoreJob:
     """A scoring job for a trained checkpoint: input size and calibration from its model.json.
@@ -106,6 +108,7 @@ def job_for_model(
         crop=max(meta.resize, meta.image_size) if views == "crops" else meta.image_size,
         max_pixels=max_pixels,
         min_side=min_side,
+        max_member_bytes=max_member_bytes,
         scoring=scoring,
         views=views,
     )

@@ -161,6 +161,7 @@ def run(ctx: StageContext) -> dict:
             require_label=True,
             max_pixels=cfg.data.max_image_pixels,
             min_side=cfg.data.min_image_side,
+            max_member_bytes=cfg.data.max_member_bytes,
         )
         job.description = f"evaluate {name} on test"
         counts = run_score_job(job)

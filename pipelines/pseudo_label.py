@@ -41,6 +41,7 @@ def pseudo_label(
         label_field=cfg.data.label_field,
         max_pixels=cfg.data.max_image_pixels,
         min_side=cfg.data.min_image_side,
+        max_member_bytes=cfg.data.max_member_bytes,
         views=cfg.scoring.views,
     )
     job.description = f"pseudo-label {pool} with {model_id.split(':')[0]}"

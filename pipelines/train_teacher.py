@@ -28,6 +28,7 @@ def ingest_labeled(ctx: StageContext, split: str) -> dict:
         require_label=True,
         max_pixels=d.max_image_pixels,
         min_side=d.min_image_side,
+        max_member_bytes=d.max_member_bytes,
         scoring=ctx.cfg.scoring,
         description=f"read {split}",
     )

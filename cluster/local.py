@@ -53,6 +53,9 @@ def ensure_ray(cfg: RayConfig, shared: dict[str, str] | None = None) -> None:
         info = ray.init(address=address, runtime_env={"env_vars": storage.worker_env()}, **kwargs)
     else:
         info = ray.init(
+            # "local": a new Ray of our own, even where a killed `ray start` left its
+            # address file behind (plain ray.init would try to join that dead cluster)
+            address="local",
             num_cpus=cfg.num_cpus or os.cpu_count(),
             object_store_memory=cfg.object_store_memory,
             include_dashboard=True,  # the State API, which Ray Train uses to watch its actors

@@ -205,8 +205,8 @@ def findings(report: dict) -> list[str]:
     return out
 
 
-# Below this many unlabeled faces per label, pseudo-labels add little the labels do not
-# already say (benchmarks/RESULTS.md, "When pseudo-labels pay").
+# Below this many unlabeled faces per label a missing gain is first put down to the pool's size:
+# a heuristic (the sweep in benchmarks/RESULTS.md paid at 1 and 4 faces per label too).
 FEW_POOL_PER_LABEL = 4
 
 

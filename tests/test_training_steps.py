@@ -14,13 +14,7 @@ from fiqa.training.step import GradAccumulator
 ROWS = 16
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """A shared 2-core machine: one intra-op thread avoids OpenMP oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rows(weight: torch.Tensor | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
